@@ -1,0 +1,154 @@
+"""Typed configuration: the model shape (with presets), training runs and sampling.
+
+Presets are plain data. Nothing here imports torch, so `gptkit info` and the CLI's
+help stay fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+class GptkitError(Exception):
+    """A user mistake (bad file, field or value). The CLI prints it as one line and exits 2."""
+
+
+@dataclass
+class ModelConfig:
+    # vocabulary and context
+    vocab_size: int = 50257
+    block_size: int = 1024  # the longest sequence the model attends over
+    # shape
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    # options
+    pos_encoding: Literal["learned", "sinusoidal"] = "learned"
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm, as GPT-2
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise GptkitError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.pos_encoding not in ("learned", "sinusoidal"):
+            raise GptkitError(f"pos_encoding={self.pos_encoding!r}: expected 'learned' or 'sinusoidal'")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise GptkitError(f"{name}={getattr(self, name)} must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise GptkitError(f"unknown model config field(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+def _gpt2(n_layer: int, n_head: int, n_embd: int) -> ModelConfig:
+    return ModelConfig(vocab_size=50257, block_size=1024, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+
+
+def _gpt3(n_layer: int, n_embd: int, n_head: int) -> ModelConfig:
+    return ModelConfig(vocab_size=50257, block_size=2048, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # small sizes that train on a laptop CPU
+    "tiny": ModelConfig(vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_embd=128),
+    "mini": ModelConfig(vocab_size=8192, block_size=256, n_layer=6, n_head=6, n_embd=192),
+    "small": ModelConfig(vocab_size=16384, block_size=512, n_layer=8, n_head=8, n_embd=384),
+    # the GPT-2 family (Radford et al. 2019)
+    "gpt2": _gpt2(12, 12, 768),  # 124M
+    "gpt2-medium": _gpt2(24, 16, 1024),  # 355M
+    "gpt2-large": _gpt2(36, 20, 1280),  # 774M
+    "gpt2-xl": _gpt2(48, 25, 1600),  # 1558M
+    # the GPT-3 family, Table 2.1 of Brown et al. 2020 (n_layer, d_model, n_heads)
+    "gpt3-small": _gpt3(12, 768, 12),  # 125M
+    "gpt3-medium": _gpt3(24, 1024, 16),  # 350M
+    "gpt3-large": _gpt3(24, 1536, 16),  # 760M
+    # The table gives XL 24 heads of d_head 128, which do not tile d_model 2048: 16 x 128 do.
+    "gpt3-xl": _gpt3(24, 2048, 16),  # 1.3B
+    "gpt3-2.7b": _gpt3(32, 2560, 32),  # 2.7B
+    "gpt3-6.7b": _gpt3(32, 4096, 32),  # 6.7B
+    # The table prints d_model=5140, which 40 heads cannot divide; 40 x d_head 128 = 5120.
+    "gpt3-13b": _gpt3(40, 5120, 40),  # 13B
+    "gpt3-175b": _gpt3(96, 12288, 96),  # 175B
+}
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise GptkitError(f"unknown preset {name!r}; expected one of: {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name])
+
+
+@dataclass
+class TrainConfig:
+    """One training run: pretraining and every kind of fine-tuning share these."""
+
+    out_dir: str = "runs/model"
+    # optimisation
+    max_steps: int = 1000
+    batch_size: int = 16  # sequences per micro-batch (per process)
+    grad_accum: int = 1
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    # evaluation, logging and checkpoints
+    eval_interval: int = 250
+    eval_batches: int = 20
+    log_interval: int = 10
+    ckpt_interval: int = 0  # 0: only at evaluations and at the end
+    # speed
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    compile: bool = False
+    seed: int = 1337
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise GptkitError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.lr <= 0:
+            raise GptkitError(f"lr={self.lr} must be positive")
+
+
+@dataclass
+class SampleConfig:
+    """Per-request sampling parameters, shared by generate, chat and the server."""
+
+    max_tokens: int = 128
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    seed: int | None = None
+    logprobs: int | None = None  # None: off; k: chosen token's logprob and the top k
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 0:
+            raise GptkitError(f"max_tokens={self.max_tokens} must be >= 0")
+        if self.temperature < 0:
+            raise GptkitError(f"temperature={self.temperature} must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise GptkitError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.top_k < 0:
+            raise GptkitError(f"top_k={self.top_k} must be >= 0")

@@ -1,0 +1,400 @@
+"""One tokenizer interface with four backends, and the chat template.
+
+- BPETokenizer: byte-level BPE trained on your corpus with the `tokenizers` library,
+  or GPT-2's vocab.json + merges.txt / a tokenizer.json from a local folder.
+- CharTokenizer: one token per character seen in training, UTF-8 bytes for the rest.
+- TiktokenTokenizer: a tiktoken BPE file that is present locally.
+
+Every backend round-trips: decode(encode(s)) == s for any Unicode string.
+A tokenizer is saved as a folder: tokenizer_meta.json (which backend, special tokens,
+chat template) plus the backend's own files.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from gptkit.config import GptkitError
+from gptkit.fileio import atomic_write, atomic_write_text
+
+EOT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS = [EOT, IM_START, IM_END]  # reserved from the start in every tokenizer we train
+META_FILE = "tokenizer_meta.json"
+
+
+@dataclass
+class ChatTemplate:
+    """ChatML: <|im_start|>{role}\\n{content}<|im_end|>\\n per message; the reply opens with
+    <|im_start|>assistant\\n. Stored with the tokenizer so training, chat and serve agree."""
+
+    start: str = IM_START
+    end: str = IM_END
+    default_system: str = ""
+
+
+class Tokenizer:
+    """The interface every backend implements."""
+
+    kind: str = ""
+    chat_template: ChatTemplate | None = None
+
+    # --- the backend's part
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes of one token (a piece of a UTF-8 character for some tokens)."""
+        raise NotImplementedError
+
+    def special_id(self, token: str) -> int | None:
+        raise NotImplementedError
+
+    def add_special_tokens(self, tokens: list[str]) -> None:
+        raise NotImplementedError
+
+    def _save_files(self, folder: Path) -> dict:
+        raise NotImplementedError
+
+    # --- shared
+    @property
+    def eot_id(self) -> int:
+        eot = self.special_id(EOT)
+        if eot is None:
+            raise GptkitError(f"tokenizer has no {EOT} token")
+        return eot
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return {t: i for t in SPECIAL_TOKENS if (i := self.special_id(t)) is not None}
+
+    def save(self, folder: str | os.PathLike) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {"kind": self.kind, **self._save_files(folder)}
+        if self.chat_template is not None:
+            meta["chat_template"] = asdict(self.chat_template)
+        atomic_write_text(folder / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False))
+
+
+class BPETokenizer(Tokenizer):
+    kind = "bpe"
+
+    def __init__(self, tok):  # tok: tokenizers.Tokenizer
+        self.tok = tok
+        self._byte_decoder = _gpt2_byte_decoder()
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> "BPETokenizer":
+        from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+        if vocab_size < 256 + len(SPECIAL_TOKENS):
+            raise GptkitError(f"vocab_size={vocab_size} must be at least {256 + len(SPECIAL_TOKENS)} "
+                              "(256 bytes + special tokens)")
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                      special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(texts, trainer)
+        return cls(tok)
+
+    @classmethod
+    def from_gpt2_files(cls, vocab_file: str | os.PathLike, merges_file: str | os.PathLike) -> "BPETokenizer":
+        from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+        tok = HFTokenizer(models.BPE.from_file(str(vocab_file), str(merges_file)))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        if tok.token_to_id(EOT) is not None:  # make GPT-2's <|endoftext|> special, as HF does
+            tok.add_special_tokens([EOT])
+        return cls(tok)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "BPETokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            return cls(HFTokenizer.from_file(str(path)))
+        except Exception as e:  # the library's messages are multi-line Rust errors
+            raise GptkitError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        piece = self.tok.id_to_token(token_id)
+        if piece is None:
+            raise GptkitError(f"token id {token_id} is outside the vocabulary ({self.vocab_size})")
+        if piece in self.special_tokens or any(ch not in self._byte_decoder for ch in piece):
+            return piece.encode("utf-8")  # special and added tokens are stored as plain text
+        return bytes(self._byte_decoder[ch] for ch in piece)
+
+    def special_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
+
+    def add_special_tokens(self, tokens: list[str]) -> None:
+        self.tok.add_special_tokens(tokens)
+
+    def _save_files(self, folder: Path) -> dict:
+        atomic_write(folder / "tokenizer.json", lambda tmp: self.tok.save(tmp))
+        return {}
+
+
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """GPT-2's map from the printable characters of byte-level BPE back to bytes."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+class CharTokenizer(Tokenizer):
+    """Characters seen in training get one id each; any other character is spelled as its
+    UTF-8 bytes (256 byte tokens), so every string round-trips."""
+
+    kind = "char"
+
+    def __init__(self, chars: list[str], specials: list[str] | None = None):
+        self.specials = list(specials or SPECIAL_TOKENS)
+        self.chars = list(chars)
+        self._n_fixed = len(self.specials) + 256  # specials, then bytes, then characters
+        self._char_to_id = {c: self._n_fixed + i for i, c in enumerate(self.chars)}
+        self._special_to_id = {t: i for i, t in enumerate(self.specials)}
+
+    @classmethod
+    def train(cls, texts: Iterable[str]) -> "CharTokenizer":
+        seen: set[str] = set()
+        for t in texts:
+            seen.update(t)
+        return cls(sorted(seen))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._n_fixed + len(self.chars)
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for piece, is_special in _split_specials(text, self.specials):
+            if is_special:
+                ids.append(self._special_to_id[piece])
+                continue
+            for ch in piece:
+                i = self._char_to_id.get(ch)
+                if i is None:
+                    ids.extend(len(self.specials) + b for b in ch.encode("utf-8"))
+                else:
+                    ids.append(i)
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        n_special = len(self.specials)
+        if 0 <= token_id < n_special:
+            return self.specials[token_id].encode("utf-8")
+        if token_id < self._n_fixed:
+            return bytes([token_id - n_special])
+        if token_id < self.vocab_size:
+            return self.chars[token_id - self._n_fixed].encode("utf-8")
+        raise GptkitError(f"token id {token_id} is outside the vocabulary ({self.vocab_size})")
+
+    def special_id(self, token: str) -> int | None:
+        return self._special_to_id.get(token)
+
+    def add_special_tokens(self, tokens: list[str]) -> None:
+        # Specials sit before bytes and characters, so new ones go at the end as "characters"
+        # would shift ids; instead append them as whole-string characters.
+        for t in tokens:
+            if t not in self._special_to_id and t not in self._char_to_id:
+                self.chars.append(t)
+                self._char_to_id[t] = self.vocab_size - 1
+                self._special_to_id[t] = self._char_to_id[t]
+
+    def _save_files(self, folder: Path) -> dict:
+        return {"specials": self.specials, "chars": self.chars}
+
+
+def _split_specials(text: str, specials: list[str]) -> Iterator[tuple[str, bool]]:
+    """Split text into (piece, is_special) runs, longest special token first."""
+    i, start = 0, 0
+    ordered = sorted(specials, key=len, reverse=True)
+    while i < len(text):
+        if text[i] == "<":
+            hit = next((s for s in ordered if text.startswith(s, i)), None)
+            if hit:
+                if start < i:
+                    yield text[start:i], False
+                yield hit, True
+                i = start = i + len(hit)
+                continue
+        i += 1
+    if start < len(text):
+        yield text[start:], False
+
+
+# GPT-2's pre-tokenisation pattern, which tiktoken's r50k/gpt2 encodings use.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+class TiktokenTokenizer(Tokenizer):
+    """A tiktoken encoding read from a local .tiktoken file (no download)."""
+
+    kind = "tiktoken"
+
+    def __init__(self, path: str | os.PathLike, pattern: str = GPT2_PATTERN, specials: dict[str, int] | None = None):
+        try:
+            import tiktoken
+            from tiktoken.load import load_tiktoken_bpe
+        except ImportError:
+            raise GptkitError("the tiktoken backend needs `pip install gptkit[tiktoken]`") from None
+        path = Path(path)
+        if not path.is_file():
+            raise GptkitError(f"{path}: tiktoken file not found")
+        ranks = load_tiktoken_bpe(str(path))
+        if specials is None:
+            specials = {t: len(ranks) + i for i, t in enumerate(SPECIAL_TOKENS)}
+        self.path, self.pattern, self.specials = path, pattern, dict(specials)
+        self.enc = tiktoken.Encoding(name=path.stem, pat_str=pattern, mergeable_ranks=ranks, special_tokens=self.specials)
+        self._ranks_by_id = {v: k for k, v in ranks.items()}
+
+    @property
+    def vocab_size(self) -> int:
+        return self.enc.n_vocab
+
+    def encode(self, text: str) -> list[int]:
+        return self.enc.encode(text, allowed_special="all")
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.enc.decode(list(ids), errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.enc.decode_single_token_bytes(token_id)
+
+    def special_id(self, token: str) -> int | None:
+        return self.specials.get(token)
+
+    def add_special_tokens(self, tokens: list[str]) -> None:
+        for t in tokens:
+            if t not in self.specials:
+                self.specials[t] = self.vocab_size
+        self.__init__(self.path, self.pattern, self.specials)
+
+    def _save_files(self, folder: Path) -> dict:
+        target = folder / "encoding.tiktoken"
+        if self.path.resolve() != target.resolve():
+            shutil.copyfile(self.path, target)
+        return {"pattern": self.pattern, "specials": self.specials}
+
+
+def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
+    """Load a tokenizer saved by gptkit, or read GPT-2 / tokenizer.json files from a folder."""
+    folder = Path(folder)
+    meta_path = folder / META_FILE
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        kind = meta.get("kind")
+        if kind == "bpe":
+            tok: Tokenizer = BPETokenizer.from_file(folder / "tokenizer.json")
+        elif kind == "char":
+            tok = CharTokenizer(meta["chars"], meta["specials"])
+        elif kind == "tiktoken":
+            tok = TiktokenTokenizer(folder / "encoding.tiktoken", meta["pattern"], meta["specials"])
+        else:
+            raise GptkitError(f"{meta_path}: unknown tokenizer kind {kind!r}; expected bpe, char or tiktoken")
+        if "chat_template" in meta:
+            tok.chat_template = ChatTemplate(**meta["chat_template"])
+        return tok
+    if (folder / "tokenizer.json").is_file():
+        return BPETokenizer.from_file(folder / "tokenizer.json")
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        return BPETokenizer.from_gpt2_files(folder / "vocab.json", folder / "merges.txt")
+    tiktoken_files = sorted(folder.glob("*.tiktoken"))
+    if tiktoken_files:
+        return TiktokenTokenizer(tiktoken_files[0])
+    raise GptkitError(f"{folder}: no tokenizer found (expected {META_FILE}, tokenizer.json, "
+                      "vocab.json + merges.txt, or a .tiktoken file)")
+
+
+class StreamDecoder:
+    """Turns token ids, one at a time, into text deltas that never split a UTF-8 character.
+
+    A byte-level token can end in the middle of a multi-byte character (Chinese, emoji); the
+    incremental UTF-8 decoder holds those bytes back until the character is complete.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        return self._utf8.decode(self.tokenizer.token_bytes(token_id))
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)
+
+
+def render_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                train_on: str = "assistant") -> tuple[list[int], list[int]]:
+    """Render messages with the tokenizer's chat template into (ids, mask).
+
+    mask[i] is 1 where token i is a target of the loss: the content and closing token of
+    assistant messages. With add_generation_prompt the ids end with the assistant header.
+    """
+    tpl = tokenizer.chat_template or ChatTemplate()
+    start, end = tokenizer.special_id(tpl.start), tokenizer.special_id(tpl.end)
+    if start is None or end is None:
+        raise GptkitError(f"tokenizer lacks the chat tokens {tpl.start} / {tpl.end}; fine-tune with a chat "
+                          "dataset first (gptkit finetune adds them)")
+    ids: list[int] = []
+    mask: list[int] = []
+    if tpl.default_system and not any(m.get("role") == "system" for m in messages):
+        messages = [{"role": "system", "content": tpl.default_system}, *messages]
+    nl = tokenizer.encode("\n")
+    for i, m in enumerate(messages):
+        role, content = m.get("role"), m.get("content")
+        if role not in ("system", "user", "assistant"):
+            raise GptkitError(f"message {i}: role {role!r}; expected system, user or assistant")
+        if not isinstance(content, str):
+            raise GptkitError(f"message {i}: content must be a string")
+        header = [start] + tokenizer.encode(f"{role}\n")
+        body = tokenizer.encode(content) + [end]
+        ids += header + body + nl
+        target = 1 if role == train_on else 0
+        mask += [0] * len(header) + [target] * len(body) + [0] * len(nl)
+    if add_generation_prompt:
+        header = [start] + tokenizer.encode("assistant\n")
+        ids += header
+        mask += [0] * len(header)
+    return ids, mask
