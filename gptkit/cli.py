@@ -64,6 +64,56 @@ def info(
     typer.echo(f"  AdamW state (fp32)    {_gib(stats['adamw_state_bytes'])}  (+ fp32 grads {_gib(stats['grad_bytes_fp32'])})")
 
 
+# ---------------------------------------------------------------------------- pretrain
+@app.command()
+def pretrain(
+    data: Annotated[Path, typer.Argument(help="a folder made by `gptkit prepare`")],
+    out: Annotated[Path, typer.Option(help="checkpoint folder to write")] = Path("runs/model"),
+    preset: Annotated[str, typer.Option(help="model size preset (see `gptkit info`)")] = "tiny",
+    n_layer: Annotated[Optional[int], typer.Option(help="override the preset's layers")] = None,
+    n_head: Annotated[Optional[int], typer.Option(help="override the preset's heads")] = None,
+    n_embd: Annotated[Optional[int], typer.Option(help="override the preset's width")] = None,
+    block_size: Annotated[Optional[int], typer.Option(help="override the preset's context length")] = None,
+    dropout: Annotated[float, typer.Option(help="dropout probability")] = 0.0,
+    pos_encoding: Annotated[str, typer.Option(help="learned | sinusoidal")] = "learned",
+    max_steps: Annotated[int, typer.Option(help="optimizer steps")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="sequences per micro-batch per process")] = 16,
+    grad_accum: Annotated[int, typer.Option(help="micro-batches per optimizer step")] = 1,
+    lr: Annotated[float, typer.Option(help="peak learning rate")] = 6e-4,
+    min_lr: Annotated[Optional[float], typer.Option(help="final learning rate (default lr/10)")] = None,
+    warmup_steps: Annotated[int, typer.Option(help="linear warmup steps")] = 100,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (matrices only)")] = 0.1,
+    beta2: Annotated[float, typer.Option(help="AdamW beta2")] = 0.95,
+    grad_clip: Annotated[float, typer.Option(help="clip gradient norm (0 = off)")] = 1.0,
+    eval_interval: Annotated[int, typer.Option(help="evaluate and checkpoint every N steps")] = 250,
+    eval_batches: Annotated[int, typer.Option(help="validation batches per evaluation")] = 20,
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 (autocast)")] = "auto",
+    compile: Annotated[bool, typer.Option(help="torch.compile the model")] = False,
+    seed: Annotated[int, typer.Option(help="random seed")] = 1337,
+    init_from: Annotated[Optional[Path], typer.Option(help="start from this checkpoint's weights")] = None,
+    resume: Annotated[bool, typer.Option(help="continue the run in --out exactly where it stopped")] = False,
+) -> None:
+    """Pretrain a GPT on prepared token shards. Runs unchanged under torchrun (DDP)."""
+    import dataclasses
+
+    from gptkit.config import TrainConfig, preset as get_preset
+    from gptkit.train import pretrain as run
+
+    overrides = {k: v for k, v in dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size).items()
+                 if v is not None}
+    model_cfg = dataclasses.replace(get_preset(preset), dropout=dropout, pos_encoding=pos_encoding, **overrides)
+    cfg = TrainConfig(out_dir=str(out), max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                      min_lr=lr / 10 if min_lr is None else min_lr, warmup_steps=warmup_steps,
+                      weight_decay=weight_decay, beta2=beta2, grad_clip=grad_clip, eval_interval=eval_interval,
+                      eval_batches=eval_batches, dtype=dtype, compile=compile, seed=seed)
+    last = run(data, model_cfg, cfg, init_from=str(init_from) if init_from else None, resume=resume,
+               log=lambda m: typer.echo(m, err=True))
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        typer.echo(f"done: step {last.get('step')} loss {last.get('loss', float('nan')):.4f}"
+                   + (f" val_loss {last['val_loss']:.4f}" if "val_loss" in last else "")
+                   + f"; checkpoint in {out}")
+
+
 def _human(n: float) -> str:
     for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= div:

@@ -1,0 +1,339 @@
+"""The one training loop: pretraining and every kind of fine-tuning run through `train()`.
+
+What varies between them is passed in: the batch source (see gptkit.data), the loss
+function (model, batch) -> scalar, and extra checkpoint fields. The loop owns the rest:
+AdamW with decay on matrices only, warmup + cosine LR, gradient accumulation and
+clipping, autocast, periodic evaluation (loss, perplexity, bits per byte), JSONL metrics,
+a progress bar, a loss-curve PNG, atomic checkpoints, exact resume, a NaN stop, and DDP
+under torchrun (gloo on CPU, nccl on GPU) with no code change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from gptkit.checkpoint import load_train_state, save_checkpoint, unwrap
+from gptkit.config import GptkitError, TrainConfig
+
+LossFn = Callable[[torch.nn.Module, tuple], torch.Tensor]
+
+
+def lm_loss(model: torch.nn.Module, batch: tuple) -> torch.Tensor:
+    """Next-token cross-entropy; targets of -100 are ignored (prompt tokens, padding)."""
+    x, y = batch
+    return model(x, targets=y)
+
+
+# ---------------------------------------------------------------------------- set-up
+@dataclass
+class Dist:
+    """Where this process sits in a torchrun job (rank 0 of 1 when run plainly)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """Join the torchrun job if there is one: gloo on CPU, nccl on GPU."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return Dist()
+    d = Dist(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(d.local_rank)
+        dist.init_process_group(backend=backend)
+    return d
+
+
+def pick_device(dist_info: Dist) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", dist_info.local_rank)
+    return torch.device("cpu")
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where it pays: on GPUs that support it. On CPU, fp32 is the default
+    because it measured faster for the model sizes a CPU can train (see BENCHMARKS.md)."""
+    if cfg.dtype == "float32":
+        return None
+    if cfg.dtype == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices (Linear and embedding weights) only, not on biases,
+    LayerNorm or 1-d parameters. Fused kernel where this torch build offers it."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise GptkitError("no trainable parameters")
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    try:
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+    except (RuntimeError, TypeError):  # device or dtype without a fused kernel
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr over warmup_steps, then cosine decay to min_lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if step >= cfg.max_steps:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+# ---------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data, loss_fn: LossFn, amp: contextlib.AbstractContextManager,
+             dist_info: Dist, bytes_per_token: float | None = None) -> dict[str, float]:
+    """Mean loss over each validation set (averaged across processes), with perplexity and
+    bits per byte for the main one."""
+    model.eval()
+    out: dict[str, float] = {}
+    for name, batches in data.val_sets().items():
+        total = torch.zeros(2)
+        for batch in batches:
+            with amp:
+                total += torch.tensor([loss_fn(model, _to(batch, _device_of(model))).float().item(), 1.0])
+        if dist_info.world_size > 1:
+            dist.all_reduce(total)
+        out[f"{name}_loss" if name == "val" else f"val_loss/{name}"] = (total[0] / total[1]).item()
+    model.train()
+    if "val_loss" not in out and out:  # several named sets: their mean is the headline
+        out["val_loss"] = sum(out.values()) / len(out)
+    if "val_loss" in out:
+        out["val_ppl"] = math.exp(min(out["val_loss"], 50))
+        if bytes_per_token:
+            out["val_bpb"] = out["val_loss"] / math.log(2) / bytes_per_token
+    return out
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _to(batch: tuple, device: torch.device) -> tuple:
+    return tuple(t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t for t in batch)
+
+
+# ---------------------------------------------------------------------------- the loop
+def train(model: torch.nn.Module, data, cfg: TrainConfig, tokenizer=None, *, loss_fn: LossFn = lm_loss,
+          resume: bool = False, extra: dict | None = None, dist_info: Dist | None = None,
+          log: Callable[[str], None] = print) -> dict:
+    """Train model on data for cfg.max_steps optimizer steps; returns the last metrics.
+
+    Checkpoints go to cfg.out_dir at every evaluation and at the end (rank 0 only).
+    With resume=True the run continues from the checkpoint in cfg.out_dir exactly as if it
+    had never stopped (same weights, optimizer, data order and RNG).
+    """
+    dist_info = dist_info or Dist()
+    device = _device_of(model)
+    out_dir = Path(cfg.out_dir)
+    torch.manual_seed(cfg.seed + dist_info.rank)
+    optimizer = configure_optimizer(model, cfg, device)
+    start_step = 0
+    if resume:
+        start_step = _restore(out_dir, optimizer, data, device)
+        log(f"resumed from {out_dir} at step {start_step}")
+    raw = unwrap(model)
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist_info.world_size > 1 else model
+    runner = torch.compile(ddp) if cfg.compile else ddp
+    amp_dtype = autocast_dtype(cfg, device)
+    amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    bpt = data.bytes_per_token() if hasattr(data, "bytes_per_token") else None
+    metrics_path = out_dir / "metrics.jsonl"
+    if dist_info.master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            metrics_path.write_text("")
+    # on resume, forget what was logged after the checkpoint: those steps are about to rerun
+    history = [h for h in _read_history(metrics_path) if h["step"] <= start_step] if dist_info.master else []
+    if dist_info.master and resume:
+        metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+
+    def checkpoint(step: int) -> None:
+        if dist_info.master:
+            state = {"optimizer": optimizer.state_dict(), "data": data.state_dict(), "rng": _rng_state()}
+            save_checkpoint(out_dir, raw, tokenizer, step=step, train_config=cfg, train_state=state, extra=extra)
+            _plot(history, out_dir / "loss.png")
+
+    def record(entry: dict) -> None:
+        history.append(entry)
+        if dist_info.master:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    progress = _progress(start_step, cfg, dist_info)
+    tokens_per_step = 0
+    last = {}
+    t0 = time.perf_counter()
+    model.train()
+    for step in range(start_step, cfg.max_steps):
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(cfg.grad_accum):
+            batch = _to(data.train_batch(), device)
+            tokens_per_step = batch[0].numel() * dist_info.world_size * cfg.grad_accum
+            sync = micro == cfg.grad_accum - 1 or dist_info.world_size == 1
+            with (contextlib.nullcontext() if sync else ddp.no_sync()), amp:
+                loss = loss_fn(runner, batch) / cfg.grad_accum
+            loss.backward()
+            loss_sum += loss.detach()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if dist_info.world_size > 1:  # the logged loss is the global batch's
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        loss_value = loss_sum.item()
+        if not math.isfinite(loss_value):
+            progress.close()
+            raise GptkitError(f"loss became {loss_value} at step {step + 1}; stopped without saving. "
+                              f"The last good checkpoint in {out_dir} is kept (lower --lr or check the data)")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - t0
+        done = step + 1
+        tok_s = tokens_per_step * (done - start_step) / max(elapsed, 1e-9)
+        last = {"step": done, "loss": loss_value, "lr": lr, "tokens_per_s": round(tok_s, 1), "elapsed_s": round(elapsed, 2)}
+        if done % cfg.log_interval == 0 or done == cfg.max_steps:
+            record(last)
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
+        is_eval = cfg.eval_interval > 0 and (done % cfg.eval_interval == 0 or done == cfg.max_steps)
+        if is_eval:
+            ev = evaluate(raw, data, loss_fn, amp, dist_info, bpt)
+            record({"step": done, **ev})
+            last.update(ev)
+            progress.write(_format_eval(done, ev)) if dist_info.master else None
+        if is_eval or done == cfg.max_steps or (cfg.ckpt_interval and done % cfg.ckpt_interval == 0):
+            checkpoint(done)
+    progress.close()
+    return last
+
+
+def _format_eval(step: int, ev: dict) -> str:
+    return f"step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in ev.items())
+
+
+def _restore(out_dir: Path, optimizer, data, device) -> int:
+    state = load_train_state(out_dir)
+    optimizer.load_state_dict(state["optimizer"])
+    data.load_state_dict(state["data"])
+    _set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _read_history(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _progress(start: int, cfg: TrainConfig, dist_info: Dist):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                disable=not (cfg.progress and dist_info.master), mininterval=0.5)
+
+
+def _plot(history: list[dict], path: Path) -> None:
+    """Train and validation loss against step, written next to the checkpoint."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gptkit.fileio import atomic_write
+
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    val = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- pretraining
+def pretrain(data_dir: str | Path, model_config, cfg: TrainConfig, *, init_from: str | None = None,
+             resume: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Pretrain a GPT on the token shards in data_dir (from `gptkit prepare`).
+
+    A new model gets model_config (its vocab_size taken from the data's tokenizer);
+    init_from starts from a checkpoint's weights instead; resume continues cfg.out_dir.
+    """
+    from gptkit.checkpoint import load_model
+    from gptkit.data import TokenShards, read_meta
+    from gptkit.model import GPT
+    from gptkit.tokenizer import load_tokenizer
+
+    dist_info = init_distributed()
+    device = pick_device(dist_info)
+    meta = read_meta(data_dir)
+    tokenizer = load_tokenizer(Path(data_dir) / "tokenizer")
+    if resume:
+        model, _ = load_model(cfg.out_dir)
+    elif init_from:
+        model, _ = load_model(init_from)
+    else:
+        model_config.vocab_size = tokenizer.vocab_size
+        model = GPT(model_config)
+    if model.config.vocab_size < meta["vocab_size"]:
+        raise GptkitError(f"model vocab_size {model.config.vocab_size} < the data's tokenizer vocab "
+                          f"{meta['vocab_size']} ({data_dir})")
+    model.to(device).train()
+    data = TokenShards(data_dir, model.config.block_size, cfg.batch_size, seed=cfg.seed,
+                       eval_batches=cfg.eval_batches, rank=dist_info.rank, world_size=dist_info.world_size)
+    if dist_info.master:
+        log(f"model: {model.num_params() / 1e6:.2f}M parameters, {dist_info.world_size} process(es) on {device}; "
+            f"train tokens {meta['splits']['train']['tokens']:,}, val {meta['splits']['val']['tokens']:,}")
+    try:
+        return train(model, data, cfg, tokenizer, resume=resume, dist_info=dist_info, log=log)
+    finally:
+        if dist_info.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
