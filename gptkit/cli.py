@@ -114,6 +114,42 @@ def pretrain(
                    + f"; checkpoint in {out}")
 
 
+# ---------------------------------------------------------------------------- Hugging Face
+@app.command("import-hf")
+def import_hf(
+    src: Annotated[str, typer.Argument(help="a Hugging Face GPT-2 folder (config.json + weights + tokenizer), "
+                                            "or a hub name when huggingface_hub is installed")],
+    out: Annotated[Path, typer.Argument(help="gptkit checkpoint folder to write")],
+    json_out: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+) -> None:
+    """Convert a Hugging Face GPT-2-family model into a gptkit checkpoint (tokenizer included)."""
+    from gptkit.hf import import_hf as run
+
+    s = run(src, out)
+    if json_out:
+        typer.echo(json.dumps(s))
+        return
+    typer.echo(f"imported {s['source']}: {s['n_layer']} layers, n_embd {s['n_embd']}, vocab {s['vocab_size']}, "
+               f"{_human(s['params'])} params, tokenizer {s['tokenizer_vocab']} tokens -> {s['out']}")
+
+
+@app.command("export-hf")
+def export_hf(
+    ckpt: Annotated[Path, typer.Argument(help="a gptkit checkpoint folder")],
+    out: Annotated[Path, typer.Argument(help="folder to write for transformers' from_pretrained")],
+    json_out: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+) -> None:
+    """Write a checkpoint as a GPT2LMHeadModel folder with a fast tokenizer (no custom code needed)."""
+    from gptkit.hf import export_hf as run
+
+    s = run(ckpt, out)
+    if json_out:
+        typer.echo(json.dumps(s))
+        return
+    typer.echo(f"exported {ckpt} -> {s['out']}: GPT2LMHeadModel, {s['tensors']} tensors, {_human(s['params'])} params, "
+               f"vocab {s['vocab_size']}; tokenizer {s['tokenizer_vocab']} tokens, eos {s['eos_token']}")
+
+
 def _human(n: float) -> str:
     for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= div:

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
 
 from gptkit.config import GptkitError, ModelConfig
+from gptkit.tokenizer import EOT
 
 # Hugging Face key -> gptkit key. GPT2LMHeadModel prefixes the body with "transformer.";
 # checkpoints saved from the bare GPT2Model (e.g. the original openai-community/gpt2) do not.
@@ -85,7 +87,7 @@ EXPORT_FIXED = {
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
              "tokenizer.json", "vocab.json", "merges.txt"]
-EOT = "<|endoftext|>"
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 # ---------------------------------------------------------------------------- key map
@@ -207,6 +209,8 @@ def resolve_source(src: str | os.PathLike) -> Path:
     path = Path(src)
     if path.is_dir():
         return path
+    if path.is_absolute() or not HUB_ID.fullmatch(str(src)):  # a path, not "org/name": never hit the network
+        raise GptkitError(f"{src}: no such folder")
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
