@@ -92,6 +92,7 @@ def pretrain(
     seed: Annotated[int, typer.Option(help="random seed")] = 1337,
     init_from: Annotated[Optional[Path], typer.Option(help="start from this checkpoint's weights")] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in --out exactly where it stopped")] = False,
+    stop_at: Annotated[Optional[int], typer.Option(help="stop (with a checkpoint) after this step; --resume later")] = None,
 ) -> None:
     """Pretrain a GPT on prepared token shards. Runs unchanged under torchrun (DDP)."""
     import dataclasses
@@ -105,7 +106,7 @@ def pretrain(
     cfg = TrainConfig(out_dir=str(out), max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                       min_lr=lr / 10 if min_lr is None else min_lr, warmup_steps=warmup_steps,
                       weight_decay=weight_decay, beta2=beta2, grad_clip=grad_clip, eval_interval=eval_interval,
-                      eval_batches=eval_batches, dtype=dtype, compile=compile, seed=seed)
+                      eval_batches=eval_batches, dtype=dtype, compile=compile, seed=seed, stop_at=stop_at)
     last = run(data, model_cfg, cfg, init_from=str(init_from) if init_from else None, resume=resume,
                log=lambda m: typer.echo(m, err=True))
     if int(__import__("os").environ.get("RANK", "0")) == 0:

@@ -114,6 +114,7 @@ class TrainConfig:
     eval_batches: int = 20
     log_interval: int = 10
     ckpt_interval: int = 0  # 0: only at evaluations and at the end
+    stop_at: int | None = None  # end (and checkpoint) after this step, keeping max_steps' schedule
     # speed
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     compile: bool = False

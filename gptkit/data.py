@@ -34,31 +34,47 @@ def read_meta(data_dir: str | Path) -> dict:
 
 
 class TokenShards:
-    def __init__(self, data_dir: str | Path, block_size: int, batch_size: int, *, seed: int = 1337,
-                 eval_batches: int = 20, rank: int = 0, world_size: int = 1):
-        self.dir = Path(data_dir)
-        self.meta = read_meta(self.dir)
+    def __init__(self, train: list[np.ndarray], val: list[np.ndarray], block_size: int, batch_size: int, *,
+                 seed: int = 1337, eval_batches: int = 20, rank: int = 0, world_size: int = 1,
+                 bytes_per_token: float | None = None, name: str = "data"):
         self.block_size, self.batch_size = block_size, batch_size
         self.rank, self.world_size = rank, world_size
         self.eval_batches = eval_batches
-        self.train = self._open("train")
-        self.val = self._open("val")
+        self._bytes_per_token = bytes_per_token
+        self.train = self._usable(train, "train", name)
+        self.val = self._usable(val, "val", name)
         self.generator = torch.Generator().manual_seed(seed)
         self._val_cache: list | None = None
 
-    def _open(self, split: str) -> list[np.memmap]:
-        dtype = np.dtype(self.meta["dtype"])
+    @classmethod
+    def from_dir(cls, data_dir: str | Path, block_size: int, batch_size: int, **kw) -> "TokenShards":
+        """Memory-map the shards that `gptkit prepare` wrote."""
+        data_dir = Path(data_dir)
+        meta = read_meta(data_dir)
+        splits = {split: cls._open(data_dir, meta, split) for split in ("train", "val")}
+        val = meta["splits"]["val"]
+        text_bytes = meta.get("text_bytes", {}).get("val")
+        bpt = text_bytes / val["tokens"] if text_bytes and val["tokens"] else None
+        return cls(splits["train"], splits["val"], block_size, batch_size, bytes_per_token=bpt,
+                   name=str(data_dir), **kw)
+
+    @staticmethod
+    def _open(data_dir: Path, meta: dict, split: str) -> list[np.memmap]:
+        dtype = np.dtype(meta["dtype"])
         shards = []
-        for name in self.meta["splits"][split]["shards"]:
-            path = self.dir / name
+        for name in meta["splits"][split]["shards"]:
+            path = data_dir / name
             if not path.is_file():
                 raise GptkitError(f"{path}: shard listed in meta.json is missing")
             if path.stat().st_size:
                 shards.append(np.memmap(path, dtype=dtype, mode="r"))
+        return shards
+
+    def _usable(self, shards: list[np.ndarray], split: str, name: str) -> list[np.ndarray]:
         usable = [s for s in shards if len(s) > self.block_size + 1]
         if not usable:
             total = sum(len(s) for s in shards)
-            raise GptkitError(f"{self.dir}: the {split} split has {total} tokens, too few for "
+            raise GptkitError(f"{name}: the {split} split has {total} tokens, too few for "
                               f"block_size {self.block_size}; use more text or a smaller --block-size")
         return usable
 
@@ -85,11 +101,9 @@ class TokenShards:
             self._val_cache = [self._split(self._draw(self.val, n, g)) for _ in range(self.eval_batches)]
         return {"val": self._val_cache}
 
-    def bytes_per_token(self, split: str = "val") -> float | None:
-        """UTF-8 bytes of text per token, to turn loss into bits per byte."""
-        text_bytes = self.meta.get("text_bytes", {}).get(split)
-        tokens = self.meta["splits"][split]["tokens"]
-        return text_bytes / tokens if text_bytes and tokens else None
+    def bytes_per_token(self) -> float | None:
+        """UTF-8 bytes of validation text per token, to turn loss into bits per byte."""
+        return self._bytes_per_token
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

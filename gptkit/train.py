@@ -192,7 +192,8 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig, tokenizer=None, *, los
     last = {}
     t0 = time.perf_counter()
     model.train()
-    for step in range(start_step, cfg.max_steps):
+    end_step = min(cfg.max_steps, cfg.stop_at or cfg.max_steps)
+    for step in range(start_step, end_step):
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -220,7 +221,7 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig, tokenizer=None, *, los
         done = step + 1
         tok_s = tokens_per_step * (done - start_step) / max(elapsed, 1e-9)
         last = {"step": done, "loss": loss_value, "lr": lr, "tokens_per_s": round(tok_s, 1), "elapsed_s": round(elapsed, 2)}
-        if done % cfg.log_interval == 0 or done == cfg.max_steps:
+        if done % cfg.log_interval == 0 or done == end_step:
             record(last)
         progress.update(1)
         progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
@@ -230,7 +231,7 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig, tokenizer=None, *, los
             record({"step": done, **ev})
             last.update(ev)
             progress.write(_format_eval(done, ev)) if dist_info.master else None
-        if is_eval or done == cfg.max_steps or (cfg.ckpt_interval and done % cfg.ckpt_interval == 0):
+        if is_eval or done == end_step or (cfg.ckpt_interval and done % cfg.ckpt_interval == 0):
             checkpoint(done)
     progress.close()
     return last
@@ -327,7 +328,7 @@ def pretrain(data_dir: str | Path, model_config, cfg: TrainConfig, *, init_from:
         raise GptkitError(f"model vocab_size {model.config.vocab_size} < the data's tokenizer vocab "
                           f"{meta['vocab_size']} ({data_dir})")
     model.to(device).train()
-    data = TokenShards(data_dir, model.config.block_size, cfg.batch_size, seed=cfg.seed,
+    data = TokenShards.from_dir(data_dir, model.config.block_size, cfg.batch_size, seed=cfg.seed,
                        eval_batches=cfg.eval_batches, rank=dist_info.rank, world_size=dist_info.world_size)
     if dist_info.master:
         log(f"model: {model.num_params() / 1e6:.2f}M parameters, {dist_info.world_size} process(es) on {device}; "
