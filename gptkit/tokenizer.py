@@ -54,6 +54,10 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Encode many texts; backends override it where they can use several cores."""
+        return [self.encode(t) for t in texts]
+
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
 
@@ -121,8 +125,9 @@ class BPETokenizer(Tokenizer):
         tok = HFTokenizer(models.BPE.from_file(str(vocab_file), str(merges_file)))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        if tok.token_to_id(EOT) is not None:  # make GPT-2's <|endoftext|> special, as HF does
-            tok.add_special_tokens([EOT])
+        # Reserved tokens in the vocabulary are special (GPT-2's <|endoftext|>, as HF does; the chat
+        # tokens of a gptkit-trained vocabulary), else "<|im_end|>" in text would be spelled as bytes.
+        tok.add_special_tokens([t for t in SPECIAL_TOKENS if tok.token_to_id(t) is not None])
         return cls(tok)
 
     @classmethod
@@ -151,7 +156,7 @@ class BPETokenizer(Tokenizer):
         piece = self.tok.id_to_token(token_id)
         if piece is None:
             raise GptkitError(f"token id {token_id} is outside the vocabulary ({self.vocab_size})")
-        if piece in self.special_tokens or any(ch not in self._byte_decoder for ch in piece):
+        if token_id in self.tok.get_added_tokens_decoder():
             return piece.encode("utf-8")  # special and added tokens are stored as plain text
         return bytes(self._byte_decoder[ch] for ch in piece)
 
@@ -190,7 +195,10 @@ class CharTokenizer(Tokenizer):
         self.chars = list(chars)
         self._n_fixed = len(self.specials) + 256  # specials, then bytes, then characters
         self._char_to_id = {c: self._n_fixed + i for i, c in enumerate(self.chars)}
+        # A "character" longer than one code point is a special token added after training
+        # (appended, so existing ids keep their meaning).
         self._special_to_id = {t: i for i, t in enumerate(self.specials)}
+        self._special_to_id.update({c: i for c, i in self._char_to_id.items() if len(c) > 1})
 
     @classmethod
     def train(cls, texts: Iterable[str]) -> "CharTokenizer":
@@ -205,7 +213,7 @@ class CharTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         ids: list[int] = []
-        for piece, is_special in _split_specials(text, self.specials):
+        for piece, is_special in _split_specials(text, list(self._special_to_id)):
             if is_special:
                 ids.append(self._special_to_id[piece])
                 continue
@@ -234,13 +242,14 @@ class CharTokenizer(Tokenizer):
         return self._special_to_id.get(token)
 
     def add_special_tokens(self, tokens: list[str]) -> None:
-        # Specials sit before bytes and characters, so new ones go at the end as "characters"
-        # would shift ids; instead append them as whole-string characters.
+        # Specials sit before bytes and characters, and inserting one there would shift every
+        # id; instead append it as a multi-character "character" (see __init__).
         for t in tokens:
+            if len(t) < 2:
+                raise GptkitError(f"special token {t!r} must be at least 2 characters")
             if t not in self._special_to_id and t not in self._char_to_id:
                 self.chars.append(t)
-                self._char_to_id[t] = self.vocab_size - 1
-                self._special_to_id[t] = self._char_to_id[t]
+                self._char_to_id[t] = self._special_to_id[t] = self.vocab_size - 1
 
     def _save_files(self, folder: Path) -> dict:
         return {"specials": self.specials, "chars": self.chars}
@@ -287,7 +296,6 @@ class TiktokenTokenizer(Tokenizer):
             specials = {t: len(ranks) + i for i, t in enumerate(SPECIAL_TOKENS)}
         self.path, self.pattern, self.specials = path, pattern, dict(specials)
         self.enc = tiktoken.Encoding(name=path.stem, pat_str=pattern, mergeable_ranks=ranks, special_tokens=self.specials)
-        self._ranks_by_id = {v: k for k, v in ranks.items()}
 
     @property
     def vocab_size(self) -> int:
@@ -308,7 +316,7 @@ class TiktokenTokenizer(Tokenizer):
     def add_special_tokens(self, tokens: list[str]) -> None:
         for t in tokens:
             if t not in self.specials:
-                self.specials[t] = self.vocab_size
+                self.specials[t] = max([self.enc.n_vocab - 1, *self.specials.values()]) + 1
         self.__init__(self.path, self.pattern, self.specials)
 
     def _save_files(self, folder: Path) -> dict:
