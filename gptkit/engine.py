@@ -1,0 +1,592 @@
+"""The one inference engine: token ids in, token ids out, with continuous batching.
+
+`generate`, `chat`, `evaluate` and the server all use it. It knows nothing about text:
+stop strings are matched on bytes through `token_bytes`, and `TextStream` at the edges
+(CLI, server) turns events into text deltas.
+
+API
+---
+    engine = Engine(model, max_batch=8, max_cached_tokens=None, token_bytes=tok.token_bytes,
+                    eos_ids=[tok.eot_id], device=None, dtype=None, quantize=None)
+    handle = engine.submit(prompt_ids, SampleConfig(...), n=1)   # thread-safe; GptkitError if invalid
+    for event in handle: ...          # blocking; ends after all n samples finished
+    async for event in handle.aiter(): ...   # for an asyncio server (starts the scheduler thread)
+    handle.cancel()                   # the request's slots are free at once (running drops now)
+    handle.result() -> list[Completion]
+    engine.generate(prompt_ids, params, n=1) -> list[Completion]   # blocking convenience
+    engine.prompt_logprobs(prompts, top_k=0) -> per prompt, per token: (logprob | None, {id: logprob})
+    engine.running, engine.queued     # requests admitted to the batch / waiting
+    engine.start(), engine.shutdown() # background scheduler thread; without it, iterating a
+                                      # handle or generate() drives the scheduler in the caller
+
+    Event(index, token_id, logprob, top_logprobs, finish_reason, stop_text_offset)
+    Completion(token_ids, finish_reason, logprobs, top_logprobs, stop_text_offset)
+    TextStream(tokenizer, stop).push(event) -> str      # one per sample: safe text deltas
+    completion_text(tokenizer, completion) -> str
+
+Conventions
+-----------
+- A sample's events carry one token each; the last has a finish_reason: 'stop' (a stop
+  token id, an eos id or a stop string), 'length' (max_tokens reached) or 'cancelled'.
+- A stop token id or eos id ends the sample without being emitted: that final event has
+  token_id None and the token is not in Completion.token_ids.
+- A stop string ends the sample on the token that completes it; that token is emitted and
+  kept in token_ids, and stop_text_offset says how many bytes of the decoded output to keep
+  (the text is cut before the stop string).
+- logprobs are those of the model's own distribution (log_softmax of the logits, before
+  temperature, top-k/p and penalties): what a plain forward pass gives. With
+  params.logprobs = k, each event has the chosen token's logprob and the top k alternatives.
+- Sampling: temperature 0 is greedy; penalties follow OpenAI (logit -= frequency * count +
+  presence * (count > 0), over generated tokens); each sample has its own torch.Generator,
+  seeded with seed + index when a seed is given, so seeded requests are reproducible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import queue
+import random
+import threading
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from gptkit.config import GptkitError, SampleConfig
+from gptkit.model import GPT, KVCache
+
+
+# ------------------------------------------------------------------------------------ API types
+@dataclass
+class Event:
+    """One step of one sample: a new token, and/or the end of the sample."""
+
+    index: int  # sample index 0..n-1
+    token_id: int | None
+    logprob: float | None = None
+    top_logprobs: dict[int, float] | None = None
+    finish_reason: str | None = None  # 'stop' | 'length' | 'cancelled' on the last event
+    stop_text_offset: int | None = None  # bytes of decoded output to keep, when a stop string matched
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    finish_reason: str
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
+    stop_text_offset: int | None = None  # bytes of decoded output to keep, when a stop string matched
+
+
+class RequestHandle:
+    """One submitted request: events for all n samples, cancel, and the final completions."""
+
+    def __init__(self, engine: "Engine", prompt: list[int], params: SampleConfig, n: int):
+        self.engine, self.prompt, self.params, self.n = engine, prompt, params, n
+        self.cancelled = False
+        self._lock = threading.Lock()
+        self._events: queue.Queue = queue.Queue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._aqueue: asyncio.Queue | None = None
+        self._done = threading.Event()
+        want_lp = params.logprobs is not None
+        self._partial = [Completion([], "", [] if want_lp else None, [] if want_lp and params.logprobs else None)
+                         for _ in range(n)]
+        self._finished: set[int] = set()
+        self.error: BaseException | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def cancel(self) -> None:
+        """Stop generating: unfinished samples end with 'cancelled' and their slots are free."""
+        self.engine._cancel(self)
+
+    def result(self, timeout: float | None = None) -> list[Completion]:
+        """Block until every sample finished; the completions in sample order."""
+        self.engine._drive_until(self._done, timeout)
+        if self.error is not None:
+            raise self.error
+        return self._partial
+
+    def __iter__(self) -> Iterator[Event]:
+        remaining = self.n
+        while remaining:
+            item = self._next_event()
+            if isinstance(item, BaseException):
+                raise item
+            remaining -= item.finish_reason is not None
+            yield item
+
+    async def aiter(self) -> AsyncIterator[Event]:
+        """Events without blocking the event loop; the scheduler thread produces them."""
+        self.engine.start()
+        with self._lock:  # from now on events go to the asyncio queue, in order
+            self._loop, self._aqueue = asyncio.get_running_loop(), asyncio.Queue()
+            while not self._events.empty():
+                self._aqueue.put_nowait(self._events.get_nowait())
+        remaining = self.n
+        while remaining:
+            item = await self._aqueue.get()
+            if isinstance(item, BaseException):
+                raise item
+            remaining -= item.finish_reason is not None
+            yield item
+
+    # --- engine side
+    def _next_event(self) -> Event | BaseException:
+        while True:
+            try:
+                return self._events.get(timeout=0.05 if self.engine._thread_alive() else 0)
+            except queue.Empty:
+                if not self.engine._thread_alive():
+                    self.engine.step()
+
+    def _put(self, item: Event | BaseException) -> None:
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._aqueue.put_nowait, item)
+            except RuntimeError:  # the consumer's loop is closed: nobody is listening
+                pass
+        else:
+            self._events.put(item)
+
+    def _emit(self, ev: Event) -> bool:
+        """Record and deliver one event; False if its sample had already finished."""
+        with self._lock:
+            if ev.index in self._finished:
+                return False
+            c = self._partial[ev.index]
+            if ev.token_id is not None:
+                c.token_ids.append(ev.token_id)
+                if c.logprobs is not None:
+                    c.logprobs.append(ev.logprob)
+                if c.top_logprobs is not None:
+                    c.top_logprobs.append(ev.top_logprobs or {})
+            if ev.finish_reason is not None:
+                c.finish_reason, c.stop_text_offset = ev.finish_reason, ev.stop_text_offset
+                self._finished.add(ev.index)
+            self._put(ev)
+            if len(self._finished) == self.n:
+                self._done.set()
+            return True
+
+    def _finish_all(self, reason: str) -> None:
+        for i in range(self.n):
+            self._emit(Event(i, None, finish_reason=reason))
+
+    def _fail(self, error: BaseException) -> None:
+        with self._lock:
+            self.error = error
+            self._finished = set(range(self.n))
+            self._put(error)
+            self._done.set()
+
+
+# ------------------------------------------------------------------------------------ stop strings
+def find_stop(buf: bytes, stops: Sequence[bytes], start: int = 0) -> int | None:
+    """Byte offset of the earliest stop string in buf that ends at or after `start`."""
+    hits = [p for s in stops if (p := buf.find(s, max(0, start - len(s) + 1))) >= 0]
+    return min(hits) if hits else None
+
+
+def stop_holdback(buf: bytes, stops: Sequence[bytes]) -> int:
+    """Length of the longest suffix of buf that is a proper prefix of a stop string:
+    those bytes may still become a stop string, so they must not be shown yet."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(buf)), best, -1):
+            if buf.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+class TextStream:
+    """Events of one sample -> text deltas that never split a UTF-8 character and never show
+    bytes that may belong to a stop string. Used by generate, chat and the server alike."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.token_bytes: Callable[[int], bytes] = tokenizer.token_bytes
+        self.stops = [s.encode("utf-8") for s in stop if s]
+        self._buf = bytearray()
+        self._sent = 0  # bytes handed to the UTF-8 decoder
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, event: Event) -> str:
+        if event.token_id is not None:
+            self._buf += self.token_bytes(event.token_id)
+        if event.finish_reason is None:
+            return self._release(len(self._buf) - stop_holdback(self._buf, self.stops), final=False)
+        end = event.stop_text_offset if event.stop_text_offset is not None else len(self._buf)
+        return self._release(end, final=True)
+
+    def _release(self, end: int, final: bool) -> str:
+        chunk = bytes(self._buf[self._sent:max(end, self._sent)])
+        self._sent = max(end, self._sent)
+        return self._utf8.decode(chunk, final=final)
+
+
+def completion_text(tokenizer, completion: Completion) -> str:
+    """The decoded text of a completion, cut before a matched stop string."""
+    data = b"".join(tokenizer.token_bytes(t) for t in completion.token_ids)
+    if completion.stop_text_offset is not None:
+        data = data[:completion.stop_text_offset]
+    return data.decode("utf-8", errors="replace")
+
+
+# ------------------------------------------------------------------------------------ the engine
+@dataclass(eq=False)  # rows are compared by identity
+class _Row:
+    """One running sample, held in cache row `slot` (rows 0..n-1 are the running ones)."""
+
+    handle: RequestHandle
+    index: int
+    generator: torch.Generator
+    stops: list[bytes]
+    stop_ids: set[int]
+    next_token: int = -1  # sampled, not yet fed to the model
+    n_out: int = 0  # tokens emitted
+    out_bytes: bytearray = field(default_factory=bytearray)  # only kept when there are stop strings
+    counts: torch.Tensor | None = None  # generated-token counts, only with penalties
+
+    @property
+    def params(self) -> SampleConfig:
+        return self.handle.params
+
+
+class Engine:
+    """Continuous batching over one preallocated KV cache of `max_batch` rows.
+
+    Running samples occupy cache rows 0..B-1 (kept contiguous: a finished row is replaced by
+    the last one), so each decode step is one forward over a view of the cache. Queued
+    requests are prefilled into free rows between steps and join the next decode step.
+    """
+
+    def __init__(self, model: GPT, *, max_batch: int = 8, max_cached_tokens: int | None = None,
+                 token_bytes: Callable[[int], bytes] | None = None, eos_ids: Sequence[int] = (),
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 quantize: str | None = None):
+        if max_batch < 1:
+            raise GptkitError(f"max_batch={max_batch} must be at least 1")
+        self.model = prepare_model(model, device=device, dtype=dtype, quantize=quantize)
+        self.config = model.config
+        self.device = next(self.model.parameters()).device
+        self.max_batch = max_batch
+        self.max_cached_tokens = max_cached_tokens or max_batch * self.config.block_size
+        self.token_bytes, self.eos_ids = token_bytes, set(eos_ids)
+        cache_dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+        self.cache = KVCache.allocate(self.config, max_batch, dtype=cache_dtype, device=self.device)
+        self._rows: list[_Row] = []
+        self._queue: list[RequestHandle] = []
+        self._active: set[RequestHandle] = set()  # admitted, not finished or cancelled
+        self._reserved = 0  # cache tokens promised to admitted requests
+        self._lock = threading.Lock()  # queue, _active, _reserved
+        self._wake = threading.Condition(self._lock)
+        self._step_lock = threading.Lock()  # one scheduler step at a time (cache and rows)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._seeds = random.SystemRandom()
+
+    # --- public entry points (thread-safe)
+    def submit(self, prompt: list[int], params: SampleConfig, n: int = 1) -> RequestHandle:
+        self._validate(prompt, params, n)
+        handle = RequestHandle(self, list(prompt), params, n)
+        if params.max_tokens == 0:  # nothing to generate (echo/loglikelihood requests)
+            handle._finish_all("length")
+            return handle
+        with self._wake:
+            self._queue.append(handle)
+            self._wake.notify()
+        return handle
+
+    def generate(self, prompt: list[int], params: SampleConfig, n: int = 1) -> list[Completion]:
+        return self.submit(prompt, params, n).result()
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, prompts: list[list[int]], top_k: int = 0) -> list[list[tuple[float | None, dict[int, float]]]]:
+        """For each prompt token, its logprob given the tokens before it (None for the first)
+        and the top_k alternatives there: the numbers of one plain forward pass."""
+        out = []
+        for prompt in prompts:
+            self._check_tokens(prompt, extra=0)
+            logits = self.model(torch.tensor([prompt], device=self.device))[0]  # (T, V)
+            logp = F.log_softmax(logits.float(), dim=-1)
+            chosen = logp[:-1].gather(1, torch.tensor(prompt[1:], device=self.device)[:, None])[:, 0].tolist()
+            tops = _top_dicts(logp[:-1], top_k) if top_k else [{} for _ in chosen]
+            out.append([(None, {})] + list(zip(chosen, tops)))
+        return out
+
+    @property
+    def running(self) -> int:
+        with self._lock:
+            return len(self._active)
+
+    @property
+    def queued(self) -> int:
+        with self._lock:
+            return len(self._queue)
+
+    def start(self) -> None:
+        """Run the scheduler in a background thread (idempotent)."""
+        with self._lock:
+            if self._thread_alive():
+                return
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="gptkit-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self) -> None:
+        """Stop the scheduler thread; every queued and running request ends 'cancelled'."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+            handles = list(self._queue) + list(self._active)
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        for h in handles:
+            h.cancel()
+
+    # --- validation
+    def _validate(self, prompt: list[int], params: SampleConfig, n: int) -> None:
+        if not 1 <= n <= self.max_batch:
+            raise GptkitError(f"n={n} must be between 1 and the engine's max_batch={self.max_batch}")
+        self._check_tokens(prompt, extra=params.max_tokens)
+        need = n * (len(prompt) + params.max_tokens)
+        if need > self.max_cached_tokens:
+            raise GptkitError(f"n={n} x (prompt of {len(prompt)} tokens + max_tokens {params.max_tokens}) = {need} "
+                              f"tokens > the engine's max_cached_tokens={self.max_cached_tokens}")
+        if params.stop and self.token_bytes is None:
+            raise GptkitError("stop strings need an engine built with token_bytes (e.g. tokenizer.token_bytes)")
+
+    def _check_tokens(self, prompt: list[int], extra: int) -> None:
+        ctx, vocab = self.config.block_size, self.config.vocab_size
+        if not prompt:
+            raise GptkitError("prompt is empty: expected at least one token id")
+        if len(prompt) + extra > ctx:
+            raise GptkitError(f"prompt of {len(prompt)} tokens + max_tokens {extra} = {len(prompt) + extra} "
+                              f"> context {ctx}")
+        bad = next((t for t in prompt if not (isinstance(t, int) and 0 <= t < vocab)), None)
+        if bad is not None:
+            raise GptkitError(f"token id {bad!r} in the prompt is outside the vocabulary [0, {vocab})")
+
+    # --- scheduler
+    def _thread_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self._queue and not self._active and not self._rows:
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            self.step()
+
+    def _drive_until(self, done: threading.Event, timeout: float | None) -> None:
+        """Wait for `done`, running scheduler steps in this thread when no scheduler thread runs."""
+        while not done.is_set():
+            if self._thread_alive():
+                if not done.wait(timeout if timeout is not None else 0.1) and timeout is not None:
+                    raise TimeoutError("request did not finish in time")
+            else:
+                self.step()
+
+    def step(self) -> None:
+        """One scheduling step: drop cancelled rows, admit queued requests (prefill), then one
+        decode step for every running row. Safe to call from any thread."""
+        with self._step_lock, torch.inference_mode():
+            try:
+                self._drop_rows([i for i, r in enumerate(self._rows) if r.handle.cancelled])
+                self._admit()
+                if self._rows:
+                    self._decode()
+            except Exception as e:  # fail the requests in flight, keep the engine usable
+                self._fail_all(e)
+                raise
+
+    def _admit(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    return
+                h = self._queue[0]
+                need = h.n * (len(h.prompt) + h.params.max_tokens)
+                if len(self._rows) + h.n > self.max_batch or self._reserved + need > self.max_cached_tokens:
+                    return  # first come, first served: wait for rows to free up
+                self._queue.pop(0)
+                self._active.add(h)
+                self._reserved += need
+            self._prefill(h)
+
+    def _prefill(self, h: RequestHandle) -> None:
+        """Prefill the prompt once into a free row, copy it to the n-1 rows after it, and
+        sample each sample's first token from the same logits."""
+        slot = len(self._rows)
+        view = self.cache.rows(slot, slot + 1)
+        view.reset()
+        logits = self.model(torch.tensor([h.prompt], device=self.device), kv_cache=view, last_only=True)[:, -1]
+        for i in range(1, h.n):
+            self._copy_row(slot, slot + i)
+        stops = [s.encode("utf-8") for s in h.params.stop if s]
+        stop_ids = self.eos_ids | set(h.params.stop_token_ids)
+        for i in range(h.n):
+            g = torch.Generator(device=self.device)
+            g.manual_seed(h.params.seed + i if h.params.seed is not None else self._seeds.getrandbits(63))
+            self._rows.append(_Row(h, i, g, stops, stop_ids))
+        self._sample_and_emit(logits.expand(h.n, -1), start=slot)
+
+    def _decode(self) -> None:
+        rows = self._rows
+        idx = torch.tensor([[r.next_token] for r in rows], device=self.device)  # (B, 1)
+        logits = self.model(idx, kv_cache=self.cache.rows(0, len(rows)), last_only=True)[:, -1]  # (B, V)
+        self._sample_and_emit(logits, start=0)
+
+    def _sample_and_emit(self, logits: torch.Tensor, start: int) -> None:
+        """Sample for rows start.. (one logits row each), emit their events, drop finished rows."""
+        rows = self._rows[start:]
+        logits = logits.float()
+        tokens = sample(logits, rows)
+        k = max((r.params.logprobs or 0) for r in rows)
+        want_lp = [r.params.logprobs is not None for r in rows]
+        chosen, tops = [None] * len(rows), [None] * len(rows)
+        if any(want_lp):
+            logp = F.log_softmax(logits, dim=-1)
+            chosen = logp.gather(1, tokens[:, None])[:, 0].tolist()
+            if k:
+                tops = _top_dicts(logp, k)
+        finished = []
+        for i, (row, tok) in enumerate(zip(rows, tokens.tolist())):
+            lp = chosen[i] if want_lp[i] else None
+            top = dict(list(tops[i].items())[:row.params.logprobs]) if tops[i] is not None and row.params.logprobs else None
+            if self._advance(row, tok, lp, top):
+                finished.append(start + i)
+        self._drop_rows(finished)
+
+    def _advance(self, row: _Row, tok: int, lp: float | None, top: dict | None) -> bool:
+        """Emit the sampled token for one row; True when the row is finished."""
+        if tok in row.stop_ids:
+            row.handle._emit(Event(row.index, None, finish_reason="stop"))
+            return True
+        row.next_token, row.n_out = tok, row.n_out + 1
+        if row.counts is not None:
+            row.counts[tok] += 1
+        reason, offset = None, None
+        if row.stops:
+            start = len(row.out_bytes)
+            row.out_bytes += self.token_bytes(tok)
+            offset = find_stop(row.out_bytes, row.stops, start)
+            reason = "stop" if offset is not None else None
+        if reason is None and row.n_out >= row.params.max_tokens:
+            reason = "length"
+        alive = row.handle._emit(Event(row.index, tok, lp, top, reason, offset))
+        return reason is not None or not alive
+
+    def _drop_rows(self, indices: list[int]) -> None:
+        """Free rows, keeping the running ones contiguous: move the last row into each hole."""
+        for i in sorted(indices, reverse=True):
+            row = self._rows[i]
+            last = len(self._rows) - 1
+            if i != last:
+                self._copy_row(last, i)
+                self._rows[i] = self._rows[last]
+            self._rows.pop()
+            self.cache.lengths[last] = 0
+            self._release(row.handle)
+
+    def _release(self, h: RequestHandle) -> None:
+        """Give back a request's reservation once none of its rows is left."""
+        if any(r.handle is h for r in self._rows):
+            return
+        with self._lock:
+            if h in self._active or h.cancelled:
+                self._active.discard(h)
+                self._reserved -= h.n * (len(h.prompt) + h.params.max_tokens)
+
+    def _copy_row(self, src: int, dst: int) -> None:
+        n = self.cache.lengths[src]
+        self.cache.k[:, dst, :, :n] = self.cache.k[:, src, :, :n]
+        self.cache.v[:, dst, :, :n] = self.cache.v[:, src, :, :n]
+        self.cache.lengths[dst] = n
+
+    def _cancel(self, h: RequestHandle) -> None:
+        with self._wake:
+            if h.done:
+                return
+            h.cancelled = True
+            if h in self._queue:
+                self._queue.remove(h)
+            self._active.discard(h)  # running drops now; its rows go before the next forward
+            self._wake.notify()
+        h._finish_all("cancelled")
+
+    def _fail_all(self, error: Exception) -> None:
+        handles = {r.handle for r in self._rows}
+        self._rows.clear()
+        self.cache.reset()
+        with self._lock:
+            self._active -= handles
+            self._reserved = sum(h.n * (len(h.prompt) + h.params.max_tokens) for h in self._active)
+        for h in handles:
+            h._fail(error)
+
+
+# ------------------------------------------------------------------------------------ sampling
+def sample(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+    """One token per row (B,) from float logits (B, V), each row with its own parameters."""
+    penalised = [i for i, r in enumerate(rows) if r.params.presence_penalty or r.params.frequency_penalty]
+    if penalised:
+        logits = logits.clone()
+        for i in penalised:
+            logits[i] -= _penalty(rows[i], logits.shape[-1], logits.device)
+    tokens = logits.argmax(dim=-1)
+    for i, r in enumerate(rows):
+        if r.params.temperature > 0:
+            tokens[i] = _sample_row(logits[i], r.params, r.generator)
+    return tokens
+
+
+def _penalty(row: _Row, vocab: int, device: torch.device) -> torch.Tensor:
+    if row.counts is None:
+        row.counts = torch.zeros(vocab, device=device)
+    p = row.params
+    return row.counts * p.frequency_penalty + (row.counts > 0).float() * p.presence_penalty
+
+
+def _sample_row(logits: torch.Tensor, p: SampleConfig, generator: torch.Generator) -> torch.Tensor:
+    logits = logits / p.temperature
+    if p.top_k and p.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    if p.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        # keep the smallest set whose mass reaches top_p: drop tokens whose preceding mass already does
+        drop = sorted_p.cumsum(0) - sorted_p >= p.top_p
+        probs = probs.scatter(0, order, sorted_p.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=generator)[0]
+
+
+def _top_dicts(logp: torch.Tensor, k: int) -> list[dict[int, float]]:
+    values, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
+    return [dict(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+
+
+# ------------------------------------------------------------------------------------ model set-up
+def prepare_model(model: GPT, *, device=None, dtype: torch.dtype | None = None, quantize: str | None = None) -> GPT:
+    """Put the model in eval mode on device/dtype (in place: no second copy of the weights),
+    optionally with int8 weight-only linear layers."""
+    model.eval()
+    if device is not None:
+        model.to(device)
+    if dtype is not None:
+        model.to(dtype)
+    if quantize is not None:
+        from gptkit.quantize import quantize_model
+
+        quantize_model(model, quantize)
+    return model
