@@ -100,10 +100,6 @@ def layer_keys(n_layer: int) -> dict[str, str]:
     return out
 
 
-def _is_transposed(key: str) -> bool:
-    return key.endswith(TRANSPOSED)
-
-
 def hf_to_gptkit(state: dict[str, torch.Tensor], n_layer: int, source: str) -> dict[str, torch.Tensor]:
     """Rename and transpose a GPT-2 state dict into gptkit's, naming missing and unexpected keys."""
     if not any(k.startswith(PREFIX) for k in state):
@@ -138,7 +134,7 @@ def gptkit_to_hf(state: dict[str, torch.Tensor], n_layer: int) -> dict[str, torc
 
 
 def _maybe_t(key: str, t: torch.Tensor) -> torch.Tensor:
-    return t.t() if _is_transposed(key) else t
+    return t.t() if key.endswith(TRANSPOSED) else t
 
 
 def _name_keys(what: str, keys: list[str]) -> str:
@@ -201,7 +197,7 @@ def read_hf_weights(folder: Path) -> tuple[dict[str, torch.Tensor], str]:
     except GptkitError:
         raise
     except Exception as e:  # corrupt or truncated files: keep the message to one line
-        raise GptkitError(f"{path}: cannot read weights ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise GptkitError(f"{path}: cannot read weights ({_one_line(e)})") from None
 
 
 def resolve_source(src: str | os.PathLike) -> Path:
@@ -218,8 +214,12 @@ def resolve_source(src: str | os.PathLike) -> Path:
     try:
         return Path(snapshot_download(str(src), allow_patterns=HUB_FILES))
     except Exception as e:  # offline, unknown repo, invalid name: all one line
-        raise GptkitError(f"{src}: no such folder, and not downloadable from the hub "
-                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise GptkitError(f"{src}: no such folder, and not downloadable from the hub ({_one_line(e)})") from None
+
+
+def _one_line(e: Exception) -> str:
+    """The first line of a library error (safetensors and the hub raise multi-line messages)."""
+    return str(e).splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 # ---------------------------------------------------------------------------- the two commands

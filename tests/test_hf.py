@@ -151,9 +151,9 @@ def test_import_pytorch_model_bin_with_head_and_mask_buffers(tmp_path, hf_dir, h
     assert max_diff(gptkit_logits(load_model(tmp_path / "ckpt")[0], idx), hf_logits(hf_model, idx)) <= TOL
 
 
-def _broken_copy(tmp_path: Path, hf_dir: Path, edit) -> Path:
+def _copy_with_weights(tmp_path: Path, hf_dir: Path, edit) -> Path:
     """A copy of hf_dir whose weights went through edit(state) -> state."""
-    src = tmp_path / "broken"
+    src = tmp_path / "copy"
     src.mkdir()
     for name in ("config.json", "vocab.json", "merges.txt"):
         (src / name).write_text((hf_dir / name).read_text())
@@ -161,26 +161,34 @@ def _broken_copy(tmp_path: Path, hf_dir: Path, edit) -> Path:
     return src
 
 
+def test_import_bare_gpt2model_keys(tmp_path, hf_dir, hf_model):
+    """Checkpoints saved from GPT2Model (the original gpt2 on the hub) lack the "transformer." prefix."""
+    src = _copy_with_weights(tmp_path, hf_dir, lambda s: {k.removeprefix("transformer."): v for k, v in s.items()})
+    import_hf(src, tmp_path / "ckpt")
+    idx = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(8))
+    assert max_diff(gptkit_logits(load_model(tmp_path / "ckpt")[0], idx), hf_logits(hf_model, idx)) <= TOL
+
+
 def test_import_names_a_missing_key(tmp_path, hf_dir):
-    src = _broken_copy(tmp_path, hf_dir, lambda s: {k: v for k, v in s.items() if k != "transformer.h.1.mlp.c_fc.bias"})
+    src = _copy_with_weights(tmp_path, hf_dir, lambda s: {k: v for k, v in s.items() if k != "transformer.h.1.mlp.c_fc.bias"})
     with pytest.raises(GptkitError, match=r"missing key\(s\) transformer\.h\.1\.mlp\.c_fc\.bias"):
         import_hf(src, tmp_path / "out")
 
 
 def test_import_names_an_unexpected_key(tmp_path, hf_dir):
-    src = _broken_copy(tmp_path, hf_dir, lambda s: {**s, "transformer.h.3.ln_1.weight": torch.ones(96)})
+    src = _copy_with_weights(tmp_path, hf_dir, lambda s: {**s, "transformer.h.3.ln_1.weight": torch.ones(96)})
     with pytest.raises(GptkitError, match=r"unexpected key\(s\) transformer\.h\.3\.ln_1\.weight"):
         import_hf(src, tmp_path / "out")
 
 
 def test_import_names_a_misshapen_tensor(tmp_path, hf_dir):
-    src = _broken_copy(tmp_path, hf_dir, lambda s: {**s, "transformer.wpe.weight": s["transformer.wpe.weight"][:64]})
+    src = _copy_with_weights(tmp_path, hf_dir, lambda s: {**s, "transformer.wpe.weight": s["transformer.wpe.weight"][:64]})
     with pytest.raises(GptkitError, match=r"wpe\.weight has shape \(64, 96\), expected \(128, 96\)"):
         import_hf(src, tmp_path / "out")
 
 
 def test_import_rejects_an_unsupported_activation(tmp_path, hf_dir):
-    src = _broken_copy(tmp_path, hf_dir, lambda s: s)
+    src = _copy_with_weights(tmp_path, hf_dir, lambda s: s)
     cfg = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**cfg, "activation_function": "relu"}))
     with pytest.raises(GptkitError, match=r"activation_function='relu' is not supported"):
