@@ -352,7 +352,7 @@ def prepare(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="where the tokenizer, data and checkpoint go")] = Path("runs/demo"),
-    steps: Annotated[int, typer.Option(help="training steps (the default takes about 4 minutes on 2 cores)")] = 1000,
+    steps: Annotated[int, typer.Option(help="training steps (the default takes about 4 minutes on 2 cores)")] = 500,
 ) -> None:
     """The main job: tokenizer, corpus, pretraining and samples on the Python standard library."""
     from gptkit.demo import DemoConfig, run_demo
