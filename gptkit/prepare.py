@@ -144,8 +144,8 @@ def _stdlib_files() -> list[Path]:
 
 
 def _is_library_code(path: Path) -> bool:
-    """False for huge files and generated tables (codec maps, stringprep, ...)."""
-    if path.stat().st_size > STDLIB_MAX_BYTES:
+    """False for empty and huge files and generated tables (codec maps, stringprep, ...)."""
+    if not 0 < path.stat().st_size <= STDLIB_MAX_BYTES:
         return False
     with open(path, "rb") as f:
         return b"generated" not in f.read(400).lower()
@@ -326,7 +326,7 @@ class _Encoder:
                 docs = len({lineno for lineno, _, _ in documents})  # a cut document yields two segments
                 segments += [(k, split, doc, True) for _, split, doc in documents]
             else:
-                docs = int(piece.ends_doc)
+                docs = int(piece.end == piece.source.size)  # a cut document ends once, in val
                 segments.append((k, piece.split, text, piece.ends_doc))
             results.append(PieceResult({}, {s: 0 for s in SPLITS}, {s: 0 for s in SPLITS}, docs, bad))
         # one batch call for the whole task: the BPE backend spreads it over all cores
