@@ -323,6 +323,7 @@ def pretrain(data_dir: str | Path, model_config, cfg: TrainConfig, *, init_from:
         model, _ = load_model(init_from)
     else:
         model_config.vocab_size = tokenizer.vocab_size
+        torch.manual_seed(cfg.seed)  # the same initial weights in every process and every rerun
         model = GPT(model_config)
     if model.config.vocab_size < meta["vocab_size"]:
         raise GptkitError(f"model vocab_size {model.config.vocab_size} < the data's tokenizer vocab "
