@@ -46,7 +46,7 @@ TEXT_SUFFIXES = (".txt", ".text", ".md", ".markdown", ".rst", ".tex", ".py", ".p
                  ".hpp", ".js", ".ts", ".java", ".go", ".rs", ".sh", ".html", ".css", ".toml", ".yaml", ".yml",
                  ".jsonl")
 PIECE_BYTES = 1 << 20  # a worker's unit of work; big files are cut into pieces this size
-TASK_BYTES = 4 << 20  # pieces are grouped into tasks, so small files do not cost one round trip each
+TASK_BYTES = 1 << 20  # pieces are grouped into tasks, so small files do not cost one round trip each
 SCAN_BYTES = 64 << 10  # how far to look for a line end before cutting inside a (very long) line
 DEFAULT_SHARD_TOKENS = 100_000_000
 SPLITS = ("train", "val")
@@ -138,9 +138,11 @@ def _stdlib_sources() -> Iterator[Source]:
 
 
 def _stdlib_files() -> list[Path]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return [p for p in sorted(root.rglob("*.py"))
-            if not STDLIB_SKIP_DIRS & set(p.relative_to(root).parts[:-1]) and _is_library_code(p)]
+    files = []
+    for root, dirs, names in os.walk(sysconfig.get_paths()["stdlib"]):
+        dirs[:] = sorted(d for d in dirs if d not in STDLIB_SKIP_DIRS)  # pruned, not walked: site-packages is big
+        files += [Path(root) / n for n in sorted(names) if n.endswith(".py") and _is_library_code(Path(root) / n)]
+    return files
 
 
 def _is_library_code(path: Path) -> bool:
