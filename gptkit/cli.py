@@ -179,8 +179,9 @@ def _engine_for(ckpt: Path, max_batch: int = 8, quantize: Optional[str] = None, 
     model, _ = load_model(ckpt)
     tokenizer = load_tokenizer(ckpt)
     eos = [i for t in ("<|endoftext|>", IM_END) if (i := tokenizer.special_id(t)) is not None]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     engine = Engine(model, max_batch=max_batch, token_bytes=tokenizer.token_bytes, eos_ids=eos,
-                    dtype=getattr(torch, dtype), quantize=quantize)
+                    dtype=getattr(torch, dtype), quantize=quantize, device=device)
     return engine, tokenizer
 
 
