@@ -579,14 +579,17 @@ def _top_dicts(logp: torch.Tensor, k: int) -> list[dict[int, float]]:
 # ------------------------------------------------------------------------------------ model set-up
 def prepare_model(model: GPT, *, device=None, dtype: torch.dtype | None = None, quantize: str | None = None) -> GPT:
     """Put the model in eval mode on device/dtype (in place: no second copy of the weights),
-    optionally with int8 weight-only linear layers."""
+    optionally with int8 weight-only linear layers; bf16 weights on CPU are prepacked."""
+    from gptkit.quantize import pack_bf16, quantize_model
+
     model.eval()
     if device is not None:
         model.to(device)
     if dtype is not None:
         model.to(dtype)
+    on_cpu = next(model.parameters()).device.type == "cpu"
     if quantize is not None:
-        from gptkit.quantize import quantize_model
-
         quantize_model(model, quantize)
+    elif on_cpu and model.lm_head.weight.dtype == torch.bfloat16:
+        pack_bf16(model)
     return model

@@ -1,9 +1,12 @@
-"""Int8 weight-only quantisation for inference.
+"""Weight formats for fast CPU decoding: int8 weight-only quantisation and prepacked bf16.
 
 Decoding one token at a time reads every weight once per step, so its speed is set by
 memory bandwidth: int8 weights are a quarter of fp32's bytes. Each output channel of a
 Linear gets its own scale (max |w| / 127, symmetric, round to nearest); activations stay in
 floating point, so the only error is the weight rounding (about 0.2% of a channel's range).
+
+bf16 weights are prepacked into oneDNN's blocked layout: the same numbers, but the
+matrix-vector products of decoding read them about 1.4x faster than from the plain layout.
 """
 
 from __future__ import annotations
@@ -41,14 +44,38 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class PackedLinear(nn.Module):
+    """An nn.Linear whose bf16 weight is prepacked for oneDNN (CPU only, inference only)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)  # opaque layout
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
 def quantize_model(model: nn.Module, method: str = "int8") -> nn.Module:
     """Replace every nn.Linear (attention, MLP and the LM head) by its int8 version, in place.
     The token embedding stays in floating point: a lookup reads one row, not the matrix."""
     if method not in METHODS:
         raise GptkitError(f"quantize={method!r}: expected one of {', '.join(METHODS)}")
+    return _replace_linears(model, Int8Linear)
+
+
+def pack_bf16(model: nn.Module) -> nn.Module:
+    """Prepack every bf16 nn.Linear for oneDNN, in place (a no-op where oneDNN cannot)."""
+    if not torch.backends.mkldnn.is_available():
+        return model
+    return _replace_linears(model, PackedLinear)
+
+
+def _replace_linears(model: nn.Module, make) -> nn.Module:
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     for name, linear in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, Int8Linear(linear))
+        setattr(parent, attr, make(linear))
     return model

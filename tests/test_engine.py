@@ -286,3 +286,14 @@ def test_int8_quantized_model_is_close_to_fp32(model, tok):
     # The int8 kernel takes bf16 activations: errors of a few per cent of the logit range, as a bf16 model.
     assert (got - ref).abs().max() < 0.05 * ref.abs().max()
     assert eng.generate(prompt, greedy(10))[0].token_ids == reference_greedy(model, prompt, 10)
+
+
+@torch.no_grad()
+def test_bf16_engine_matches_a_plain_bf16_model(model, tok):
+    prompt = prompts(tok)[1]
+    eng = engine(model, dtype=torch.bfloat16)  # on CPU its linear weights are prepacked for oneDNN
+    plain = copy.deepcopy(model).to(torch.bfloat16)
+    x = torch.tensor([prompt])
+    assert torch.allclose(eng.model(x).float(), plain(x).float(), atol=1e-2, rtol=1e-2)
+    [out] = eng.generate(prompt, greedy(6))
+    assert out.token_ids == reference_greedy(plain, prompt, 6)

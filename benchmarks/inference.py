@@ -1,0 +1,240 @@
+"""gptkit's engine against transformers' GPT2LMHeadModel, side by side in one run.
+
+Both load the same randomly initialised GPT-2 124M weights. For each (implementation,
+dtype) a fresh child process measures prefill tokens/s (one 512-token prompt), decode
+tokens/s at batch 1 and batch 8 (128 new tokens after a 32-token prompt, greedy), and its
+peak RSS; rounds alternate the implementations so load from other processes on a shared
+machine hits both alike, and each figure is the best of its rounds. Decode speed is
+(new tokens - 1) / (time for all new tokens - time for the first one), so prefill is left out.
+
+The bandwidth limit is measured here too: the read bandwidth of summing a 1 GiB tensor,
+divided by the bytes one decode step must read (every weight except the position table,
+the tied head once). The last line of output is one JSON object with every figure.
+
+    python benchmarks/inference.py [--rounds 2] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PROMPT, NEW, PREFILL, BATCH = 32, 128, 512, 8
+CASES = [("transformers", "float32", None), ("gptkit", "float32", None),
+         ("transformers", "bfloat16", None), ("gptkit", "bfloat16", None), ("gptkit", "float32", "int8")]
+
+
+# ------------------------------------------------------------------------------------ the two models
+def save_random_gpt2(path: Path) -> None:
+    from safetensors.torch import save_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config())
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}, str(path))
+
+
+def load_transformers(path: Path, dtype: torch.dtype, device: str):
+    from safetensors.torch import load_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel(GPT2Config())
+    hf.load_state_dict(load_file(str(path)), strict=False)  # the head is tied to wte
+    return hf.to(device=device, dtype=dtype).eval()
+
+
+def load_gptkit(path: Path):
+    from safetensors.torch import load_file
+
+    from gptkit.checkpoint import load_state
+    from gptkit.config import preset
+    from gptkit.hf import hf_to_gptkit
+    from gptkit.model import GPT
+
+    cfg = preset("gpt2")
+    model = GPT(cfg)
+    load_state(model, hf_to_gptkit(load_file(str(path)), cfg.n_layer, str(path)), source=str(path))
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------ timing
+def best_time(fn, repeats: int = 2) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def decode_rate(generate, batch: int) -> float:
+    """Tokens/s of decoding alone: the first new token (with the prefill) is timed apart."""
+    first = best_time(lambda: generate(batch, 1))
+    full = best_time(lambda: generate(batch, NEW), repeats=1)
+    return batch * (NEW - 1) / (full - first)
+
+
+def measure_transformers(path: Path, dtype: torch.dtype, device: str, prompts: torch.Tensor) -> dict:
+    model = load_transformers(path, dtype, device)
+    prompts = prompts.to(device)
+
+    def generate(batch: int, new: int) -> None:
+        ids = prompts[:batch]
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                       do_sample=False, pad_token_id=0)
+
+    long = torch.randint(0, 50257, (1, PREFILL), generator=torch.Generator().manual_seed(1)).to(device)
+    prefill = PREFILL / best_time(lambda: model(long, use_cache=True))
+    return {"prefill": prefill, "decode_b1": decode_rate(generate, 1), "decode_b8": decode_rate(generate, BATCH)}
+
+
+def measure_gptkit(path: Path, dtype: torch.dtype, device: str, prompts: torch.Tensor, quantize: str | None) -> dict:
+    from gptkit.config import SampleConfig
+    from gptkit.engine import Engine
+
+    engine = Engine(load_gptkit(path), max_batch=BATCH, device=device, dtype=dtype, quantize=quantize)
+    rows = prompts.tolist()
+
+    def generate(batch: int, new: int) -> None:
+        handles = [engine.submit(rows[i], SampleConfig(max_tokens=new, temperature=0.0)) for i in range(batch)]
+        for h in handles:
+            h.result()
+
+    long = torch.randint(0, 50257, (PREFILL,), generator=torch.Generator().manual_seed(1)).tolist()
+    prefill = PREFILL / best_time(lambda: generate_one(engine, long))
+    out = {"prefill": prefill, "decode_b1": decode_rate(generate, 1), "decode_b8": decode_rate(generate, BATCH)}
+    if quantize:
+        out["ppl_increase_pct"] = perplexity_increase(path, engine.model, device)
+    return out
+
+
+def generate_one(engine, prompt: list[int]) -> None:
+    from gptkit.config import SampleConfig
+
+    engine.generate(prompt, SampleConfig(max_tokens=1, temperature=0.0))
+
+
+@torch.inference_mode()
+def perplexity_increase(path: Path, quantized, device: str) -> float:
+    """Per cent perplexity increase of the quantised model over fp32 on 1024 tokens of held-out
+    text (this file's bytes, which are GPT-2 byte tokens)."""
+    ids = torch.tensor([list(Path(__file__).read_bytes()[:1025])], device=device)
+    reference = load_gptkit(path).to(device)
+
+    def ppl(model) -> float:
+        return math.exp(model(ids[:, :-1], targets=ids[:, 1:]).item())
+
+    return 100 * (ppl(quantized) / ppl(reference) - 1)
+
+
+def child(args) -> None:
+    torch.manual_seed(0)
+    prompts = torch.randint(0, 50257, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
+    dtype = getattr(torch, args.dtype)
+    with torch.inference_mode():
+        if args.impl == "transformers":
+            out = measure_transformers(Path(args.weights), dtype, args.device, prompts)
+        else:
+            out = measure_gptkit(Path(args.weights), dtype, args.device, prompts, args.quantize)
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(out))
+
+
+# ------------------------------------------------------------------------------------ the run
+def read_bandwidth(device: str) -> float:
+    """GB/s of summing a 1 GiB fp32 tensor: the memory read bandwidth decoding can use."""
+    x = torch.ones(256 * 1024 * 1024, device=device)
+    x.sum()
+    seconds = best_time(lambda: x.sum().item(), repeats=5)
+    return x.numel() * 4 / seconds / 1e9
+
+
+def decode_bytes(dtype_bytes: int) -> int:
+    """Bytes one decode step reads: every weight but the position table (one row is read)."""
+    from gptkit.config import preset
+    from gptkit.model import GPT
+
+    with torch.device("meta"):
+        model = GPT(preset("gpt2"))
+    return (model.num_params() - model.wpe.weight.numel()) * dtype_bytes
+
+
+def run_case(weights: Path, impl: str, dtype: str, quantize: str | None, device: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", impl, "--dtype", dtype, "--weights", str(weights), "--device", device]
+    if quantize:
+        cmd += ["--quantize", quantize]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def name(impl: str, dtype: str, quantize: str | None) -> str:
+    return f"{impl}_{quantize or {'float32': 'fp32', 'bfloat16': 'bf16'}[dtype]}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds; each figure is the best")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--child", choices=["transformers", "gptkit"], help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    ap.add_argument("--weights", help=argparse.SUPPRESS)
+    ap.add_argument("--quantize", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        args.impl = args.child
+        return child(args)
+
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "gpt2-random.safetensors"
+        save_random_gpt2(weights)
+        bandwidth = read_bandwidth(args.device)
+        for r in range(args.rounds):
+            for impl, dtype, quantize in CASES:
+                key = name(impl, dtype, quantize)
+                got = run_case(weights, impl, dtype, quantize, args.device)
+                print(f"round {r + 1} {key}: " + ", ".join(f"{k} {v:.1f}" for k, v in got.items()), flush=True)
+                best = results.setdefault(key, got)
+                for k, v in got.items():  # best of rounds: highest speed, lowest memory
+                    best[k] = min(best[k], v) if k in ("peak_rss_mib", "ppl_increase_pct") else max(best[k], v)
+    bandwidth = max(bandwidth, read_bandwidth(args.device))
+    print_table(results)
+    print(json.dumps(summary(results, bandwidth, args.device)))
+
+
+def summary(results: dict[str, dict], bandwidth: float, device: str) -> dict:
+    limit = {d: bandwidth * 1e9 / decode_bytes(b) for d, b in (("fp32", 4), ("bf16", 2), ("int8", 1))}
+    out = {"device": device, "threads": torch.get_num_threads(), "read_bandwidth_gb_s": round(bandwidth, 1),
+           **{f"bandwidth_limit_{d}_tok_s": round(v, 1) for d, v in limit.items()}}
+    for key, figures in results.items():
+        out.update({f"{k}_{key}": round(v, 1) for k, v in figures.items()})
+    for d in ("fp32", "bf16"):
+        for fig in ("prefill", "decode_b1", "decode_b8"):
+            out[f"{fig}_{d}_ratio"] = round(results[f"gptkit_{d}"][fig] / results[f"transformers_{d}"][fig], 2)
+        out[f"decode_b1_{d}_frac_of_limit"] = round(results[f"gptkit_{d}"]["decode_b1"] / limit[d], 2)
+    out["int8_decode_b1_speedup_vs_fp32"] = round(results["gptkit_int8"]["decode_b1"] / results["gptkit_fp32"]["decode_b1"], 2)
+    out["int8_ppl_increase_pct"] = round(results["gptkit_int8"]["ppl_increase_pct"], 3)
+    return out
+
+
+def print_table(results: dict[str, dict]) -> None:
+    print(f"\n| {'model':<20} | prefill tok/s | decode b1 tok/s | decode b8 tok/s | peak RSS MiB |")
+    print(f"|{'-' * 22}|---------------|-----------------|-----------------|--------------|")
+    for key, f in results.items():
+        print(f"| {key:<20} | {f['prefill']:13.0f} | {f['decode_b1']:15.1f} | {f['decode_b8']:15.1f} "
+              f"| {f['peak_rss_mib']:12.0f} |")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
