@@ -1,0 +1,278 @@
+"""Pydantic models of every request and response, with OpenAI's field names.
+
+They are the OpenAPI document: what is declared here is what is served. Requests ignore
+unknown fields (clients pass extras through `extra_body`); fields OpenAI defines that gptkit
+accepts but does not act on say so in their description (see IGNORED_FIELDS).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+
+MAX_N = 16  # choices per prompt; the engine's max_batch may be lower (a 400 names it)
+MAX_STOP = 4
+MAX_LOGPROBS = 20
+MAX_SEED = 2**63 - 1 - MAX_N  # each sample is seeded with seed + index
+
+# Accepted for compatibility, not acted on: (endpoint, field) -> why. README and the tests use it.
+IGNORED_FIELDS = {
+    "user": "an end-user id for OpenAI's abuse monitoring; there is no per-user accounting",
+    "logit_bias": "the engine's sampler has no per-token bias",
+    "suffix": "insertion needs a model trained for fill-in-the-middle",
+    "tools / tool_choice / parallel_tool_calls": "the chat template has no tool-call format",
+    "response_format": "no constrained (JSON) decoding",
+    "messages[].name": "the chat template has no participant names",
+    "add_special_tokens (/tokenize)": "gptkit tokenizers never add special tokens when encoding",
+}
+
+
+def _ignored(field: str) -> str:
+    return f"accepted and ignored: {IGNORED_FIELDS[field]}"
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+# ------------------------------------------------------------------------------------ requests
+class StreamOptions(Request):
+    include_usage: bool = False
+
+
+class SamplingRequest(Request):
+    """The fields /v1/completions and /v1/chat/completions share."""
+
+    model: str
+    temperature: float = Field(1.0, ge=0, le=2, description="0 is greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="gptkit extension (send it in extra_body); 0 is off")
+    n: int = Field(1, ge=1, le=MAX_N)
+    stop: Union[str, list[str], None] = Field(None, validate_default=True, description=f"up to {MAX_STOP} strings, never in the output")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(None, description=_ignored("logit_bias"))
+    user: str | None = Field(None, description=_ignored("user"))
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v: str | list[str] | None) -> list[str]:
+        stops = [v] if isinstance(v, str) else list(v or [])
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences, got {len(stops)}")
+        return [s for s in stops if s]
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: Union[str, list[str], list[int], list[list[int]]] = Field(
+        description="text, texts, token ids, or lists of token ids")
+    max_tokens: int = Field(16, ge=0, description="0 with echo scores the prompt only")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                 description="k: the chosen token's logprob and the top k alternatives")
+    echo: bool = Field(False, description="prepend the prompt (and its logprobs) to each choice")
+    best_of: int | None = Field(None, ge=1, le=MAX_N, description="must equal n when given")
+    suffix: str | None = Field(None, description=_ignored("suffix"))
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _prompt_shape(cls, v, handler):
+        try:
+            return handler(v)
+        except ValueError:  # pydantic lists every union branch it tried: one line instead
+            raise ValueError("expected a string, a list of strings, a list of token ids, "
+                             "or a list of lists of token ids") from None
+
+
+class TextPart(Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Request):
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        description="developer is OpenAI's newer name for system")
+    content: Union[str, list[TextPart]]
+    name: str | None = Field(None, description=_ignored("messages[].name"))
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, description="deprecated by OpenAI for max_completion_tokens")
+    max_completion_tokens: int | None = Field(None, ge=1, description="default: the rest of the context")
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[dict] | None = Field(None, description=_ignored("tools / tool_choice / parallel_tool_calls"))
+    tool_choice: Union[str, dict, None] = Field(None, description=_ignored("tools / tool_choice / parallel_tool_calls"))
+    parallel_tool_calls: bool | None = Field(None, description=_ignored("tools / tool_choice / parallel_tool_calls"))
+    response_format: dict | None = Field(None, description=_ignored("response_format"))
+
+
+class TokenizeRequest(Request):
+    model: str | None = Field(None, description="default: the first model served")
+    prompt: str
+    add_special_tokens: bool = Field(False, description=_ignored("add_special_tokens (/tokenize)"))
+
+
+class DetokenizeRequest(Request):
+    model: str | None = Field(None, description="default: the first model served")
+    tokens: list[int]
+
+
+# ------------------------------------------------------------------------------------ responses
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: CompletionLogprobs | None = None
+
+
+class Completion(BaseModel):
+    """A completion, or (object still "text_completion") one streamed chunk of one."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: ChatLogprobs | None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _only_set(self, handler):  # OpenAI sends {"content": "x"}, not {"role": null, "content": "x"}
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: ChatLogprobs | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "gptkit"
+    max_model_len: int = Field(description="the context length (prompt + max_tokens)")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    model: str
+    tokenizer_kind: str
+    vocab_size: int
+    eos_token: str | None
+    bos_token: str | None
+    pad_token: str | None
+    chat_template: str = Field(description="Jinja equivalent of the ChatML template the server renders with")
+    model_max_length: int
+
+
+class EngineLoad(BaseModel):
+    running: int = Field(description="requests in the batch")
+    queued: int = Field(description="requests waiting for a slot")
+    max_batch: int
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    models: dict[str, EngineLoad]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
