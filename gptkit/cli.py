@@ -364,6 +364,53 @@ def demo(
     typer.echo(json.dumps({k: v for k, v in result.items() if k != "samples"}))
 
 
+# ---------------------------------------------------------------------------- serve
+def _model_specs(ckpt: Path, name: Optional[str], extra: list[str]) -> list[tuple[str, Path]]:
+    """(name, checkpoint) pairs: CKPT as --name (default: its folder name), then each NAME=CKPT."""
+    specs = [(name or ckpt.resolve().name, ckpt)]
+    for spec in extra:
+        model_name, sep, path = spec.partition("=")
+        if not sep or not model_name or not path:
+            _fail(f"--model {spec!r}: expected NAME=CKPT")
+        specs.append((model_name, Path(path)))
+    names = [n for n, _ in specs]
+    if len(set(names)) != len(names):
+        _fail(f"model names must be unique, got {', '.join(names)} (use --name for CKPT)")
+    return specs
+
+
+@app.command()
+def serve(
+    ckpt: Annotated[Path, typer.Argument(help="checkpoint folder of the first model")],
+    name: Annotated[Optional[str], typer.Option(help="the model name clients send for CKPT (default: its folder name)")] = None,
+    model: Annotated[Optional[list[str]], typer.Option("--model", help="another model to serve, as NAME=CKPT (repeatable)")] = None,
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(envvar="GPTKIT_API_KEY", show_envvar=True,
+                                                   help="require `Authorization: Bearer KEY` (/health and /metrics stay open)")] = None,
+    max_batch: Annotated[int, typer.Option(help="sequences decoded together per model")] = 8,
+    max_queue: Annotated[int, typer.Option(help="requests waiting for a slot per model before 429")] = 64,
+    max_body: Annotated[int, typer.Option(help="largest request body in bytes (413 above)")] = 4 * 2**20,
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16")] = "float32",
+    quantize: Annotated[Optional[str], typer.Option(help="int8: weight-only int8 quantisation")] = None,
+) -> None:
+    """Serve checkpoints with an OpenAI-compatible API (/v1/completions, /v1/chat/completions, streaming)."""
+    import uvicorn
+
+    from gptkit.server import ServedModel, ServerConfig, create_app
+
+    if max_queue < 1 or max_body < 1:
+        _fail(f"--max-queue {max_queue} and --max-body {max_body} must be at least 1")
+    served = []
+    for model_name, path in _model_specs(ckpt, name, model or []):
+        engine, tokenizer = _engine_for(path, max_batch=max_batch, quantize=quantize, dtype=dtype)
+        served.append(ServedModel(model_name, engine, tokenizer))
+    server_app = create_app(served, ServerConfig(api_key=api_key or None, max_queue=max_queue, max_body=max_body))
+    typer.echo(f"serving {', '.join(m.name for m in served)} on http://{host}:{port}/v1 "
+               f"({'API key required' if api_key else 'no API key'}); Ctrl-C stops", err=True)
+    uvicorn.run(server_app, host=host, port=port, log_level="warning")
+
+
 def _human(n: float) -> str:
     for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= div:
