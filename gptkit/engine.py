@@ -579,8 +579,9 @@ def _top_dicts(logp: torch.Tensor, k: int) -> list[dict[int, float]]:
 # ------------------------------------------------------------------------------------ model set-up
 def prepare_model(model: GPT, *, device=None, dtype: torch.dtype | None = None, quantize: str | None = None) -> GPT:
     """Put the model in eval mode on device/dtype (in place: no second copy of the weights),
-    optionally with int8 weight-only linear layers; bf16 weights on CPU are prepacked."""
-    from gptkit.quantize import pack_bf16, quantize_model
+    optionally with int8 weight-only linear layers; fp32/bf16 linear weights on CPU are
+    prepacked for oneDNN."""
+    from gptkit.quantize import pack_linears, quantize_model
 
     model.eval()
     if device is not None:
@@ -590,6 +591,6 @@ def prepare_model(model: GPT, *, device=None, dtype: torch.dtype | None = None, 
     on_cpu = next(model.parameters()).device.type == "cpu"
     if quantize is not None:
         quantize_model(model, quantize)
-    elif on_cpu and model.lm_head.weight.dtype == torch.bfloat16:
-        pack_bf16(model)
+    elif on_cpu and model.lm_head.weight.dtype in (torch.float32, torch.bfloat16):
+        pack_linears(model)
     return model

@@ -5,8 +5,10 @@ memory bandwidth: int8 weights are a quarter of fp32's bytes. Each output channe
 Linear gets its own scale (max |w| / 127, symmetric, round to nearest); activations stay in
 floating point, so the only error is the weight rounding (about 0.2% of a channel's range).
 
-bf16 weights are prepacked into oneDNN's blocked layout: the same numbers, but the
-matrix-vector products of decoding read them about 1.4x faster than from the plain layout.
+fp32 and bf16 weights are prepacked into oneDNN's blocked layout: the same numbers, but
+decoding's skinny products read them faster than from the plain layout (measured on a
+2-core AVX-512 Xeon: bf16 at batch 1 about 1.4x; fp32 at batch 4-8 about 1.5-2x, at batch 1
+the same).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class Int8Linear(nn.Module):
 
 
 class PackedLinear(nn.Module):
-    """An nn.Linear whose bf16 weight is prepacked for oneDNN (CPU only, inference only)."""
+    """An nn.Linear whose weight is prepacked for oneDNN (CPU only, inference only)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -65,8 +67,8 @@ def quantize_model(model: nn.Module, method: str = "int8") -> nn.Module:
     return _replace_linears(model, Int8Linear)
 
 
-def pack_bf16(model: nn.Module) -> nn.Module:
-    """Prepack every bf16 nn.Linear for oneDNN, in place (a no-op where oneDNN cannot)."""
+def pack_linears(model: nn.Module) -> nn.Module:
+    """Prepack every nn.Linear for oneDNN, in place (a no-op where oneDNN is missing)."""
     if not torch.backends.mkldnn.is_available():
         return model
     return _replace_linears(model, PackedLinear)
