@@ -309,6 +309,8 @@ def test_http_level_errors_and_the_server_keeps_serving(server):
     assert post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": "many"}).json()["error"][
         "param"] == "max_tokens"
     assert httpx.get(f"{server}/v1/nothing-here", headers=auth()).status_code == 404
+    r = post("/v1/completions", json={"model": "tiny", "prompt": "The", "max_tokens": None, "stop": None, "n": None})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 16  # null reads as the default
     r = post("/v1/completions", json={"model": "tiny", "prompt": "The quick", "max_tokens": 2})
     assert r.status_code == 200 and len(r.json()["choices"]) == 1
     assert metric(server, "gptkit_requests_total", endpoint="/v1/completions", status="413") >= 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 MAX_N = 16  # choices per prompt; the engine's max_batch may be lower (a 400 names it)
 MAX_STOP = 4
@@ -34,6 +34,11 @@ def _ignored(field: str) -> str:
 
 class Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data):  # OpenAI reads "temperature": null as "not given"
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
 
 # ------------------------------------------------------------------------------------ requests
