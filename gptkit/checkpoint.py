@@ -7,6 +7,13 @@
       train_state.pt      optimizer, RNG and data-sampler state, for --resume only
                           (tensors and plain containers: loads with weights_only=True)
 
+Fine-tuned checkpoints may carry, in `extra` (all optional; plain checkpoints have none):
+  heads  {name: [in, out]}  extra Linear heads on the GPT (`model.heads[name]`), stored in
+                            model.safetensors under the prefix `heads.` (classification)
+  lora   LoRAConfig dict    the target layers are LoRA layers (gptkit.lora)
+  base   path               an adapter checkpoint: model.safetensors holds only the tensors that
+                            were trained; the rest are the base checkpoint's
+
 Every file is written atomically, and the three that carry a step are checked to agree on
 load, so a run killed mid-save is detected instead of resumed from a mixed state.
 """
@@ -43,6 +50,9 @@ def save_checkpoint(folder: str | os.PathLike, model: torch.nn.Module, tokenizer
     if train_state is not None:  # first, so a crash before the weights leaves a detectable mismatch
         atomic_write(folder / TRAIN_STATE, lambda tmp: torch.save({"step": step, **train_state}, tmp))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in TIED}
+    if extra and extra.get("base"):  # an adapter checkpoint: only what training changed, not the base's copy
+        trained = {name for name, p in model.named_parameters() if p.requires_grad}
+        state = {k: v for k, v in state.items() if k in trained}
     atomic_write(folder / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"step": str(step)}))
     if tokenizer is not None:
         tokenizer.save(folder)
@@ -69,9 +79,24 @@ def read_config(folder: str | os.PathLike) -> dict:
 
 
 def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
-    """The model in eval mode (weights in fp32) and the checkpoint's config dict."""
+    """The model in eval mode (weights in fp32) and the checkpoint's config dict.
+    Heads, LoRA layers and a base checkpoint named in `extra` are restored too."""
     cfg = read_config(folder)
     model = GPT(ModelConfig.from_dict(cfg["model"]))
+    extra = cfg.get("extra") or {}
+    attach_heads(model, extra.get("heads") or {})
+    if extra.get("lora"):
+        from gptkit.lora import LoRAConfig, apply_lora
+
+        apply_lora(model, LoRAConfig(**extra["lora"]))
+    state = _read_weights(folder, cfg)
+    if extra.get("base"):
+        state = {**_base_weights(extra["base"], folder), **state}
+    load_state(model, state, source=str(Path(folder) / WEIGHTS))
+    return model.to(device).eval(), cfg
+
+
+def _read_weights(folder: str | os.PathLike, cfg: dict) -> dict[str, torch.Tensor]:
     path = Path(folder) / WEIGHTS
     try:
         from safetensors import safe_open
@@ -84,8 +109,22 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
     if step != cfg.get("step", 0):
         raise GptkitError(f"{folder}: weights are from step {step} but {CONFIG} says step {cfg.get('step')} "
                           "(a save was interrupted); restore from a backup or retrain")
-    load_state(model, state, source=str(path))
-    return model.to(device).eval(), cfg
+    return state
+
+
+def _base_weights(base: str, folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    if not (Path(base) / CONFIG).is_file():
+        raise GptkitError(f"{folder}: its base checkpoint {base} (extra.base in {CONFIG}) is missing; "
+                          "adapter checkpoints need their base (`gptkit merge-lora` makes a standalone one)")
+    base_model, _ = load_model(base)
+    return {k: v for k, v in base_model.state_dict().items() if k not in TIED}
+
+
+def attach_heads(model: GPT, heads: dict[str, list[int]]) -> None:
+    """Add Linear heads (in_features, out_features) as model.heads[name]; their weights load
+    and save under `heads.<name>.` like every other tensor."""
+    if heads:
+        model.heads = torch.nn.ModuleDict({name: torch.nn.Linear(*shape) for name, shape in heads.items()})
 
 
 def load_state(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
