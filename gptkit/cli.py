@@ -411,6 +411,115 @@ def serve(
     uvicorn.run(server_app, host=host, port=port, log_level="warning")
 
 
+# ---------------------------------------------------------------------------- fine-tuning and evaluation
+@app.command()
+def finetune(
+    base: Annotated[Path, typer.Argument(help="the checkpoint to start from")],
+    data: Annotated[list[str], typer.Argument(help="data files, each PATH or PATH@WEIGHT (several: a multi-task "
+                                                   "mixture). .jsonl with messages | prompt/completion | "
+                                                   "text/label | text records, or plain text")],
+    out: Annotated[Path, typer.Option(help="checkpoint folder to write")] = Path("runs/finetune"),
+    task: Annotated[str, typer.Option(help="auto | lm | classify: what the data must be")] = "auto",
+    val: Annotated[Optional[list[str]], typer.Option(help="a validation file per data file, in order "
+                                                          "(default: --val-fraction of each)")] = None,
+    val_fraction: Annotated[float, typer.Option(help="share of records held out for validation")] = 0.05,
+    skip_bad: Annotated[bool, typer.Option(help="skip malformed records (counted) instead of stopping")] = False,
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank; 0 = full fine-tuning")] = 0,
+    lora_alpha: Annotated[float, typer.Option(help="LoRA alpha (the update is scaled by alpha/rank)")] = 16.0,
+    lora_dropout: Annotated[float, typer.Option(help="dropout on the LoRA input")] = 0.0,
+    lora_targets: Annotated[str, typer.Option(help="comma-separated layers to adapt")] = "c_attn,c_proj,c_fc",
+    max_steps: Annotated[int, typer.Option(help="optimizer steps")] = 500,
+    batch_size: Annotated[int, typer.Option(help="examples per batch")] = 16,
+    grad_accum: Annotated[int, typer.Option(help="micro-batches per optimizer step")] = 1,
+    lr: Annotated[float, typer.Option(help="peak learning rate")] = 3e-4,
+    warmup_steps: Annotated[int, typer.Option(help="linear warmup steps")] = 20,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (matrices only)")] = 0.0,
+    eval_interval: Annotated[int, typer.Option(help="evaluate and checkpoint every N steps")] = 100,
+    eval_batches: Annotated[int, typer.Option(help="validation batches per task per evaluation")] = 10,
+    seed: Annotated[int, typer.Option(help="random seed")] = 1337,
+    resume: Annotated[bool, typer.Option(help="continue the run in --out where it stopped")] = False,
+) -> None:
+    """Fine-tune a checkpoint (full or LoRA) on chat, completion, classification or text data."""
+    from gptkit.config import TrainConfig
+    from gptkit.finetune import DataSpec, FinetuneConfig, finetune as run
+    from gptkit.lora import LoRAConfig
+
+    specs = [DataSpec.parse(d) for d in data]
+    if val:
+        if len(val) != len(specs):
+            _fail(f"{len(val)} --val file(s) for {len(specs)} data file(s): give one per data file, in order")
+        for spec, v in zip(specs, val):
+            spec.val = v
+    lora = LoRAConfig(lora_rank, lora_alpha, lora_dropout, tuple(lora_targets.split(","))) if lora_rank else None
+    cfg = TrainConfig(out_dir=str(out), max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                      min_lr=lr / 10, warmup_steps=warmup_steps, weight_decay=weight_decay,
+                      eval_interval=eval_interval, eval_batches=eval_batches, seed=seed)
+    ft = FinetuneConfig(task=task, lora=lora, val_fraction=val_fraction, skip_bad=skip_bad)
+    last = run(base, specs, cfg, ft, resume=resume, log=lambda m: typer.echo(m, err=True))
+    typer.echo(f"done: step {last.get('step')} loss {last.get('loss', float('nan')):.4f}"
+               + (f" val_loss {last['val_loss']:.4f}" if "val_loss" in last else "")
+               + f"; {last['method']}, {last['trainable_params']:,} trained parameters; checkpoint in {out}")
+
+
+@app.command("merge-lora")
+def merge_lora(
+    ckpt: Annotated[Path, typer.Argument(help="a LoRA checkpoint from `gptkit finetune --lora-rank R`")],
+    out: Annotated[Path, typer.Argument(help="folder for the standalone merged checkpoint")],
+) -> None:
+    """Fold LoRA adapters into their layers: a full checkpoint with identical outputs, no base needed."""
+    from gptkit.checkpoint import load_model, save_checkpoint
+    from gptkit.lora import merge_lora as merge
+    from gptkit.tokenizer import load_tokenizer
+
+    model, cfg = load_model(ckpt)
+    extra = dict(cfg.get("extra") or {})
+    if not extra.get("lora"):
+        _fail(f"{ckpt}: not a LoRA checkpoint (no extra.lora in config.json)")
+    n = merge(model)
+    extra = {k: v for k, v in extra.items() if k not in ("lora", "base")} | {"merged_from": str(ckpt)}
+    save_checkpoint(out, model, load_tokenizer(ckpt), step=cfg.get("step", 0), extra=extra)
+    typer.echo(f"merged {n} LoRA layers of {ckpt} into {out} ({_human(model.num_params())} params)")
+
+
+@app.command()
+def evaluate(
+    ckpt: Annotated[Path, typer.Argument(help="checkpoint folder")],
+    task: Annotated[str, typer.Option(help="perplexity | classify | qa | summarize | translate | code")],
+    data: Annotated[Path, typer.Option(help="a text file (perplexity) or a .jsonl of the task's records")],
+    out: Annotated[Optional[Path], typer.Option(help="JSON file for the results (default CKPT/eval-TASK.json)")] = None,
+    max_tokens: Annotated[int, typer.Option(help="longest generated answer in tokens")] = 64,
+    limit: Annotated[Optional[int], typer.Option(help="score only the first N records")] = None,
+    timeout: Annotated[float, typer.Option(help="seconds per program (code)")] = 10.0,
+) -> None:
+    """Score a checkpoint: perplexity/bpb, accuracy/macro-F1, EM/F1, ROUGE-L, BLEU/chrF or pass@1."""
+    from gptkit.evaluate import evaluate as run, format_table
+    from gptkit.fileio import atomic_write_json
+
+    result = run(ckpt, task, data, max_tokens=max_tokens, limit=limit, timeout=timeout,
+                 log=lambda m: typer.echo(m, err=True))
+    out = out or ckpt / f"eval-{task}.json"
+    atomic_write_json(out, result)
+    typer.echo(format_table(result))
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+def recipe(
+    name: Annotated[str, typer.Argument(help="arithmetic | docs | classify | multitask")],
+    out: Annotated[Path, typer.Option(help="folder for the recipe's data and checkpoints")] = Path("runs/recipes"),
+    base: Annotated[Optional[Path], typer.Option(help="docs: the base checkpoint (default runs/demo/model, "
+                                                      "else a small one is trained first)")] = None,
+    fast: Annotated[bool, typer.Option(help="a smaller, quicker version (what the tests run)")] = False,
+    seed: Annotated[int, typer.Option(help="random seed")] = 1337,
+) -> None:
+    """Prove learning end to end on locally generated data; the last line is one JSON object of metrics."""
+    from gptkit.recipes import run_recipe
+
+    metrics = run_recipe(name, out, base=str(base) if base else None, fast=fast, seed=seed,
+                         log=lambda m: typer.echo(m, err=True))
+    typer.echo(json.dumps(metrics))
+
+
 def _human(n: float) -> str:
     for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= div:
