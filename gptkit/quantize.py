@@ -75,7 +75,9 @@ def pack_linears(model: nn.Module) -> nn.Module:
 
 
 def _replace_linears(model: nn.Module, make) -> nn.Module:
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    # plain Linears only: a subclass (a LoRA layer) computes more than its weight, and replacing it
+    # would silently drop that part
+    targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
     for name, linear in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
