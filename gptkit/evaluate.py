@@ -199,9 +199,15 @@ def eos_ids(tokenizer) -> list[int]:
 def generate_all(model, tokenizer, prompts: list[list[int]], max_tokens: int = 64, stop: list[str] | None = None,
                  max_batch: int = 32) -> list[str]:
     """Greedy completions of many prompts through the engine (continuously batched). A prompt
-    too long for the context keeps its end."""
-    from gptkit.engine import Engine, completion_text
+    too long for the context keeps its end. The caller's model is left untouched: the engine
+    gets a copy with any LoRA adapters merged (it repacks layers in place)."""
+    import copy
 
+    from gptkit.engine import Engine, completion_text
+    from gptkit.lora import merge_lora
+
+    model = copy.deepcopy(model)
+    merge_lora(model)
     block = model.config.block_size
     max_tokens = min(max_tokens, block - 1)
     engine = Engine(model, max_batch=max(1, min(max_batch, len(prompts))), token_bytes=tokenizer.token_bytes,

@@ -16,7 +16,8 @@ from gptkit.cli import app
 from gptkit.config import GptkitError, ModelConfig, TrainConfig
 from gptkit.finetune import (DataSpec, Example, FinetuneConfig, TaskBatches, class_logits, encode_lm,
                              ensure_chat_tokens, finetune, read_records)
-from gptkit.lora import LoRAConfig, apply_lora, merge_lora
+from gptkit.evaluate import generate_all
+from gptkit.lora import LoRAConfig, LoRALinear, apply_lora, merge_lora
 from gptkit.model import GPT
 from gptkit.tokenizer import EOT, IM_END, IM_START, CharTokenizer, load_tokenizer, render_chat
 
@@ -218,6 +219,10 @@ def test_lora_trains_and_saves_only_adapters_and_merge_lora_matches(tmp_path, ba
     assert "lora" not in mcfg["extra"] and "base" not in mcfg["extra"]
     assert not any("lora" in k for k in load_file(str(tmp_path / "merged" / "model.safetensors")))
     assert torch.allclose(merged(x), tuned(x), atol=1e-5)
+    tok = load_tokenizer(out)
+    prompts = [tok.encode(q["prompt"]) for q in QA[:4]]
+    assert generate_all(tuned, tok, prompts, 6) == generate_all(merged, tok, prompts, 6)
+    assert any(isinstance(m, LoRALinear) for m in tuned.modules())  # generation left the model as it was
 
 
 # ---------------------------------------------------------------------------- multi-task
