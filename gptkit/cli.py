@@ -382,12 +382,13 @@ def _model_specs(ckpt: Path, name: Optional[str], extra: list[str]) -> list[tupl
 @app.command()
 def serve(
     ckpt: Annotated[Path, typer.Argument(help="checkpoint folder of the first model")],
-    name: Annotated[Optional[str], typer.Option(help="the model name clients send for CKPT (default: its folder name)")] = None,
-    model: Annotated[Optional[list[str]], typer.Option("--model", help="another model to serve, as NAME=CKPT (repeatable)")] = None,
+    name: Annotated[Optional[str], typer.Option(help="model name for CKPT (default: its folder)")] = None,
+    model: Annotated[Optional[list[str]], typer.Option("--model", help="another model, NAME=CKPT (repeatable)")] = None,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
-    api_key: Annotated[Optional[str], typer.Option(envvar="GPTKIT_API_KEY", show_envvar=True,
-                                                   help="require `Authorization: Bearer KEY` (/health and /metrics stay open)")] = None,
+    api_key: Annotated[Optional[str], typer.Option(
+        envvar="GPTKIT_API_KEY", show_envvar=True,
+        help="require `Authorization: Bearer KEY` (/health and /metrics stay open)")] = None,
     max_batch: Annotated[int, typer.Option(help="sequences decoded together per model")] = 8,
     max_queue: Annotated[int, typer.Option(help="requests waiting for a slot per model before 429")] = 64,
     max_body: Annotated[int, typer.Option(help="largest request body in bytes (413 above)")] = 4 * 2**20,

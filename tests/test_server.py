@@ -319,7 +319,8 @@ def test_http_level_errors_and_the_server_keeps_serving(server):
 # ------------------------------------------------------------------------------------ tokenizer endpoints
 def test_tokenize_detokenize_tokenizer_info(server, ckpt):
     tok = load_tokenizer(ckpt)
-    r = httpx.post(f"{server}/tokenize", json={"prompt": "我有一个梦想", "add_special_tokens": False}, headers=auth())
+    r = httpx.post(f"{server}/tokenize", json={"prompt": "我有一个梦想", "add_special_tokens": False},
+                   headers=auth())
     assert r.json()["tokens"] == tok.encode("我有一个梦想") and r.json()["max_model_len"] == CONTEXT
     r = httpx.post(f"{server}/detokenize", json={"tokens": tok.encode("def add")}, headers=auth())
     assert r.json() == {"prompt": "def add"}

@@ -256,11 +256,15 @@ async def _sse(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
         async for chunk in chunks:
             yield f"data: {chunk.model_dump_json()}\n\n"
     except APIError as e:
-        yield f"data: {S.ErrorResponse(**error_body(e.status_code, e.detail, e.param, e.code)).model_dump_json()}\n\n"
+        yield _error_event(error_body(e.status_code, e.detail, e.param, e.code))
     except Exception as e:
         log.exception("error while streaming")
-        yield f"data: {S.ErrorResponse(**error_body(500, f'internal server error ({type(e).__name__})')).model_dump_json()}\n\n"
+        yield _error_event(error_body(500, f"internal server error ({type(e).__name__})"))
     yield "data: [DONE]\n\n"
+
+
+def _error_event(body: dict) -> str:
+    return f"data: {S.ErrorResponse(**body).model_dump_json()}\n\n"
 
 
 def sample_config(body: S.SamplingRequest, max_tokens: int, logprobs: int | None) -> SampleConfig:
@@ -388,8 +392,8 @@ async def chat_completions(server: Server, body: S.ChatCompletionRequest) -> S.C
     ids, _ = render_chat(served.tokenizer, messages)
     # default: the rest of the context (at least 1, so a full context is a 400 naming both numbers)
     max_tokens = body.max_completion_tokens or body.max_tokens or max(served.context - len(ids), 1)
-    gen = server.generate(served, [ids], sample_config(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None),
-                          body.n)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    gen = server.generate(served, [ids], sample_config(body, max_tokens, logprobs), body.n)
     head = _head("chatcmpl", served)
     if body.stream:
         return EventStream(_chat_chunks(gen, head, body), gen)
@@ -401,7 +405,8 @@ async def chat_completions(server: Server, body: S.ChatCompletionRequest) -> S.C
         for i, c in enumerate(choices)])
 
 
-async def _chat_chunks(gen: Generation, head: dict, body: S.ChatCompletionRequest) -> AsyncIterator[S.ChatCompletionChunk]:
+async def _chat_chunks(gen: Generation, head: dict,
+                       body: S.ChatCompletionRequest) -> AsyncIterator[S.ChatCompletionChunk]:
     def chunk(i: int, delta: S.ChatDelta, finish: str | None = None, lp: S.ChatLogprobs | None = None):
         return S.ChatCompletionChunk(**head, choices=[S.ChatChunkChoice(index=i, delta=delta, finish_reason=finish,
                                                                         logprobs=lp)])

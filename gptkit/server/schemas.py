@@ -54,7 +54,8 @@ class SamplingRequest(Request):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="gptkit extension (send it in extra_body); 0 is off")
     n: int = Field(1, ge=1, le=MAX_N)
-    stop: Union[str, list[str], None] = Field(None, validate_default=True, description=f"up to {MAX_STOP} strings, never in the output")
+    stop: Union[str, list[str], None] = Field(None, validate_default=True,
+                                              description=f"up to {MAX_STOP} strings, never in the output")
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
