@@ -385,7 +385,10 @@ class Engine:
                     self._wake.wait()
                 if self._stopping:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception:  # step() already failed the requests in flight; keep serving
+                pass
 
     def _drive_until(self, done: threading.Event, timeout: float | None) -> None:
         """Wait for `done`, running scheduler steps in this thread when no scheduler thread runs."""

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from gptkit.config import GptkitError
 
 METHODS = ("int8",)
+PACK_BATCH_HINT = 8
 
 
 class Int8Linear(nn.Module):
@@ -51,7 +52,7 @@ class PackedLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)  # opaque layout
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), PACK_BATCH_HINT)  # opaque layout
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
