@@ -50,8 +50,9 @@ class Scale:
         vocab_size=512, block_size=96, n_layer=3, n_head=4, n_embd=96))
     base_steps: int = 4000
     base_batch_size: int = 16  # windows of block_size characters: about 10 equations each
-    task_steps: int = 800
-    lora_steps: int = 1200
+    task_steps: int = 2000  # arithmetic QA
+    class_steps: int = 800
+    lora_steps: int = 2500
     batch_size: int = 32
     docs_steps: int = 400
     test_size: int = 400
@@ -60,7 +61,7 @@ class Scale:
 
 FULL = Scale()
 FAST = Scale(max_operand=20, model=ModelConfig(vocab_size=512, block_size=64, n_layer=2, n_head=2, n_embd=64),
-             base_steps=600, base_batch_size=16, task_steps=300, lora_steps=300, batch_size=32, docs_steps=150,
+             base_steps=600, base_batch_size=16, task_steps=300, class_steps=300, lora_steps=300, batch_size=32, docs_steps=150,
              test_size=60)
 
 
@@ -225,7 +226,7 @@ def _cls_files(out: Path, train_docs: list, seed: int) -> DataSpec:
 
 def _run_full_qa(out, base, pairs, scale, seed, log) -> dict:
     spec = _qa_files(out, pairs[0], seed)
-    r = finetune(base, [spec], train_cfg(out / "arithmetic_full", scale.task_steps, scale, seed, 1e-3), log=log)
+    r = finetune(base, [spec], train_cfg(out / "arithmetic_full", scale.task_steps, scale, seed, 2e-3), log=log)
     return {"exact_match": sum_exact_match(out / "arithmetic_full", pairs[1], scale.test_size),
             "trainable_params": r["trainable_params"], "total_params": r["total_params"]}
 
@@ -241,7 +242,7 @@ def _run_lora_qa(out, base, pairs, scale, seed, log) -> dict:
 
 def _run_classify(out, base, docs, scale, seed, log) -> dict:
     spec = _cls_files(out, docs[0], seed)
-    finetune(base, [spec], train_cfg(out / "classify", scale.task_steps, scale, seed, 1e-3),
+    finetune(base, [spec], train_cfg(out / "classify", scale.class_steps, scale, seed, 1e-3),
              FinetuneConfig(task="classify"), log=log)
     return docstring_accuracy(out / "classify", docs[1])
 
@@ -268,8 +269,10 @@ def multitask(out: Path, scale: Scale, seed: int, log: Log, **_) -> dict:
     single_qa = _cached(out / "results" / "arithmetic_full.json", lambda: _run_full_qa(out, base, pairs, scale, seed, log))
     single_cls = _cached(out / "results" / "classify.json", lambda: _run_classify(out, base, docs, scale, seed, log))
     specs = [_qa_files(out, pairs[0], seed), _cls_files(out, docs[0], seed)]
-    # twice the steps of one single-task run: each task gets about as many batches as it had alone
-    finetune(base, specs, train_cfg(out / "multitask", 2 * scale.task_steps, scale, seed, 1e-3), log=log)
+    # the single runs' steps added up, sampled in that ratio: each task gets about as many batches as alone
+    specs[0].weight, specs[1].weight = scale.task_steps, scale.class_steps
+    steps = scale.task_steps + scale.class_steps
+    finetune(base, specs, train_cfg(out / "multitask", steps, scale, seed, 2e-3), log=log)
     em = sum_exact_match(out / "multitask", pairs[1], scale.test_size)
     acc = docstring_accuracy(out / "multitask", docs[1])
     return {"recipe": "multitask", "exact_match": em, "single_task_exact_match": single_qa["exact_match"],
