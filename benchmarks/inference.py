@@ -74,6 +74,8 @@ def best_time(fn, repeats: int = REPEATS) -> float:
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
+        if torch.cuda.is_available():  # kernels run asynchronously: wait for them
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     return min(times)
 
@@ -153,6 +155,11 @@ def child(args) -> None:
 
 
 def peak_rss_mib() -> float:
+    """This process's peak RSS. VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the
+    parent through fork and exec, so every child would report at least the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
