@@ -78,7 +78,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
     say(f"done in {(time.perf_counter() - t0) / 60:.1f} min. Checkpoint: {ckpt}\nnext:\n"
         f"  .venv/bin/gptkit generate {ckpt} -p 'import os' --max-tokens 100\n"
         f"  .venv/bin/gptkit serve {ckpt}            # OpenAI-compatible API on 127.0.0.1:8000\n"
-        f"  .venv/bin/gptkit recipe docs-assistant   # chat-tune it on stdlib docstrings\n"
+        f"  .venv/bin/gptkit recipe docs             # chat-tune it on stdlib docstrings\n"
         f"  .venv/bin/gptkit export-hf {ckpt} runs/demo/hf   # load it with transformers")
     return {"val_loss_before": before["val_loss"], "val_loss_after": after["val_loss"], "samples": samples,
             "checkpoint": str(ckpt), "minutes": (time.perf_counter() - t0) / 60}
