@@ -16,8 +16,17 @@ import typer.core
 
 from gptkit.config import GptkitError
 
+# `gptkit --help` lists the commands in the order of the pipeline, not of this file.
+ORDER = ["demo", "info", "train-tokenizer", "prepare", "pretrain", "generate", "finetune", "merge-lora",
+         "chat", "evaluate", "serve", "import-hf", "export-hf", "recipe"]
+
+
 class _Commands(typer.core.TyperGroup):
     """Every command turns a GptkitError (a user mistake) into one line and exit code 2."""
+
+    def list_commands(self, ctx):
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))
 
     def invoke(self, ctx):
         try:
@@ -181,7 +190,7 @@ def _engine_for(ckpt: Path, max_batch: int = 8, quantize: Optional[str] = None, 
     eos = [i for t in ("<|endoftext|>", IM_END) if (i := tokenizer.special_id(t)) is not None]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     engine = Engine(model, max_batch=max_batch, token_bytes=tokenizer.token_bytes, eos_ids=eos,
-                    dtype=getattr(torch, dtype), quantize=quantize, device=device)
+                    dtype=getattr(torch, dtype), quantize=quantize, device=device, vocab_size=tokenizer.vocab_size)
     return engine, tokenizer
 
 

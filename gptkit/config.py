@@ -26,6 +26,10 @@ class ModelConfig:
     n_embd: int = 768
     # options
     pos_encoding: Literal["learned", "sinusoidal"] = "learned"
+    # "gelu" is the exact (erf) GELU, "gelu_tanh" GPT-2's tanh approximation. The exact one is
+    # the default because torch's CPU kernel for it is ~5x faster (fwd+bwd 0.34 vs 1.6 ms on a
+    # 768x512 activation here); GPT-2/GPT-3 presets and imported GPT-2 models use "gelu_tanh".
+    activation: Literal["gelu", "gelu_tanh"] = "gelu"
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2
     layer_norm_eps: float = 1e-5
@@ -35,6 +39,8 @@ class ModelConfig:
             raise GptkitError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.pos_encoding not in ("learned", "sinusoidal"):
             raise GptkitError(f"pos_encoding={self.pos_encoding!r}: expected 'learned' or 'sinusoidal'")
+        if self.activation not in ("gelu", "gelu_tanh"):
+            raise GptkitError(f"activation={self.activation!r}: expected 'gelu' or 'gelu_tanh'")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) <= 0:
                 raise GptkitError(f"{name}={getattr(self, name)} must be positive")
@@ -56,11 +62,13 @@ class ModelConfig:
 
 
 def _gpt2(n_layer: int, n_head: int, n_embd: int) -> ModelConfig:
-    return ModelConfig(vocab_size=50257, block_size=1024, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    return ModelConfig(vocab_size=50257, block_size=1024, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                       activation="gelu_tanh")
 
 
 def _gpt3(n_layer: int, n_embd: int, n_head: int) -> ModelConfig:
-    return ModelConfig(vocab_size=50257, block_size=2048, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    return ModelConfig(vocab_size=50257, block_size=2048, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                       activation="gelu_tanh")
 
 
 PRESETS: dict[str, ModelConfig] = {

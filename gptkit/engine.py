@@ -269,7 +269,9 @@ class Engine:
     def __init__(self, model: GPT, *, max_batch: int = 8, max_cached_tokens: int | None = None,
                  token_bytes: Callable[[int], bytes] | None = None, eos_ids: Sequence[int] = (),
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 quantize: str | None = None):
+                 quantize: str | None = None, vocab_size: int | None = None):
+        """vocab_size: how many ids the tokenizer can decode, when fewer than the model's
+        (a vocabulary padded for speed, or an imported model's): the rest are never sampled."""
         if max_batch < 1:
             raise GptkitError(f"max_batch={max_batch} must be at least 1")
         self.model = prepare_model(model, device=device, dtype=dtype, quantize=quantize)
@@ -278,6 +280,7 @@ class Engine:
         self.max_batch = max_batch
         self.max_cached_tokens = max_cached_tokens or max_batch * self.config.block_size
         self.token_bytes, self.eos_ids = token_bytes, set(eos_ids)
+        self.vocab_limit = min(vocab_size or self.config.vocab_size, self.config.vocab_size)
         cache_dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
         self.cache = KVCache.allocate(self.config, max_batch, dtype=cache_dtype, device=self.device)
         self._rows: list[_Row] = []
@@ -452,7 +455,7 @@ class Engine:
     def _sample_and_emit(self, logits: torch.Tensor, start: int) -> None:
         """Sample for rows start.. (one logits row each), emit their events, drop finished rows."""
         rows = self._rows[start:]
-        logits = logits.float()
+        logits = logits[:, :self.vocab_limit].float()  # ids the tokenizer cannot decode are never drawn
         tokens = sample(logits, rows)
         k = max((r.params.logprobs or 0) for r in rows)
         want_lp = [r.params.logprobs is not None for r in rows]

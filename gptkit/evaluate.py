@@ -211,7 +211,7 @@ def generate_all(model, tokenizer, prompts: list[list[int]], max_tokens: int = 6
     block = model.config.block_size
     max_tokens = min(max_tokens, block - 1)
     engine = Engine(model, max_batch=max(1, min(max_batch, len(prompts))), token_bytes=tokenizer.token_bytes,
-                    eos_ids=eos_ids(tokenizer))
+                    eos_ids=eos_ids(tokenizer), vocab_size=tokenizer.vocab_size)
     params = SampleConfig(max_tokens=max_tokens, temperature=0.0, stop=list(stop or []))
     handles = [engine.submit(p[-(block - max_tokens):], params) for p in prompts]
     return [completion_text(tokenizer, h.result()[0]) for h in handles]

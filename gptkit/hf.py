@@ -59,11 +59,14 @@ CONFIG_MAP = {
     "n_embd": "n_embd",
     "layer_norm_epsilon": "layer_norm_eps",
 }
+# GPT-2 activation_function -> ModelConfig.activation (gelu_new and gelu_pytorch_tanh both
+# compute the tanh approximation; "gelu" is the exact erf GELU), and back for export.
+ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+EXPORT_ACTIVATIONS = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
 # GPT-2 options our model implements one way only: field -> the values that mean that way.
-# Our MLP uses the tanh approximation of GELU, which is what gelu_new and gelu_pytorch_tanh compute.
 REQUIRED = {
     "model_type": ("gpt2",),
-    "activation_function": ("gelu_new", "gelu_pytorch_tanh"),
+    "activation_function": tuple(ACTIVATIONS),
     "n_inner": (None,),  # None means 4 * n_embd, our MLP width
     "scale_attn_weights": (True,),
     "scale_attn_by_inverse_layer_idx": (False,),
@@ -74,7 +77,6 @@ REQUIRED = {
 EXPORT_FIXED = {
     "model_type": "gpt2",
     "architectures": ["GPT2LMHeadModel"],
-    "activation_function": "gelu_new",
     "n_inner": None,
     "scale_attn_weights": True,
     "scale_attn_by_inverse_layer_idx": False,
@@ -157,7 +159,8 @@ def config_from_hf(hf: dict, source: str) -> ModelConfig:
         raise GptkitError(f"{source}: missing field(s) {', '.join(absent)}")
     # Dropout is a training choice, not part of the weights; start from 0 as for inference
     # (GPT-2's three dropout rates have no single counterpart anyway).
-    return ModelConfig(**{ours: hf[theirs] for theirs, ours in CONFIG_MAP.items()}, dropout=0.0)
+    return ModelConfig(**{ours: hf[theirs] for theirs, ours in CONFIG_MAP.items()}, dropout=0.0,
+                       activation=ACTIVATIONS[hf.get("activation_function", "gelu_new")])
 
 
 def config_to_hf(cfg: ModelConfig, eot_id: int | None) -> dict:
@@ -166,7 +169,7 @@ def config_to_hf(cfg: ModelConfig, eot_id: int | None) -> dict:
         raise GptkitError(f"pos_encoding={cfg.pos_encoding!r} has no GPT-2 equivalent "
                           "(GPT-2 learns its positions); only pos_encoding='learned' exports")
     out = {theirs: getattr(cfg, ours) for theirs, ours in CONFIG_MAP.items()}
-    out.update(EXPORT_FIXED, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+    out.update(EXPORT_FIXED, activation_function=EXPORT_ACTIVATIONS[cfg.activation], resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
                bos_token_id=eot_id, eos_token_id=eot_id)
     return out
 

@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,12 +226,17 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig, tokenizer=None, *, los
             record(last)
         progress.update(1)
         progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
+        if progress.disable and cfg.progress and dist_info.master and done % max(1, cfg.max_steps // 10) == 0:
+            eta = elapsed / (done - start_step) * (end_step - done)
+            log(f"step {done}/{cfg.max_steps}: loss {loss_value:.4f}, lr {lr:.2e}, {tok_s:,.0f} tokens/s, "
+                f"ETA {eta:.0f}s")
         is_eval = cfg.eval_interval > 0 and (done % cfg.eval_interval == 0 or done == cfg.max_steps)
         if is_eval:
             ev = evaluate(raw, data, loss_fn, amp, dist_info, bpt)
             record({"step": done, **ev})
             last.update(ev)
-            progress.write(_format_eval(done, ev)) if dist_info.master else None
+            if dist_info.master:  # above the bar when there is one
+                (log if progress.disable else progress.write)(_format_eval(done, ev))
         if is_eval or done == end_step or (cfg.ckpt_interval and done % cfg.ckpt_interval == 0):
             checkpoint(done)
     progress.close()
@@ -271,8 +277,9 @@ def _read_history(path: Path) -> list[dict]:
 def _progress(start: int, cfg: TrainConfig, dist_info: Dist):
     from tqdm.auto import tqdm
 
+    # Off when stderr is not a terminal (logs, CI): the loop then logs a plain line every 10%.
     return tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
-                disable=not (cfg.progress and dist_info.master), mininterval=0.5)
+                disable=not (cfg.progress and dist_info.master and sys.stderr.isatty()), mininterval=0.5)
 
 
 def _plot(history: list[dict], path: Path) -> None:

@@ -166,6 +166,18 @@ def test_seeded_sampling_is_reproducible(model, tok):
     assert other[0].token_ids != a[0].token_ids
 
 
+def test_ids_beyond_the_tokenizer_are_never_sampled(model, tok):
+    """A model vocabulary wider than the tokenizer's (padded, or an imported model's): the engine
+    samples only ids the tokenizer can decode, at any temperature."""
+    prompt = prompts(tok)[1]
+    limit = tok.vocab_size - 5
+    wild = SampleConfig(max_tokens=60, temperature=5.0, seed=3)
+    free = engine(model).generate(prompt, wild, n=4)
+    assert any(t >= limit for c in free for t in c.token_ids)  # the test can fail: such ids do come up
+    capped = engine(model, vocab_size=limit).generate(prompt, wild, n=4)
+    assert all(t < limit for c in capped for t in c.token_ids)
+
+
 def test_top_k_1_and_tiny_top_p_are_greedy(model, tok):
     prompt = prompts(tok)[0]
     expected = reference_greedy(model, prompt, 12)

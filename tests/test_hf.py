@@ -3,6 +3,7 @@ logits, greedy samples and tokenizer ids with transformers. Everything is built 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -208,23 +209,52 @@ def test_export_of_an_import_restores_the_weights_and_logits(tmp_path, imported,
     assert diff <= TOL
 
 
+def native_ckpt_with(folder: Path, bpe, activation: str) -> Path:
+    """A gptkit-built model (bias=False, so the zero-bias fallback is exercised) with its tokenizer.
+    Weights are scaled to std ~0.3 so that the two GELUs give logits far more than TOL apart."""
+    torch.manual_seed(6)
+    cfg = ModelConfig(vocab_size=bpe.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32, bias=False,
+                      activation=activation)
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(15)
+    return save_checkpoint(folder, model, bpe)
+
+
 @pytest.fixture(scope="module")
 def native_ckpt(tmp_path_factory, bpe) -> Path:
-    """A gptkit-built model (bias=False, so the zero-bias fallback is exercised) with its tokenizer."""
-    torch.manual_seed(6)
-    cfg = ModelConfig(vocab_size=bpe.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32, bias=False)
-    return save_checkpoint(tmp_path_factory.mktemp("native"), GPT(cfg).eval(), bpe)
+    return native_ckpt_with(tmp_path_factory.mktemp("native"), bpe, "gelu")
 
 
-def test_export_native_model_loads_in_transformers_with_equal_logits(tmp_path, native_ckpt):
-    export_hf(native_ckpt, tmp_path / "hf")
+@pytest.mark.parametrize("activation,hf_name", [("gelu", "gelu"), ("gelu_tanh", "gelu_new")])
+def test_export_native_model_loads_in_transformers_with_equal_logits(tmp_path, bpe, activation, hf_name):
+    ckpt = native_ckpt_with(tmp_path / "ckpt", bpe, activation)
+    export_hf(ckpt, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["activation_function"] == hf_name
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert type(reloaded).__name__ == "GPT2LMHeadModel"
-    model = load_model(native_ckpt)[0]
+    model = load_model(ckpt)[0]
     idx = torch.randint(0, model.config.vocab_size, (3, 64), generator=torch.Generator().manual_seed(7))
     diff = max_diff(hf_logits(reloaded, idx), gptkit_logits(model, idx))
-    print(f"export native: max abs logit diff {diff:.2e}")
+    print(f"export native ({activation}): max abs logit diff {diff:.2e}")
     assert diff <= TOL
+    # the test can tell the two activations apart: the other GELU is far off
+    other = GPT(dataclasses.replace(model.config, activation="gelu_tanh" if activation == "gelu" else "gelu"))
+    other.load_state_dict(model.state_dict())
+    assert max_diff(gptkit_logits(other.eval(), idx), gptkit_logits(model, idx)) > 100 * TOL
+
+
+def test_import_exact_gelu_model_matches_transformers(tmp_path, hf_dir):
+    src = _copy_with_weights(tmp_path, hf_dir, lambda s: s)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "activation_function": "gelu"}))
+    import_hf(src, tmp_path / "out")
+    model = load_model(tmp_path / "out")[0]
+    assert model.config.activation == "gelu"
+    reference = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
+    idx = torch.randint(0, VOCAB, (2, 128), generator=torch.Generator().manual_seed(8))
+    assert max_diff(hf_logits(reference, idx), gptkit_logits(model, idx)) <= TOL
 
 
 def test_exported_tokenizer_encodes_mixed_text_to_the_same_ids(tmp_path, native_ckpt, bpe):
