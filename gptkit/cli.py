@@ -218,15 +218,20 @@ def generate(
     engine, tokenizer = _engine_for(ckpt, max_batch=max(n, 1), quantize=quantize, dtype=dtype)
     ids = tokenizer.encode(prompt)
     room = engine.config.block_size - max_tokens
-    if len(ids) > room and truncate:
+    if len(ids) > room:
         if room < 1:
             _fail(f"max_tokens {max_tokens} leaves no room for a prompt in the context of {engine.config.block_size}")
+        if not truncate:
+            _fail(f"prompt of {len(ids)} tokens + max_tokens {max_tokens} = {len(ids) + max_tokens} > context "
+                  f"{engine.config.block_size}; --truncate keeps the prompt's last {room} tokens")
         ids = ids[-room:]
     params = SampleConfig(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                           stop=list(stop or []), seed=seed)
     streams = [TextStream(tokenizer, params.stop) for _ in range(n)]
     handle = engine.submit(ids, params, n=n)
     outputs = [""] * n
+    if n == 1:  # the prompt, then the continuation as it is generated
+        sys.stdout.write(tokenizer.decode(ids))
     for event in handle:
         delta = streams[event.index].push(event)
         outputs[event.index] += delta
