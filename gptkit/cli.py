@@ -150,11 +150,9 @@ def import_hf(
     from gptkit.hf import import_hf as run
 
     s = run(src, out)
-    if json_out:
-        typer.echo(json.dumps(s))
-        return
-    typer.echo(f"imported {s['source']}: {s['n_layer']} layers, n_embd {s['n_embd']}, vocab {s['vocab_size']}, "
-               f"{_human(s['params'])} params, tokenizer {s['tokenizer_vocab']} tokens -> {s['out']}")
+    _summary(s, json_out, f"imported {s['source']}: {s['n_layer']} layers, n_embd {s['n_embd']}, "
+                          f"vocab {s['vocab_size']}, {_human(s['params'])} params, "
+                          f"tokenizer {s['tokenizer_vocab']} tokens -> {s['out']}")
 
 
 @app.command("export-hf")
@@ -167,11 +165,14 @@ def export_hf(
     from gptkit.hf import export_hf as run
 
     s = run(ckpt, out)
-    if json_out:
-        typer.echo(json.dumps(s))
-        return
-    typer.echo(f"exported {ckpt} -> {s['out']}: GPT2LMHeadModel, {s['tensors']} tensors, {_human(s['params'])} params, "
-               f"vocab {s['vocab_size']}; tokenizer {s['tokenizer_vocab']} tokens, eos {s['eos_token']}")
+    _summary(s, json_out, f"exported {ckpt} -> {s['out']}: GPT2LMHeadModel, {s['tensors']} tensors, "
+                          f"{_human(s['params'])} params, vocab {s['vocab_size']}; tokenizer {s['tokenizer_vocab']} "
+                          f"tokens, eos {s['eos_token']}")
+
+
+def _summary(s: dict, json_out: bool, line: str) -> None:
+    """A command's result: one human line, or (--json) the whole summary as JSON."""
+    typer.echo(json.dumps(s) if json_out else line)
 
 
 # ---------------------------------------------------------------------------- generate / chat

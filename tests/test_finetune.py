@@ -134,6 +134,43 @@ def test_chat_finetune_stores_the_template_and_renders_as_chat_and_serve(tmp_pat
     assert learned == "hello 0" + IM_END
 
 
+def test_chat_command_keeps_history_and_handles_reset_system_exit(tmp_path):
+    """`gptkit chat`: each reply is the engine's greedy answer to the whole conversation so far,
+    rendered with the stored template; /reset forgets the turns, /system sets the system message."""
+    from gptkit.config import SampleConfig
+    from gptkit.engine import Engine, completion_text
+
+    folder = make_base(tmp_path / "b", specials=[EOT], block_size=256)
+    out = tmp_path / "chat"
+    finetune(folder, [DataSpec(write_jsonl(tmp_path / "c.jsonl", CHAT))], train_cfg(out), log=lambda m: None)
+    model, _ = load_model(out)
+    tok = load_tokenizer(out)
+    with torch.no_grad():  # larger weights than a few steps give: replies that depend on the whole prompt
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(6.0)
+    save_checkpoint(out, model, tok)
+    engine = Engine(model, token_bytes=tok.token_bytes, eos_ids=[tok.special_id(IM_END)])
+
+    def reply(messages):
+        ids, _ = render_chat(tok, messages)
+        return completion_text(tok, engine.generate(ids, SampleConfig(max_tokens=8, temperature=0.0))[0])
+
+    r = CliRunner().invoke(app, ["chat", str(out), "--temperature", "0", "--max-tokens", "8"],
+                           input="hi 1\nhi 2\n/reset\nhi 2\n/system be brief\nhi 3\n/exit\nnever read\n")
+    assert r.exit_code == 0, r.output
+    first = reply([{"role": "user", "content": "hi 1"}])
+    second = reply([{"role": "user", "content": "hi 1"}, {"role": "assistant", "content": first},
+                    {"role": "user", "content": "hi 2"}])
+    fresh = reply([{"role": "user", "content": "hi 2"}])
+    system = reply([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi 2"},
+                    {"role": "assistant", "content": fresh}, {"role": "user", "content": "hi 3"}])
+    replies = [line.split("model> ", 1)[1] for line in r.output.splitlines() if "model> " in line]
+    assert replies == [first, second, fresh, system]
+    assert len({first, second, system}) == 3  # the history changes the answer: the test can fail
+    assert "(history cleared)" in r.output and "(system message set)" in r.output
+
+
 # ---------------------------------------------------------------------------- padding
 def test_right_padding_changes_nothing_for_real_tokens(base):
     model, _ = load_model(base)
