@@ -233,9 +233,10 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig, tokenizer=None, *, los
         is_eval = cfg.eval_interval > 0 and (done % cfg.eval_interval == 0 or done == cfg.max_steps)
         if is_eval:
             ev = evaluate(raw, data, loss_fn, amp, dist_info, bpt)
-            record({"step": done, **ev})
-            last.update(ev)
-            if dist_info.master:  # above the bar when there is one
+            if ev:  # empty when there is no validation data
+                record({"step": done, **ev})
+                last.update(ev)
+            if ev and dist_info.master:  # above the bar when there is one
                 (log if progress.disable else progress.write)(_format_eval(done, ev))
         if is_eval or done == end_step or (cfg.ckpt_interval and done % cfg.ckpt_interval == 0):
             checkpoint(done)
