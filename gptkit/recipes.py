@@ -61,7 +61,7 @@ class Scale:
 
 FULL = Scale()
 FAST = Scale(max_operand=20, model=ModelConfig(vocab_size=512, block_size=64, n_layer=2, n_head=2, n_embd=64),
-             base_steps=600, base_batch_size=16, task_steps=300, class_steps=300, lora_steps=300, batch_size=32, docs_steps=150,
+             base_steps=600, base_batch_size=16, task_steps=500, class_steps=300, lora_steps=300, batch_size=32, docs_steps=150,
              test_size=60)
 
 
