@@ -399,6 +399,24 @@ def test_client_leaving_mid_stream_frees_its_slot(gated):
     assert metric(gated.url, "gptkit_generated_tokens_total", model="gated") < 100
 
 
+def test_client_leaving_a_non_streaming_request_cancels_it(gated):
+    before = metric(gated.url, "gptkit_cancelled_requests_total", model="gated")
+    body = {"model": "gated", "prompt": "The quick", "max_tokens": 100}
+    gated.gate.clear()  # the engine cannot step: the request waits in the queue until cancelled
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            gone = pool.submit(httpx.post, f"{gated.url}/v1/completions", json=body, timeout=1.0)
+            wait_until(lambda: gated.engine.queued == 1)
+            with pytest.raises(httpx.TimeoutException):
+                gone.result()  # the client gives up and closes the connection
+            wait_until(lambda: gated.engine.queued == 0)  # the gate is still closed: the server cancelled it
+    finally:
+        gated.gate.set()
+    assert gated.engine.running == 0
+    assert metric(gated.url, "gptkit_cancelled_requests_total", model="gated") == before + 1
+    assert httpx.post(f"{gated.url}/v1/completions", json={**body, "max_tokens": 4}).status_code == 200
+
+
 def test_full_queue_is_429_with_retry_after(gated):
     body = {"model": "gated", "prompt": "The quick", "max_tokens": 4}
     gated.gate.clear()  # requests wait in the queue until the gate opens

@@ -19,9 +19,9 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Iterable
+from typing import Any, AsyncIterator, Awaitable, Iterable
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
@@ -34,6 +34,7 @@ from gptkit.server.errors import APIError, error_body, error_response, install_h
 from gptkit.server.metrics import Metrics, RequestMetrics
 from gptkit.tokenizer import EOT, ChatTemplate, Tokenizer, render_chat
 
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 OPEN_PATHS = {"/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 ERROR_RESPONSES = {s: {"model": S.ErrorResponse} for s in (400, 401, 404, 413, 429)}
 SSE_RESPONSE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
@@ -505,6 +506,20 @@ def create_app(models: list[ServedModel], config: ServerConfig | None = None) ->
     return app
 
 
+async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """Await a request's work, but cancel it (its samples leave the queue or the batch at once)
+    when the client goes away first. A stream returns at once and is watched by EventStream."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
+
+
 def _routes(server: Server) -> APIRouter:
     router = APIRouter()
     v1 = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
@@ -518,12 +533,12 @@ def _routes(server: Server) -> APIRouter:
         return server.model(model_id).card()
 
     @v1.post("/completions", response_model=S.Completion, responses=SSE_RESPONSE)
-    async def create_completion(body: S.CompletionRequest):
-        return await completions(server, body)
+    async def create_completion(body: S.CompletionRequest, request: Request):
+        return await _unless_disconnected(request, completions(server, body))
 
     @v1.post("/chat/completions", response_model=S.ChatCompletion, responses=SSE_RESPONSE)
-    async def create_chat_completion(body: S.ChatCompletionRequest):
-        return await chat_completions(server, body)
+    async def create_chat_completion(body: S.ChatCompletionRequest, request: Request):
+        return await _unless_disconnected(request, chat_completions(server, body))
 
     @router.get("/health", response_model=S.Health)
     async def health() -> S.Health:
