@@ -58,7 +58,8 @@ class ModelConfig:
         unknown = set(d) - known
         if unknown:
             raise GptkitError(f"unknown model config field(s): {', '.join(sorted(unknown))}")
-        return cls(**d)
+        # Checkpoints written before `activation` existed were all trained with the tanh GELU.
+        return cls(**{"activation": "gelu_tanh", **d})
 
 
 def _gpt2(n_layer: int, n_head: int, n_embd: int) -> ModelConfig:

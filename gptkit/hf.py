@@ -169,8 +169,8 @@ def config_to_hf(cfg: ModelConfig, eot_id: int | None) -> dict:
         raise GptkitError(f"pos_encoding={cfg.pos_encoding!r} has no GPT-2 equivalent "
                           "(GPT-2 learns its positions); only pos_encoding='learned' exports")
     out = {theirs: getattr(cfg, ours) for theirs, ours in CONFIG_MAP.items()}
-    out.update(EXPORT_FIXED, activation_function=EXPORT_ACTIVATIONS[cfg.activation], resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
-               bos_token_id=eot_id, eos_token_id=eot_id)
+    out.update(EXPORT_FIXED, activation_function=EXPORT_ACTIVATIONS[cfg.activation], resid_pdrop=cfg.dropout,
+               embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, bos_token_id=eot_id, eos_token_id=eot_id)
     return out
 
 

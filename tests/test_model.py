@@ -88,6 +88,17 @@ def test_config_errors_are_one_line():
         ModelConfig.from_dict({"n_layers": 3})
 
 
+def test_activation_round_trips_and_old_configs_read_as_tanh_gelu():
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=8, vocab_size=16, block_size=8)
+    assert cfg.activation == "gelu"  # new models: the exact GELU
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    old = {k: v for k, v in cfg.to_dict().items() if k != "activation"}  # written before the field existed
+    assert ModelConfig.from_dict(old).activation == "gelu_tanh"
+    assert PRESETS["gpt2"].activation == PRESETS["gpt3-175b"].activation == "gelu_tanh"
+    with pytest.raises(GptkitError, match="activation='relu': expected 'gelu' or 'gelu_tanh'"):
+        ModelConfig(activation="relu")
+
+
 def test_info_command():
     runner = CliRunner()
     out = runner.invoke(app, ["info", "--preset", "gpt3-175b"])
