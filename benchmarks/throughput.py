@@ -19,7 +19,7 @@ import time
 import torch
 
 from gptkit.config import SampleConfig, preset
-from gptkit.engine import Engine
+from gptkit.engine import Engine, serial_main_thread
 from gptkit.model import GPT
 
 PROMPT, NEW, CLIENTS = 32, 128, (1, 4, 16)
@@ -54,7 +54,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--quantize", default=None, choices=["int8"])
+    ap.add_argument("--main-thread-team", action="store_true",
+                    help="let the main thread keep its OpenMP team (what serving did before serial_main_thread)")
     args = ap.parse_args()
+    threads = torch.get_num_threads()
+    if not args.main_thread_team:
+        serial_main_thread()  # as `gptkit serve` does
     torch.manual_seed(0)
     engine = Engine(GPT(preset("gpt2")), max_batch=max(CLIENTS), dtype=getattr(torch, args.dtype),
                     quantize=args.quantize)
@@ -68,7 +73,8 @@ def main() -> None:
     print(f"|---------------------|-----------------|----------------------------|--------|")
     for n, r in results.items():
         print(f"| {n:19d} | {r['tok_s']:15.1f} | {r['ttft_s']:26.2f} | {r['wall_s']:6.1f} |")
-    out = {"dtype": args.dtype, "quantize": args.quantize, "threads": torch.get_num_threads()}
+    out = {"dtype": args.dtype, "quantize": args.quantize, "threads": threads,
+           "main_thread_team": args.main_thread_team}
     for n, r in results.items():
         out.update({f"c{n}_tok_s": round(r["tok_s"], 1), f"c{n}_ttft_s": round(r["ttft_s"], 3)})
     out["speedup_16_vs_1"] = round(results[16]["tok_s"] / results[1]["tok_s"], 2)

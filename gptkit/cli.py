@@ -413,7 +413,10 @@ def serve(
     """Serve checkpoints with an OpenAI-compatible API (/v1/completions, /v1/chat/completions, streaming)."""
     import uvicorn
 
+    from gptkit.engine import serial_main_thread
     from gptkit.server import ServedModel, ServerConfig, create_app
+
+    serial_main_thread()  # the engines decode on their own threads; see its docstring
 
     if max_queue < 1 or max_body < 1:
         _fail(f"--max-queue {max_queue} and --max-body {max_body} must be at least 1")

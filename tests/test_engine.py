@@ -241,6 +241,43 @@ def test_text_stream_holds_back_a_possible_stop_string(tok):
 
 
 # ------------------------------------------------------------------------------- cancel, limits, errors
+def test_prompt_logprobs_run_on_the_scheduler_thread_with_the_same_numbers(model, tok):
+    ps = prompts(tok)
+    eng = engine(model)
+    inline = eng.prompt_logprobs(ps, top_k=3)
+    eng.start()
+    try:
+        ran_on = []
+        real = eng._prompt_logprobs
+        eng._prompt_logprobs = lambda p, k: ran_on.append(threading.current_thread().name) or real(p, k)
+        assert eng.prompt_logprobs(ps, top_k=3) == inline
+        assert ran_on == ["gptkit-engine"]
+    finally:
+        eng.shutdown()
+    assert eng.prompt_logprobs(ps[:1]) == [[(lp, {}) for lp, _ in inline[0]]]  # inline again
+
+
+def test_serial_main_thread_keeps_the_scheduler_threads_count():
+    """The main thread drops to one torch thread; the scheduler thread gets the original count."""
+    import subprocess
+    import sys
+
+    code = ("import torch\n"
+            "from gptkit.config import ModelConfig\n"
+            "from gptkit.engine import Engine, serial_main_thread\n"
+            "from gptkit.model import GPT\n"
+            "serial_main_thread()\n"
+            "e = Engine(GPT(ModelConfig(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8)))\n"
+            "e.start()\n"
+            "e._prompt_logprobs = lambda p, k: torch.get_num_threads()\n"
+            "print(torch.get_num_threads(), e.prompt_logprobs([[1, 2]]))\n"
+            "e.shutdown()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "2"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "2"]
+
+
 def test_cancel_frees_the_slot_at_once(model, tok):
     eng = engine(model, max_batch=1)
     p = prompts(tok)
