@@ -199,7 +199,8 @@ def _engine_for(ckpt: Path, max_batch: int = 8, quantize: Optional[str] = None, 
 def generate(
     ckpt: Annotated[Path, typer.Argument(help="checkpoint folder")],
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="prompt text (default: read stdin)")] = None,
-    max_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 200,
+    max_tokens: Annotated[Optional[int], typer.Option(
+        help="tokens to generate (default: 200, or as many as the context leaves room for)")] = None,
     temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.8,
     top_k: Annotated[int, typer.Option(help="sample from the k most likely tokens (0 = off)")] = 0,
     top_p: Annotated[float, typer.Option(help="nucleus sampling threshold")] = 1.0,
@@ -218,6 +219,8 @@ def generate(
         prompt = sys.stdin.read()
     engine, tokenizer = _engine_for(ckpt, max_batch=max(n, 1), quantize=quantize, dtype=dtype)
     ids = tokenizer.encode(prompt)
+    if max_tokens is None:
+        max_tokens = max(1, min(200, engine.config.block_size - len(ids)))
     room = engine.config.block_size - max_tokens
     if len(ids) > room:
         if room < 1:

@@ -68,3 +68,11 @@ def test_prompt_beyond_the_context_needs_truncate(ckpt):
     assert ok.exit_code == 0, ok.output
     assert ok.output.startswith(long_prompt[-27:])
     assert gen(ckpt[0], "-p", "x", "--max-tokens", "40").exit_code == 2  # no room left for any prompt
+
+
+def test_default_max_tokens_fills_what_the_context_leaves(ckpt):
+    folder, model, tok = ckpt
+    r = gen(folder, "-p", "the quick", "--temperature", "0")  # 200 by default, but the context is 32
+    assert r.exit_code == 0, r.output
+    expected = completion_text(tok, Engine(model).generate(tok.encode("the quick"), SampleConfig(32 - 9, 0.0))[0])
+    assert r.output == "the quick" + expected + "\n"
