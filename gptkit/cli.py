@@ -106,6 +106,7 @@ def pretrain(
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (matrices only)")] = 0.1,
     beta2: Annotated[float, typer.Option(help="AdamW beta2")] = 0.95,
     grad_clip: Annotated[float, typer.Option(help="clip gradient norm (0 = off)")] = 1.0,
+    optimizer: Annotated[str, typer.Option(help="adamw | muon (Muon for the blocks' matrices, AdamW for the rest)")] = "adamw",
     eval_interval: Annotated[int, typer.Option(help="evaluate and checkpoint every N steps")] = 250,
     eval_batches: Annotated[int, typer.Option(help="validation batches per evaluation")] = 20,
     log_interval: Annotated[int, typer.Option(help="write train metrics every N steps")] = 10,
@@ -127,9 +128,9 @@ def pretrain(
     model_cfg = dataclasses.replace(get_preset(preset), dropout=dropout, pos_encoding=pos_encoding, **overrides)
     cfg = TrainConfig(out_dir=str(out), max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                       min_lr=lr / 10 if min_lr is None else min_lr, warmup_steps=warmup_steps,
-                      weight_decay=weight_decay, beta2=beta2, grad_clip=grad_clip, eval_interval=eval_interval,
-                      eval_batches=eval_batches, log_interval=log_interval, dtype=dtype, compile=compile, seed=seed,
-                      stop_at=stop_at)
+                      weight_decay=weight_decay, beta2=beta2, grad_clip=grad_clip, optimizer=optimizer,
+                      eval_interval=eval_interval, eval_batches=eval_batches, log_interval=log_interval, dtype=dtype,
+                      compile=compile, seed=seed, stop_at=stop_at)
     last = run(data, model_cfg, cfg, init_from=str(init_from) if init_from else None, resume=resume,
                log=lambda m: typer.echo(m, err=True))
     if int(__import__("os").environ.get("RANK", "0")) == 0:

@@ -118,6 +118,9 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    muon_lr_scale: float = 1.0  # Muon's lr relative to lr (AdamW's)
+    muon_momentum: float = 0.95
     # evaluation, logging and checkpoints
     eval_interval: int = 250
     eval_batches: int = 20
@@ -136,6 +139,8 @@ class TrainConfig:
                 raise GptkitError(f"{name}={getattr(self, name)} must be at least 1")
         if self.lr <= 0:
             raise GptkitError(f"lr={self.lr} must be positive")
+        if self.optimizer not in ("adamw", "muon"):
+            raise GptkitError(f"optimizer={self.optimizer!r}: expected 'adamw' or 'muon'")
 
 
 @dataclass

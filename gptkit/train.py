@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gptkit.checkpoint import load_train_state, save_checkpoint, unwrap
 from gptkit.config import GptkitError, TrainConfig
+from gptkit.optim import Muon, Optimizers
 
 LossFn = Callable[[torch.nn.Module, tuple], torch.Tensor]
 
@@ -81,12 +82,32 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     return None
 
 
-def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices (Linear and embedding weights) only, not on biases,
-    LayerNorm or 1-d parameters. Fused kernel where this torch build offers it."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
+    """AdamW with weight decay on matrices (Linear and embedding weights) only, not on biases,
+    LayerNorm or 1-d parameters; fused kernel where this torch build offers it.
+    With cfg.optimizer == "muon", the 2-d weights inside the transformer blocks go to Muon
+    instead (embeddings, the head, norms, biases, classification heads and LoRA adapters stay
+    with AdamW, as Muon is meant for hidden matrices only)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise GptkitError("no trainable parameters")
+    hidden = [p for n, p in named if cfg.optimizer == "muon" and _is_hidden_matrix(n, p)]
+    rest = [p for n, p in named if not any(p is h for h in hidden)]
+    adamw = _adamw(rest, cfg) if rest else None
+    if not hidden:
+        return adamw
+    muon = Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum)
+    for g in muon.param_groups:
+        g["lr_scale"] = cfg.muon_lr_scale
+    return Optimizers(*[o for o in (muon, adamw) if o is not None])
+
+
+def _is_hidden_matrix(name: str, p: torch.nn.Parameter) -> bool:
+    parts = name.split(".")
+    return p.dim() == 2 and parts[0] == "h" and not any(part.startswith("lora") for part in parts)
+
+
+def _adamw(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
@@ -144,12 +165,14 @@ def _to(batch: tuple, device: torch.device) -> tuple:
 # ---------------------------------------------------------------------------- the loop
 def train(model: torch.nn.Module, data, cfg: TrainConfig, tokenizer=None, *, loss_fn: LossFn = lm_loss,
           resume: bool = False, extra: dict | None = None, dist_info: Dist | None = None,
-          log: Callable[[str], None] = print) -> dict:
+          log: Callable[[str], None] = print, on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Train model on data for cfg.max_steps optimizer steps; returns the last metrics.
 
     Checkpoints go to cfg.out_dir at every evaluation and at the end (rank 0 only).
     With resume=True the run continues from the checkpoint in cfg.out_dir exactly as if it
     had never stopped (same weights, optimizer, data order and RNG).
+    on_step(step, metrics), if given, runs after every optimizer step (benchmarks use it to
+    snapshot the weights on the way).
     """
     dist_info = dist_info or Dist()
     device = _device_of(model)
@@ -197,7 +220,7 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig, tokenizer=None, *, los
     for step in range(start_step, end_step):
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
             batch = _to(data.train_batch(), device)
@@ -224,6 +247,8 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig, tokenizer=None, *, los
         last = {"step": done, "loss": loss_value, "lr": lr, "tokens_per_s": round(tok_s, 1), "elapsed_s": round(elapsed, 2)}
         if done % cfg.log_interval == 0 or done == end_step:
             record(last)
+        if on_step:
+            on_step(done, last)
         progress.update(1)
         progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
         if progress.disable and cfg.progress and dist_info.master and done % max(1, cfg.max_steps // 10) == 0:
