@@ -69,10 +69,25 @@ def quantize_model(model: nn.Module, method: str = "int8") -> nn.Module:
 
 
 def pack_linears(model: nn.Module) -> nn.Module:
-    """Prepack every nn.Linear for oneDNN, in place (a no-op where oneDNN is missing)."""
-    if not torch.backends.mkldnn.is_available():
+    """Prepack every nn.Linear for oneDNN, in place (a no-op where oneDNN is missing or cannot
+    pack this dtype on this CPU: its bf16 layout needs AVX-512 or AVX-NE-CONVERT)."""
+    dtype = next((m.weight.dtype for m in model.modules() if type(m) is nn.Linear), None)
+    if dtype is None or not _can_pack(dtype):
         return model
     return _replace_linears(model, PackedLinear)
+
+
+_packable: dict[torch.dtype, bool] = {}
+
+
+def _can_pack(dtype: torch.dtype) -> bool:
+    if dtype not in _packable:
+        try:
+            PackedLinear(nn.Linear(16, 16, dtype=dtype))(torch.zeros(1, 16, dtype=dtype))
+            _packable[dtype] = torch.backends.mkldnn.is_available()
+        except RuntimeError:  # e.g. "bf16 path needs the cpu support avx_ne_convert or avx512bw ..."
+            _packable[dtype] = False
+    return _packable[dtype]
 
 
 def _replace_linears(model: nn.Module, make) -> nn.Module:
