@@ -37,6 +37,8 @@ class APIError(HTTPException):
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    # a message quoting client text may hold a lone surrogate, which UTF-8 JSON cannot carry
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": _TYPES.get(status, "server_error" if status >= 500 else
                                                              "invalid_request_error"),
                       "param": param, "code": code}}
