@@ -380,6 +380,12 @@ class Engine:
             return len(self._queue)
 
     @property
+    def reserved_tokens(self) -> int:
+        """KV-cache positions promised to admitted requests (of max_cached_tokens)."""
+        with self._lock:
+            return self._reserved
+
+    @property
     def queued_sequences(self) -> int:
         """Samples waiting for a row: what a queue limit should count (a request is n of them)."""
         with self._lock:

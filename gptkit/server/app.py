@@ -545,7 +545,9 @@ def _routes(server: Server) -> APIRouter:
     @router.get("/health", response_model=S.Health)
     async def health() -> S.Health:
         return S.Health(models={name: S.EngineLoad(running=m.engine.running, queued=m.engine.queued,
-                                                   max_batch=m.engine.max_batch)
+                                                   max_batch=m.engine.max_batch,
+                                                   cached_tokens=m.engine.reserved_tokens,
+                                                   max_cached_tokens=m.engine.max_cached_tokens)
                                 for name, m in server.models.items()})
 
     @router.get("/metrics", response_class=Response,

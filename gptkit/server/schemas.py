@@ -286,6 +286,8 @@ class EngineLoad(BaseModel):
     running: int = Field(description="requests in the batch")
     queued: int = Field(description="requests waiting for a slot")
     max_batch: int
+    cached_tokens: int = Field(description="KV-cache positions reserved by running requests")
+    max_cached_tokens: int
 
 
 class Health(BaseModel):
