@@ -61,7 +61,7 @@ import torch.nn.functional as F
 
 from gptkit.config import GptkitError, SampleConfig
 from gptkit.model import GPT, KVCache
-from gptkit.sampling import sample
+from gptkit.sampling import sample, top_dicts
 
 _scheduler_threads: int | None = None  # intra-op threads for scheduler threads; see serial_main_thread
 
@@ -106,8 +106,9 @@ class Completion:
 class RequestHandle:
     """One submitted request: events for all n samples, cancel, and the final completions."""
 
-    def __init__(self, engine: "Engine", prompt: list[int], params: SampleConfig, n: int):
+    def __init__(self, engine: "Engine", prompt: list[int], params: SampleConfig, n: int, stop_bytes: list[bytes]):
         self.engine, self.prompt, self.params, self.n = engine, prompt, params, n
+        self.stop_bytes = stop_bytes  # params.stop as UTF-8, checked at submit
         self.cancelled = False
         self._lock = threading.Lock()
         self._events: queue.Queue = queue.Queue()
@@ -119,7 +120,6 @@ class RequestHandle:
                          for _ in range(n)]
         self._finished: set[int] = set()
         self.error: BaseException | None = None
-        self.stop_bytes: list[bytes] = []  # params.stop as UTF-8, checked at submit
         self.released = False  # its cache reservation was given back
 
     @property
@@ -327,9 +327,7 @@ class Engine:
 
     # --- public entry points (thread-safe)
     def submit(self, prompt: list[int], params: SampleConfig, n: int = 1) -> RequestHandle:
-        stop_bytes = self._validate(prompt, params, n)
-        handle = RequestHandle(self, list(prompt), params, n)
-        handle.stop_bytes = stop_bytes
+        handle = RequestHandle(self, list(prompt), params, n, self._validate(prompt, params, n))
         if params.max_tokens == 0:  # nothing to generate (echo/loglikelihood requests)
             handle._finish_all("length")
             return handle
@@ -365,7 +363,7 @@ class Engine:
             logits = self.model(torch.tensor([prompt], device=self.device))[0]  # (T, V)
             logp = F.log_softmax(logits.float(), dim=-1)
             chosen = logp[:-1].gather(1, torch.tensor(prompt[1:], device=self.device)[:, None])[:, 0].tolist()
-            tops = _top_dicts(logp[:-1], top_k) if top_k else [{} for _ in chosen]
+            tops = top_dicts(logp[:-1], top_k) if top_k else [{} for _ in chosen]
             out.append([(None, {})] + list(zip(chosen, tops)))
         return out
 
@@ -542,18 +540,18 @@ class Engine:
             logp = F.log_softmax(logits, dim=-1)
             chosen = logp.gather(1, tokens[:, None])[:, 0].tolist()
             if k:
-                tops = _top_dicts(logp, k)
+                tops = top_dicts(logp, k)
         finished, failed = [], {}
         for i, (row, tok) in enumerate(zip(rows, tokens.tolist())):
             lp = chosen[i] if want_lp[i] else None
             top = dict(list(tops[i].items())[:row.params.logprobs]) if tops[i] is not None and row.params.logprobs else None
             try:
-                if i in errors:
-                    raise errors[i]
-                if self._advance(row, tok, lp, top):
+                if i in errors or self._advance(row, tok, lp, top):
                     finished.append(start + i)
-            except Exception as e:  # sampling, stop matching or decoding failed: only this request
-                failed.setdefault(row.handle, e)
+            except Exception as e:  # stop matching or decoding failed: only this request fails
+                errors[i] = e
+            if i in errors:
+                failed.setdefault(row.handle, errors[i])
         self._drop_rows(finished)
         for h, e in failed.items():
             self._fail_request(h, e)
@@ -633,12 +631,6 @@ class Engine:
                 h.released = True
         for h in handles:
             h._fail(error)
-
-
-# ------------------------------------------------------------------------------------ helpers
-def _top_dicts(logp: torch.Tensor, k: int) -> list[dict[int, float]]:
-    values, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
-    return [dict(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
 
 
 # ------------------------------------------------------------------------------------ model set-up

@@ -71,3 +71,9 @@ def _sample_row(logits: torch.Tensor, p: SampleConfig, generator: torch.Generato
         drop[0] = False  # the most likely token always stays, however small top_p is
         probs = probs.scatter(0, order, sorted_p.masked_fill(drop, 0.0))
     return torch.multinomial(probs, 1, generator=generator)[0]
+
+
+def top_dicts(logp: torch.Tensor, k: int) -> list[dict[int, float]]:
+    """The k most likely ids of each row of log-probabilities (B, V), as {id: logprob}."""
+    values, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
+    return [dict(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
