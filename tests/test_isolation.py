@@ -4,6 +4,7 @@ every path (error, refusal at submit, cancel) gives its rows and KV-cache positi
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,10 +17,28 @@ from live_server import bpe_tokenizer, serve, tiny_engine
 
 
 class Boom:
-    """A sampling parameter that fails when the sampler reads it."""
+    """A sampling parameter that fails the third time the sampler reads it: in a decode step
+    that batches the failing row with the others (not in its prefill)."""
+
+    def __init__(self):
+        self.reads = 0
 
     def __bool__(self) -> bool:
-        raise RuntimeError("boom while sampling")
+        self.reads += 1
+        if self.reads >= 3:
+            raise RuntimeError("boom while sampling")
+        return False
+
+
+def fails_after(calls: int):
+    """A token_bytes that works `calls` times, then raises (stop matching fails mid-request)."""
+    count = itertools.count()
+
+    def token_bytes(token_id: int) -> bytes:
+        if next(count) >= calls:
+            raise RuntimeError("cannot decode")
+        return b"?"
+    return token_bytes
 
 
 @pytest.fixture(scope="module")
@@ -41,15 +60,13 @@ def test_a_row_that_fails_to_sample_fails_only_its_request(tok):
     first, failing, last = engine.submit(prompt, greedy), engine.submit(prompt, bad, n=2), engine.submit(prompt, greedy)
     with pytest.raises(RuntimeError, match="boom while sampling"):
         failing.result()
+    assert bad.top_k.reads > 2  # it failed in a decode step, past its prefill (where its two rows read it)
     assert first.result()[0].token_ids == alone == last.result()[0].token_ids
     assert_idle(engine)
 
 
 def test_stop_matching_that_fails_ends_only_its_request(tok):
-    def token_bytes(token_id: int) -> bytes:
-        raise RuntimeError("cannot decode")
-
-    engine = tiny_engine(tok, token_bytes=token_bytes)  # the engine decodes only for stop strings
+    engine = tiny_engine(tok, token_bytes=fails_after(2))  # the engine decodes only for stop strings
     prompt = tok.encode("def add")
     good = engine.submit(prompt, SampleConfig(max_tokens=6, temperature=0))
     bad = engine.submit(prompt, SampleConfig(max_tokens=6, temperature=0, stop=["zz"]))
@@ -98,10 +115,9 @@ def test_bad_requests_interleaved_with_good_streams(tok):
     model is idle, with its whole KV cache free, afterwards."""
     from gptkit.server import ServedModel, create_app
 
-    def token_bytes(token_id: int) -> bytes:  # stop matching fails: a bug confined to one request
-        raise RuntimeError("cannot decode")
-
-    engine = tiny_engine(tok, context=256, max_batch=8, token_bytes=token_bytes)
+    # stop matching fails, in the first stop request's third step and at once in the next: a bug
+    # confined to the requests with stop strings
+    engine = tiny_engine(tok, context=256, max_batch=8, token_bytes=fails_after(2))
     step = engine.step
 
     def slow_step() -> None:  # ~1 s per stream, so the bad requests land while they run
