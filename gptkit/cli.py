@@ -262,10 +262,12 @@ def chat(
     """Interactive chat with streaming replies. Commands: /reset, /system TEXT, /exit."""
     from gptkit.config import SampleConfig
     from gptkit.engine import TextStream
-    from gptkit.tokenizer import render_chat
+    from gptkit.tokenizer import render_chat, use_chat_template
 
     engine, tokenizer = _engine_for(ckpt, max_batch=1)
-    render_chat(tokenizer, [])  # fails early, in one line, when the template's tokens are missing
+    source = use_chat_template(tokenizer)
+    if source == "fallback":
+        typer.echo("(the tokenizer has no chat tokens: chatting with the plain-text template)", err=True)
     history: list[dict] = []
     typer.echo("chat with your model — /reset clears the history, /system TEXT sets the system message, /exit quits",
                err=True)
@@ -295,8 +297,8 @@ def chat(
             messages = ([{"role": "system", "content": system}] if system else []) + history
             ids, _ = render_chat(tokenizer, messages)
         params = SampleConfig(max_tokens=min(max_tokens, engine.config.block_size - len(ids)),
-                              temperature=temperature, top_p=top_p, seed=seed)
-        stream, reply = TextStream(tokenizer), ""
+                              temperature=temperature, top_p=top_p, seed=seed, stop=tokenizer.chat_template.stop)
+        stream, reply = TextStream(tokenizer, params.stop), ""
         sys.stdout.write("model> ")
         for event in engine.submit(ids, params):
             delta = stream.push(event)
@@ -409,8 +411,15 @@ def serve(
         envvar="GPTKIT_API_KEY", show_envvar=True,
         help="require `Authorization: Bearer KEY` (/health and /metrics stay open)")] = None,
     max_batch: Annotated[int, typer.Option(help="sequences decoded together per model")] = 8,
-    max_queue: Annotated[int, typer.Option(help="requests waiting for a slot per model before 429")] = 64,
+    max_queue: Annotated[int, typer.Option(help="sequences (prompts x n) waiting for a slot per model before 429")] = 64,
     max_body: Annotated[int, typer.Option(help="largest request body in bytes (413 above)")] = 4 * 2**20,
+    max_stop: Annotated[int, typer.Option(help="stop strings per request")] = 4,
+    max_stop_chars: Annotated[int, typer.Option(help="characters per stop string")] = 256,
+    max_prompts: Annotated[int, typer.Option(help="prompts in one /v1/completions request")] = 64,
+    max_request_tokens: Annotated[int, typer.Option(help="prompts x n x max_tokens one request may ask for")] = 32768,
+    chat_template: Annotated[str, typer.Option(help="auto | chatml | plain: auto is the checkpoint's template, "
+                                                    "else ChatML when the tokenizer has its tokens, else plain "
+                                                    "text")] = "auto",
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16")] = "float32",
     quantize: Annotated[Optional[str], typer.Option(help="int8: weight-only int8 quantisation")] = None,
 ) -> None:
@@ -419,18 +428,23 @@ def serve(
 
     from gptkit.engine import serial_main_thread
     from gptkit.server import ServedModel, ServerConfig, create_app
+    from gptkit.server.limits import Limits
 
     serial_main_thread()  # the engines decode on their own threads; see its docstring
 
     if max_queue < 1 or max_body < 1:
         _fail(f"--max-queue {max_queue} and --max-body {max_body} must be at least 1")
+    limits = Limits(max_stop, max_stop_chars, max_prompts, max_request_tokens)
     served = []
     for model_name, path in _model_specs(ckpt, name, model or []):
         engine, tokenizer = _engine_for(path, max_batch=max_batch, quantize=quantize, dtype=dtype)
-        served.append(ServedModel(model_name, engine, tokenizer))
-    server_app = create_app(served, ServerConfig(api_key=api_key or None, max_queue=max_queue, max_body=max_body))
+        served.append(ServedModel(model_name, engine, tokenizer, chat_template=chat_template))
+    server_app = create_app(served, ServerConfig(api_key=api_key or None, max_queue=max_queue, max_body=max_body,
+                                                 limits=limits))
+    templates = ", ".join(f"{m.name}: {m.tokenizer.chat_template.kind} ({m.chat_template})" for m in served)
     typer.echo(f"serving {', '.join(m.name for m in served)} on http://{host}:{port}/v1 "
-               f"({'API key required' if api_key else 'no API key'}); Ctrl-C stops", err=True)
+               f"({'API key required' if api_key else 'no API key'}; chat template {templates}); Ctrl-C stops",
+               err=True)
     uvicorn.run(server_app, host=host, port=port, log_level="warning")
 
 

@@ -39,6 +39,10 @@ Conventions
 - Sampling: temperature 0 is greedy; penalties follow OpenAI (logit -= frequency * count +
   presence * (count > 0), over generated tokens); each sample has its own torch.Generator,
   seeded with seed + index when a seed is given, so seeded requests are reproducible.
+  Sampling itself is in gptkit/sampling.py.
+- An error in one request (its prefill, sampling, stop matching or token decoding) fails that
+  request alone: iterating its handle raises it, its rows and cache reservation are freed.
+  Only a failing batched decode forward fails every request in flight.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ import torch.nn.functional as F
 
 from gptkit.config import GptkitError, SampleConfig
 from gptkit.model import GPT, KVCache
+from gptkit.sampling import sample, top_dicts
 
 _scheduler_threads: int | None = None  # intra-op threads for scheduler threads; see serial_main_thread
 
@@ -101,8 +106,9 @@ class Completion:
 class RequestHandle:
     """One submitted request: events for all n samples, cancel, and the final completions."""
 
-    def __init__(self, engine: "Engine", prompt: list[int], params: SampleConfig, n: int):
+    def __init__(self, engine: "Engine", prompt: list[int], params: SampleConfig, n: int, stop_bytes: list[bytes]):
         self.engine, self.prompt, self.params, self.n = engine, prompt, params, n
+        self.stop_bytes = stop_bytes  # params.stop as UTF-8, checked at submit
         self.cancelled = False
         self._lock = threading.Lock()
         self._events: queue.Queue = queue.Queue()
@@ -114,6 +120,12 @@ class RequestHandle:
                          for _ in range(n)]
         self._finished: set[int] = set()
         self.error: BaseException | None = None
+        self.released = False  # its cache reservation was given back
+
+    @property
+    def need(self) -> int:
+        """Cache positions the request may use: n x (prompt + max_tokens)."""
+        return self.n * (len(self.prompt) + self.params.max_tokens)
 
     @property
     def done(self) -> bool:
@@ -315,8 +327,7 @@ class Engine:
 
     # --- public entry points (thread-safe)
     def submit(self, prompt: list[int], params: SampleConfig, n: int = 1) -> RequestHandle:
-        self._validate(prompt, params, n)
-        handle = RequestHandle(self, list(prompt), params, n)
+        handle = RequestHandle(self, list(prompt), params, n, self._validate(prompt, params, n))
         if params.max_tokens == 0:  # nothing to generate (echo/loglikelihood requests)
             handle._finish_all("length")
             return handle
@@ -352,7 +363,7 @@ class Engine:
             logits = self.model(torch.tensor([prompt], device=self.device))[0]  # (T, V)
             logp = F.log_softmax(logits.float(), dim=-1)
             chosen = logp[:-1].gather(1, torch.tensor(prompt[1:], device=self.device)[:, None])[:, 0].tolist()
-            tops = _top_dicts(logp[:-1], top_k) if top_k else [{} for _ in chosen]
+            tops = top_dicts(logp[:-1], top_k) if top_k else [{} for _ in chosen]
             out.append([(None, {})] + list(zip(chosen, tops)))
         return out
 
@@ -365,6 +376,18 @@ class Engine:
     def queued(self) -> int:
         with self._lock:
             return len(self._queue)
+
+    @property
+    def reserved_tokens(self) -> int:
+        """KV-cache positions promised to admitted requests (of max_cached_tokens)."""
+        with self._lock:
+            return self._reserved
+
+    @property
+    def queued_sequences(self) -> int:
+        """Samples waiting for a row: what a queue limit should count (a request is n of them)."""
+        with self._lock:
+            return sum(h.n for h in self._queue)
 
     def start(self) -> None:
         """Run the scheduler in a background thread (idempotent)."""
@@ -393,7 +416,8 @@ class Engine:
             job.set_exception(GptkitError("the engine shut down before this request ran"))
 
     # --- validation
-    def _validate(self, prompt: list[int], params: SampleConfig, n: int) -> None:
+    def _validate(self, prompt: list[int], params: SampleConfig, n: int) -> list[bytes]:
+        """GptkitError for a request the engine cannot run; else its stop strings as UTF-8."""
         if not 1 <= n <= self.max_batch:
             raise GptkitError(f"n={n} must be between 1 and the engine's max_batch={self.max_batch}")
         self._check_tokens(prompt, extra=params.max_tokens)
@@ -403,6 +427,11 @@ class Engine:
                               f"tokens > the engine's max_cached_tokens={self.max_cached_tokens}")
         if params.stop and self.token_bytes is None:
             raise GptkitError("stop strings need an engine built with token_bytes (e.g. tokenizer.token_bytes)")
+        try:  # here, not at prefill: a request that cannot start must never hold rows
+            return [s.encode("utf-8") for s in params.stop if s]
+        except UnicodeEncodeError as e:
+            raise GptkitError(f"stop string {e.object!r} is not valid Unicode text (a lone surrogate at "
+                              f"position {e.start})") from None
 
     def _check_tokens(self, prompt: list[int], extra: int) -> None:
         ctx, vocab = self.config.block_size, self.config.vocab_size
@@ -466,13 +495,15 @@ class Engine:
                 if not self._queue:
                     return
                 h = self._queue[0]
-                need = h.n * (len(h.prompt) + h.params.max_tokens)
-                if len(self._rows) + h.n > self.max_batch or self._reserved + need > self.max_cached_tokens:
+                if len(self._rows) + h.n > self.max_batch or self._reserved + h.need > self.max_cached_tokens:
                     return  # first come, first served: wait for rows to free up
                 self._queue.pop(0)
                 self._active.add(h)
-                self._reserved += need
-            self._prefill(h)
+                self._reserved += h.need
+            try:
+                self._prefill(h)
+            except Exception as e:  # this request alone fails; its rows and reservation are freed
+                self._fail_request(h, e)
 
     def _prefill(self, h: RequestHandle) -> None:
         """Prefill the prompt once into a free row, copy it to the n-1 rows after it, and
@@ -483,7 +514,7 @@ class Engine:
         logits = self.model(torch.tensor([h.prompt], device=self.device), kv_cache=view, last_only=True)[:, -1]
         for i in range(1, h.n):
             self._copy_row(slot, slot + i)
-        stops = [s.encode("utf-8") for s in h.params.stop if s]
+        stops = h.stop_bytes
         stop_ids = self.eos_ids | set(h.params.stop_token_ids)
         for i in range(h.n):
             g = torch.Generator(device=self.device)
@@ -501,7 +532,7 @@ class Engine:
         """Sample for rows start.. (one logits row each), emit their events, drop finished rows."""
         rows = self._rows[start:]
         logits = logits[:, :self.vocab_limit].float()  # ids the tokenizer cannot decode are never drawn
-        tokens = sample(logits, rows)
+        tokens, errors = sample(logits, rows)
         k = max((r.params.logprobs or 0) for r in rows)
         want_lp = [r.params.logprobs is not None for r in rows]
         chosen, tops = [None] * len(rows), [None] * len(rows)
@@ -509,14 +540,21 @@ class Engine:
             logp = F.log_softmax(logits, dim=-1)
             chosen = logp.gather(1, tokens[:, None])[:, 0].tolist()
             if k:
-                tops = _top_dicts(logp, k)
-        finished = []
+                tops = top_dicts(logp, k)
+        finished, failed = [], {}
         for i, (row, tok) in enumerate(zip(rows, tokens.tolist())):
             lp = chosen[i] if want_lp[i] else None
             top = dict(list(tops[i].items())[:row.params.logprobs]) if tops[i] is not None and row.params.logprobs else None
-            if self._advance(row, tok, lp, top):
-                finished.append(start + i)
+            try:
+                if i in errors or self._advance(row, tok, lp, top):
+                    finished.append(start + i)
+            except Exception as e:  # stop matching or decoding failed: only this request fails
+                errors[i] = e
+            if i in errors:
+                failed.setdefault(row.handle, errors[i])
         self._drop_rows(finished)
+        for h, e in failed.items():
+            self._fail_request(h, e)
 
     def _advance(self, row: _Row, tok: int, lp: float | None, top: dict | None) -> bool:
         """Emit the sampled token for one row; True when the row is finished."""
@@ -550,13 +588,20 @@ class Engine:
             self._release(row.handle)
 
     def _release(self, h: RequestHandle) -> None:
-        """Give back a request's reservation once none of its rows is left."""
-        if any(r.handle is h for r in self._rows):
+        """Give back a request's reservation once none of its rows is left (once)."""
+        if h.released or any(r.handle is h for r in self._rows):
             return
         with self._lock:
-            if h in self._active or h.cancelled:
-                self._active.discard(h)
-                self._reserved -= h.n * (len(h.prompt) + h.params.max_tokens)
+            h.released = True
+            self._active.discard(h)
+            self._reserved -= h.need
+
+    def _fail_request(self, h: RequestHandle, error: Exception) -> None:
+        """End one request with an error: its rows go, its reservation is given back."""
+        if not h.done:
+            h._fail(error)  # first: a row dropped below can no longer emit
+        self._drop_rows([i for i, r in enumerate(self._rows) if r.handle is h])
+        self._release(h)
 
     def _copy_row(self, src: int, dst: int) -> None:
         n = self.cache.lengths[src]
@@ -581,50 +626,11 @@ class Engine:
         self.cache.reset()
         with self._lock:
             self._active -= handles
-            self._reserved = sum(h.n * (len(h.prompt) + h.params.max_tokens) for h in self._active)
+            self._reserved = sum(h.need for h in self._active)
+            for h in handles:
+                h.released = True
         for h in handles:
             h._fail(error)
-
-
-# ------------------------------------------------------------------------------------ sampling
-def sample(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-    """One token per row (B,) from float logits (B, V), each row with its own parameters."""
-    penalised = [i for i, r in enumerate(rows) if r.params.presence_penalty or r.params.frequency_penalty]
-    if penalised:
-        logits = logits.clone()
-        for i in penalised:
-            logits[i] -= _penalty(rows[i], logits.shape[-1], logits.device)
-    tokens = logits.argmax(dim=-1)
-    for i, r in enumerate(rows):
-        if r.params.temperature > 0:
-            tokens[i] = _sample_row(logits[i], r.params, r.generator)
-    return tokens
-
-
-def _penalty(row: _Row, vocab: int, device: torch.device) -> torch.Tensor:
-    if row.counts is None:
-        row.counts = torch.zeros(vocab, device=device)
-    p = row.params
-    return row.counts * p.frequency_penalty + (row.counts > 0).float() * p.presence_penalty
-
-
-def _sample_row(logits: torch.Tensor, p: SampleConfig, generator: torch.Generator) -> torch.Tensor:
-    logits = logits / p.temperature
-    if p.top_k and p.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
-    if p.top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        # keep the smallest set whose mass reaches top_p: drop tokens whose preceding mass already does
-        drop = sorted_p.cumsum(0) - sorted_p >= p.top_p
-        probs = probs.scatter(0, order, sorted_p.masked_fill(drop, 0.0))
-    return torch.multinomial(probs, 1, generator=generator)[0]
-
-
-def _top_dicts(logp: torch.Tensor, k: int) -> list[dict[int, float]]:
-    values, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
-    return [dict(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
 
 
 # ------------------------------------------------------------------------------------ model set-up

@@ -30,14 +30,78 @@ SPECIAL_TOKENS = [EOT, IM_START, IM_END]  # reserved from the start in every tok
 META_FILE = "tokenizer_meta.json"
 
 
+PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
 @dataclass
 class ChatTemplate:
-    """ChatML: <|im_start|>{role}\\n{content}<|im_end|>\\n per message; the reply opens with
-    <|im_start|>assistant\\n. Stored with the tokenizer so training, chat and serve agree."""
+    """How chat messages become tokens. Stored with the tokenizer so training, chat and serve agree.
+
+    kind "chatml": <|im_start|>{role}\\n{content}<|im_end|>\\n per message; the reply opens with
+    <|im_start|>assistant\\n and ends with the <|im_end|> token.
+    kind "plain" (for tokenizers without chat tokens, e.g. GPT-2's): "{Role}: {content}\\n" per
+    message with the role as text (System, User, Assistant); the reply opens with "Assistant:"
+    and ends where the model starts the next role marker (the stop strings in `stop`).
+    """
 
     start: str = IM_START
     end: str = IM_END
     default_system: str = ""
+    kind: str = "chatml"
+
+    @property
+    def stop(self) -> list[str]:
+        """Stop strings a reply needs: the next role marker (plain); ChatML ends on a token id."""
+        return [f"\n{r}:" for r in PLAIN_ROLES.values()] if self.kind == "plain" else []
+
+    def jinja(self) -> str:
+        """The Jinja text of this template, for clients that render chat prompts themselves
+        (gptkit itself always renders token by token with render_chat)."""
+        def raw(s: str) -> str:
+            return "{% raw %}" + s + "{% endraw %}"
+        plain = self.kind == "plain"
+        head = (lambda role: f"{PLAIN_ROLES[role]}: ") if plain else (lambda role: f"{self.start}{role}\n")
+        end = "\n" if plain else f"{self.end}\n"
+        system = ""
+        if self.default_system:
+            system = ("{% if not (messages | selectattr('role', 'equalto', 'system') | list) %}"
+                      + raw(f"{head('system')}{self.default_system}{end}") + "{% endif %}")
+        role = "{{ message['role'] | capitalize }}: " if plain else raw(self.start) + "{{ message['role'] }}\n"
+        prompt = "Assistant:" if plain else self.start + "assistant\n"
+        return (system + "{% for message in messages %}" + role + "{{ message['content'] }}" + raw(end)
+                + "{% endfor %}{% if add_generation_prompt %}" + raw(prompt) + "{% endif %}")
+
+
+CHAT_TEMPLATES = ("auto", "chatml", "plain")
+
+
+def use_chat_template(tokenizer: "Tokenizer", choice: str = "auto") -> str:
+    """Set the template chat uses on `tokenizer` (in memory) and say where it came from:
+    'checkpoint' (stored with it), 'chatml' / 'plain' (chosen), 'default' (no stored template,
+    ChatML tokens present), or 'fallback' (no chat tokens: plain text)."""
+    if choice not in CHAT_TEMPLATES:
+        raise GptkitError(f"chat template {choice!r}: expected one of {', '.join(CHAT_TEMPLATES)}")
+    has_tokens = _has_chat_tokens(tokenizer)
+    if choice == "chatml" and not has_tokens:
+        raise GptkitError(f"chat template chatml needs the tokens {IM_START} / {IM_END}, which this tokenizer "
+                          "lacks; use --chat-template plain, or fine-tune with a chat dataset (it adds them)")
+    if choice != "auto":
+        tokenizer.chat_template = ChatTemplate(kind=choice)
+        return choice
+    if tokenizer.chat_template is not None:
+        return "checkpoint"
+    tokenizer.chat_template = default_chat_template(tokenizer)
+    return "default" if has_tokens else "fallback"
+
+
+def default_chat_template(tokenizer: "Tokenizer") -> ChatTemplate:
+    """For a tokenizer without a stored template: ChatML when it has the ChatML tokens (gptkit's
+    tokenizers reserve them), else plain text."""
+    return ChatTemplate() if _has_chat_tokens(tokenizer) else ChatTemplate(kind="plain")
+
+
+def _has_chat_tokens(tokenizer: "Tokenizer") -> bool:
+    return all(tokenizer.special_id(t) is not None for t in (IM_START, IM_END))
 
 
 class Tokenizer:
@@ -51,7 +115,9 @@ class Tokenizer:
     def vocab_size(self) -> int:
         raise NotImplementedError
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """special=False: text spelling a special token (`<|im_end|>`) is encoded as plain text,
+        so user text can never become a control token (chat message content is encoded so)."""
         raise NotImplementedError
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
@@ -143,8 +209,17 @@ class BPETokenizer(Tokenizer):
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        return (self.tok if special else self._plain()).encode(text, add_special_tokens=False).ids
+
+    def _plain(self):
+        """A copy of the backend that encodes special tokens' text as ordinary text."""
+        if getattr(self, "_plain_tok", None) is None:
+            from tokenizers import Tokenizer as HFTokenizer
+
+            self._plain_tok = HFTokenizer.from_str(self.tok.to_str())
+            self._plain_tok.encode_special_tokens = True
+        return self._plain_tok
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
@@ -165,6 +240,7 @@ class BPETokenizer(Tokenizer):
 
     def add_special_tokens(self, tokens: list[str]) -> None:
         self.tok.add_special_tokens(tokens)
+        self._plain_tok = None
 
     def _save_files(self, folder: Path) -> dict:
         atomic_write(folder / "tokenizer.json", lambda tmp: self.tok.save(tmp))
@@ -211,9 +287,9 @@ class CharTokenizer(Tokenizer):
     def vocab_size(self) -> int:
         return self._n_fixed + len(self.chars)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, special: bool = True) -> list[int]:
         ids: list[int] = []
-        for piece, is_special in _split_specials(text, list(self._special_to_id)):
+        for piece, is_special in _split_specials(text, list(self._special_to_id) if special else []):
             if is_special:
                 ids.append(self._special_to_id[piece])
                 continue
@@ -301,7 +377,9 @@ class TiktokenTokenizer(Tokenizer):
     def vocab_size(self) -> int:
         return self.enc.n_vocab
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        if not special:
+            return self.enc.encode(text, allowed_special=set(), disallowed_special=())
         return self.enc.encode(text, allowed_special="all")
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -375,34 +453,46 @@ class StreamDecoder:
 
 def render_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
                 train_on: str = "assistant") -> tuple[list[int], list[int]]:
-    """Render messages with the tokenizer's chat template into (ids, mask).
+    """Render messages with the tokenizer's chat template into (ids, mask); a tokenizer without
+    a template gets default_chat_template's (ChatML, or plain text without its tokens).
 
-    mask[i] is 1 where token i is a target of the loss: the content and closing token of
+    mask[i] is 1 where token i is a target of the loss: the content and closing token(s) of
     assistant messages. With add_generation_prompt the ids end with the assistant header.
+    Message content is encoded with special tokens off: text can never become <|im_end|>.
     """
-    tpl = tokenizer.chat_template or ChatTemplate()
-    start, end = tokenizer.special_id(tpl.start), tokenizer.special_id(tpl.end)
-    if start is None or end is None:
-        raise GptkitError(f"tokenizer lacks the chat tokens {tpl.start} / {tpl.end}; fine-tune with a chat "
-                          "dataset first (gptkit finetune adds them)")
+    tpl = tokenizer.chat_template or default_chat_template(tokenizer)
+    if tpl.kind == "plain":
+        def header(role: str) -> list[int]:
+            return tokenizer.encode(f"{PLAIN_ROLES[role]}:")
+        first, end = " ", tokenizer.encode("\n")  # "User: hi\n"; the model writes the space itself
+    else:
+        start, close = tokenizer.special_id(tpl.start), tokenizer.special_id(tpl.end)
+        if start is None or close is None:
+            raise GptkitError(f"tokenizer lacks the chat tokens {tpl.start} / {tpl.end}; fine-tune with a chat "
+                              "dataset first (gptkit finetune adds them), or use the plain template")
+
+        def header(role: str) -> list[int]:
+            return [start] + tokenizer.encode(f"{role}\n")
+        first, end = "", [close] + tokenizer.encode("\n")
     ids: list[int] = []
     mask: list[int] = []
     if tpl.default_system and not any(m.get("role") == "system" for m in messages):
         messages = [{"role": "system", "content": tpl.default_system}, *messages]
-    nl = tokenizer.encode("\n")
     for i, m in enumerate(messages):
         role, content = m.get("role"), m.get("content")
-        if role not in ("system", "user", "assistant"):
+        if role not in PLAIN_ROLES:
             raise GptkitError(f"message {i}: role {role!r}; expected system, user or assistant")
         if not isinstance(content, str):
             raise GptkitError(f"message {i}: content must be a string")
-        header = [start] + tokenizer.encode(f"{role}\n")
-        body = tokenizer.encode(content) + [end]
-        ids += header + body + nl
+        head = header(role)
+        body = tokenizer.encode(first + content, special=False) + end
+        ids += head + body
+        # the reply's closing token is a target (ChatML's <|im_end|>); the newline after it is not
+        n_target = len(body) - (len(end) - 1 if tpl.kind == "chatml" else 0)
         target = 1 if role == train_on else 0
-        mask += [0] * len(header) + [target] * len(body) + [0] * len(nl)
+        mask += [0] * len(head) + [target] * n_target + [0] * (len(body) - n_target)
     if add_generation_prompt:
-        header = [start] + tokenizer.encode("assistant\n")
-        ids += header
-        mask += [0] * len(header)
+        head = header("assistant")
+        ids += head
+        mask += [0] * len(head)
     return ids, mask

@@ -31,8 +31,9 @@ from gptkit.config import SampleConfig
 from gptkit.engine import Engine, Event, RequestHandle, TextStream
 from gptkit.server import schemas as S
 from gptkit.server.errors import APIError, error_body, error_response, install_handlers, log
+from gptkit.server.limits import Limits, check_queue
 from gptkit.server.metrics import Metrics, RequestMetrics
-from gptkit.tokenizer import EOT, ChatTemplate, Tokenizer, render_chat
+from gptkit.tokenizer import EOT, Tokenizer, render_chat, use_chat_template
 
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 OPEN_PATHS = {"/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
@@ -47,6 +48,10 @@ class ServedModel:
     engine: Engine
     tokenizer: Tokenizer
     created: int = field(default_factory=lambda: int(time.time()))
+    chat_template: str = "auto"  # auto | chatml | plain; after __post_init__, where the template came from
+
+    def __post_init__(self) -> None:
+        self.chat_template = use_chat_template(self.tokenizer, self.chat_template)
 
     @property
     def context(self) -> int:
@@ -64,8 +69,9 @@ class ServedModel:
 @dataclass
 class ServerConfig:
     api_key: str | None = None  # None: no key needed (any or no Authorization header is accepted)
-    max_queue: int = 64  # requests waiting for a batch slot, per model, before 429
+    max_queue: int = 64  # sequences (prompts x n) waiting for a batch row, per model, before 429
     max_body: int = 4 * 2**20  # bytes, before 413
+    limits: Limits = field(default_factory=Limits)  # what one request may cost (limits.py)
 
 
 # ------------------------------------------------------------------------------------ text edges
@@ -78,8 +84,11 @@ def token_text(tok: Tokenizer, token_id: int) -> str:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
 
 
-def encode_prompts(served: ServedModel, prompt: str | list) -> list[list[int]]:
-    """OpenAI's four prompt shapes -> one list of token ids per prompt."""
+def encode_prompts(served: ServedModel, prompt: str | list, limits: Limits) -> list[list[int]]:
+    """OpenAI's four prompt shapes -> one list of token ids per prompt. Special tokens' text
+    in a prompt is encoded as the special token (lm-evaluation-harness relies on it)."""
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        limits.check_prompts(len(prompt))
     if isinstance(prompt, str):
         prompts = [served.tokenizer.encode(prompt)]
     elif prompt and all(isinstance(p, int) for p in prompt):
@@ -98,20 +107,6 @@ def check_ids(served: ServedModel, ids: Iterable[int], param: str) -> None:
     bad = next((t for t in ids if not 0 <= t < served.vocab), None)
     if bad is not None:
         raise APIError(400, f"token id {bad} is outside the vocabulary [0, {served.vocab})", param=param)
-
-
-def chat_template_jinja(tpl: ChatTemplate) -> str:
-    """The Jinja text of the ChatML template render_chat applies token by token, for clients
-    that render chat prompts themselves (the server itself always uses render_chat)."""
-    def raw(s: str) -> str:
-        return "{% raw %}" + s + "{% endraw %}"
-    system = ""
-    if tpl.default_system:
-        system = ("{% if not (messages | selectattr('role', 'equalto', 'system') | list) %}"
-                  + raw(f"{tpl.start}system\n{tpl.default_system}{tpl.end}\n") + "{% endif %}")
-    return (system + "{% for message in messages %}" + raw(tpl.start) + "{{ message['role'] }}\n"
-            "{{ message['content'] }}" + raw(tpl.end) + "\n{% endfor %}"
-            "{% if add_generation_prompt %}" + raw(tpl.start + "assistant\n") + "{% endif %}")
 
 
 # ------------------------------------------------------------------------------------ logprobs
@@ -297,9 +292,7 @@ class Server:
         """Submit one engine request per prompt, or 429 when the model's queue is full."""
         started = time.perf_counter()
         engine = served.engine
-        if engine.queued >= self.config.max_queue:
-            raise APIError(429, f"model {served.name!r} has {engine.queued} requests waiting (max_queue "
-                           f"{self.config.max_queue}); retry shortly", code="queue_full", headers={"Retry-After": "1"})
+        check_queue(served.name, engine.queued_sequences, len(prompts) * n, self.config.max_queue)
         handles: list[RequestHandle] = []
         try:
             for p in prompts:
@@ -322,7 +315,10 @@ async def completions(server: Server, body: S.CompletionRequest) -> S.Completion
     if body.best_of is not None and body.best_of != body.n:
         raise APIError(400, f"best_of={body.best_of} must equal n={body.n}: gptkit does not rank extra samples",
                        param="best_of")
-    prompts = encode_prompts(served, body.prompt)
+    limits = server.config.limits
+    limits.check_stop(body.stop)
+    prompts = encode_prompts(served, body.prompt, limits)
+    limits.check_tokens(len(prompts), body.n, body.max_tokens)
     gen = server.generate(served, prompts, sample_config(body, body.max_tokens, body.logprobs), body.n)
     try:
         echoes = await _echoes(served, prompts, body) if body.echo else None
@@ -390,11 +386,17 @@ async def chat_completions(server: Server, body: S.ChatCompletionRequest) -> S.C
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in body.messages]
+    limits = server.config.limits
+    limits.check_stop(body.stop)
     ids, _ = render_chat(served.tokenizer, messages)
     # default: the rest of the context (at least 1, so a full context is a 400 naming both numbers)
-    max_tokens = body.max_completion_tokens or body.max_tokens or max(served.context - len(ids), 1)
+    max_tokens = (body.max_completion_tokens or body.max_tokens
+                  or limits.default_max_tokens(served.context - len(ids), body.n))
+    limits.check_tokens(1, body.n, max_tokens, "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    gen = server.generate(served, [ids], sample_config(body, max_tokens, logprobs), body.n)
+    params = sample_config(body, max_tokens, logprobs)
+    params.stop += served.tokenizer.chat_template.stop  # the plain template ends at the next role marker
+    gen = server.generate(served, [ids], params, body.n)
     head = _head("chatcmpl", served)
     if body.stream:
         return EventStream(_chat_chunks(gen, head, body), gen)
@@ -543,7 +545,9 @@ def _routes(server: Server) -> APIRouter:
     @router.get("/health", response_model=S.Health)
     async def health() -> S.Health:
         return S.Health(models={name: S.EngineLoad(running=m.engine.running, queued=m.engine.queued,
-                                                   max_batch=m.engine.max_batch)
+                                                   max_batch=m.engine.max_batch,
+                                                   cached_tokens=m.engine.reserved_tokens,
+                                                   max_cached_tokens=m.engine.max_cached_tokens)
                                 for name, m in server.models.items()})
 
     @router.get("/metrics", response_class=Response,
@@ -571,7 +575,8 @@ def _routes(server: Server) -> APIRouter:
         eos = EOT if tok.special_id(EOT) is not None else None
         return S.TokenizerInfo(model=served.name, tokenizer_kind=tok.kind, vocab_size=tok.vocab_size,
                                eos_token=eos, bos_token=eos, pad_token=None, model_max_length=served.context,
-                               chat_template=chat_template_jinja(tok.chat_template or ChatTemplate()))
+                               chat_template=tok.chat_template.jinja(), chat_template_kind=tok.chat_template.kind,
+                               chat_template_source=served.chat_template)
 
     router.include_router(v1)
     return router

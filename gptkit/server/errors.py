@@ -37,6 +37,8 @@ class APIError(HTTPException):
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    # a message quoting client text may hold a lone surrogate, which UTF-8 JSON cannot carry
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": _TYPES.get(status, "server_error" if status >= 500 else
                                                              "invalid_request_error"),
                       "param": param, "code": code}}
@@ -49,13 +51,19 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     """One line naming the field and the problem, and the field as OpenAI's `param`."""
-    err = exc.errors()[0]
+    def field_path(err: dict) -> list[str]:
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        # pydantic names the union branch it tried ("prompt.list[int].0"): keep the field path only
+        return [p for p in loc if "[" not in p and p not in ("str", "int", "function-wrap", "function-after")]
+
+    errors = exc.errors()
+    err = errors[0]
     if err.get("type") == "json_invalid":
         return f"invalid JSON body: {err.get('ctx', {}).get('error', 'decode error')}", None
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-    # pydantic names the union branch it tried ("prompt.list[int].0"): keep the field path only
-    loc = [p for p in loc if "[" not in p and p not in ("str", "int", "function-wrap", "function-after")]
-    param = ".".join(loc) or None
+    # a union reports every branch it tried: the deepest error is the one that says what is wrong
+    # (messages.0.content.0.text, not "content should be a string")
+    err = max((e for e in errors if e["loc"][:2] == err["loc"][:2]), key=lambda e: len(field_path(e)))
+    param = ".".join(field_path(err)) or None
     if param is None:  # no body, or not a JSON object (a missing Content-Type reads as raw bytes)
         return "request body: expected a JSON object sent with `Content-Type: application/json`", None
     return f"{param}: {err.get('msg', 'invalid value').removeprefix('Value error, ')}", param

@@ -7,12 +7,11 @@ accepts but does not act on say so in their description (see IGNORED_FIELDS).
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 MAX_N = 16  # choices per prompt; the engine's max_batch may be lower (a 400 names it)
-MAX_STOP = 4
 MAX_LOGPROBS = 20
 MAX_SEED = 2**63 - 1 - MAX_N  # each sample is seeded with seed + index
 
@@ -32,8 +31,26 @@ def _ignored(field: str) -> str:
     return f"accepted and ignored: {IGNORED_FIELDS[field]}"
 
 
+def unicode_text(v):
+    """Raise for a string (or strings in a list) with a lone surrogate: JSON can spell one
+    (`"\\ud800"`) but it is not Unicode text, and no tokenizer can encode it."""
+    for i, text in enumerate([v] if isinstance(v, str) else v if isinstance(v, list) else []):
+        if isinstance(text, str) and not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                where = f"item {i}, " if not isinstance(v, str) else ""
+                raise ValueError(f"not valid Unicode text: a lone surrogate {text[e.start]!r} at "
+                                 f"{where}position {e.start}") from None
+    return v
+
+
+Text = Annotated[str, AfterValidator(unicode_text)]  # every request string the server reads
+
+
 class Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # strict: "16" is not an int, "yes" not a bool, true not a token id (JSON numbers still fill floats)
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -49,13 +66,14 @@ class StreamOptions(Request):
 class SamplingRequest(Request):
     """The fields /v1/completions and /v1/chat/completions share."""
 
-    model: str
+    model: Text
     temperature: float = Field(1.0, ge=0, le=2, description="0 is greedy")
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="gptkit extension (send it in extra_body); 0 is off")
     n: int = Field(1, ge=1, le=MAX_N)
-    stop: Union[str, list[str], None] = Field(None, validate_default=True,
-                                              description=f"up to {MAX_STOP} strings, never in the output")
+    stop: Union[Text, list[Text], None] = Field(None, validate_default=True, description=(
+        "strings that end a sample, never in the output; up to --max-stop (default 4) of up to "
+        "--max-stop-chars (default 256) characters"))
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
@@ -66,10 +84,8 @@ class SamplingRequest(Request):
 
     @field_validator("stop")
     @classmethod
-    def _stop_list(cls, v: str | list[str] | None) -> list[str]:
+    def _stop_list(cls, v: str | list[str] | None) -> list[str]:  # their number and length: limits.py
         stops = [v] if isinstance(v, str) else list(v or [])
-        if len(stops) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop sequences, got {len(stops)}")
         return [s for s in stops if s]
 
     @property
@@ -78,8 +94,8 @@ class SamplingRequest(Request):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: Union[str, list[str], list[int], list[list[int]]] = Field(
-        description="text, texts, token ids, or lists of token ids")
+    prompt: Union[Text, list[Text], list[int], list[list[int]]] = Field(
+        description="text, texts, token ids, or lists of token ids (up to --max-prompts, default 64, prompts)")
     max_tokens: int = Field(16, ge=0, description="0 with echo scores the prompt only")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
                                  description="k: the chosen token's logprob and the top k alternatives")
@@ -90,6 +106,7 @@ class CompletionRequest(SamplingRequest):
     @field_validator("prompt", mode="wrap")
     @classmethod
     def _prompt_shape(cls, v, handler):
+        unicode_text(v)  # its own message, not the one below
         try:
             return handler(v)
         except ValueError:  # pydantic lists every union branch it tried: one line instead
@@ -99,13 +116,13 @@ class CompletionRequest(SamplingRequest):
 
 class TextPart(Request):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(Request):
     role: Literal["system", "developer", "user", "assistant"] = Field(
         description="developer is OpenAI's newer name for system")
-    content: Union[str, list[TextPart]]
+    content: Union[Text, list[TextPart]]
     name: str | None = Field(None, description=_ignored("messages[].name"))
 
     @property
@@ -126,13 +143,13 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 class TokenizeRequest(Request):
-    model: str | None = Field(None, description="default: the first model served")
-    prompt: str
+    model: Text | None = Field(None, description="default: the first model served")
+    prompt: Text
     add_special_tokens: bool = Field(False, description=_ignored("add_special_tokens (/tokenize)"))
 
 
 class DetokenizeRequest(Request):
-    model: str | None = Field(None, description="default: the first model served")
+    model: Text | None = Field(None, description="default: the first model served")
     tokens: list[int]
 
 
@@ -258,7 +275,10 @@ class TokenizerInfo(BaseModel):
     eos_token: str | None
     bos_token: str | None
     pad_token: str | None
-    chat_template: str = Field(description="Jinja equivalent of the ChatML template the server renders with")
+    chat_template: str = Field(description="Jinja equivalent of the template the server renders chat with")
+    chat_template_kind: Literal["chatml", "plain"]
+    chat_template_source: str = Field(description="checkpoint (stored with it), chatml / plain (--chat-template), "
+                                      "default (ChatML tokens, no stored template) or fallback (no chat tokens)")
     model_max_length: int
 
 
@@ -266,6 +286,8 @@ class EngineLoad(BaseModel):
     running: int = Field(description="requests in the batch")
     queued: int = Field(description="requests waiting for a slot")
     max_batch: int
+    cached_tokens: int = Field(description="KV-cache positions reserved by running requests")
+    max_cached_tokens: int
 
 
 class Health(BaseModel):

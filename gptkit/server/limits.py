@@ -1,0 +1,63 @@
+"""What one request may cost: each limit is a `gptkit serve` option with the default below.
+
+The body size limit (--max-body, BodyLimit in app.py) bounds everything a request can carry;
+these bound the work it can ask for. A request over a limit gets a 400 naming the field
+(`param`) and the option that raises the limit; a full queue is a 429 (retry later). The queue
+and the batch count sequences (prompts x n), not requests, so a long prompt list cannot take
+every slot with one request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from gptkit.config import GptkitError
+from gptkit.server.errors import APIError
+
+
+@dataclass
+class Limits:
+    max_stop: int = 4  # stop strings per request (OpenAI's limit)
+    max_stop_chars: int = 256  # characters per stop string (matching cost grows with length)
+    max_prompts: int = 64  # prompts in one /v1/completions request (a list of texts or of id lists)
+    max_request_tokens: int = 32768  # prompts x n x max_tokens: tokens one request may ask to generate
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) < 1:
+                raise GptkitError(f"--{f.name.replace('_', '-')} {getattr(self, f.name)} must be at least 1")
+
+    def check_stop(self, stop: list[str]) -> None:
+        if len(stop) > self.max_stop:
+            raise APIError(400, f"at most {self.max_stop} stop sequences (--max-stop), got {len(stop)}",
+                           param="stop")
+        longest = max(stop, key=len, default="")
+        if len(longest) > self.max_stop_chars:
+            raise APIError(400, f"stop sequence of {len(longest)} characters is over the limit of "
+                           f"{self.max_stop_chars} (--max-stop-chars)", param="stop")
+
+    def check_prompts(self, count: int) -> None:
+        if count > self.max_prompts:
+            raise APIError(400, f"{count} prompts in one request is over the limit of {self.max_prompts} "
+                           "(--max-prompts); send them in several requests", param="prompt")
+
+    def check_tokens(self, prompts: int, n: int, max_tokens: int, param: str = "max_tokens") -> None:
+        total = prompts * n * max_tokens
+        if total > self.max_request_tokens:
+            raise APIError(400, f"{prompts} prompt(s) x n={n} x max_tokens {max_tokens} = {total} tokens is over "
+                           f"the limit of {self.max_request_tokens} per request (--max-request-tokens)",
+                           param=param)
+
+    def default_max_tokens(self, room: int, n: int) -> int:
+        """max_tokens when a chat request gives none: the rest of the context, within the limit."""
+        return max(min(room, self.max_request_tokens // n), 1)
+
+
+def check_queue(name: str, queued: int, sequences: int, max_queue: int) -> None:
+    """A request of `sequences` (prompts x n) joining a queue that holds `queued` of them."""
+    if sequences > max_queue:
+        raise APIError(400, f"the request has {sequences} sequences (prompts x n), more than the queue holds "
+                       f"(--max-queue {max_queue}); send fewer prompts or a smaller n", param="prompt")
+    if queued + sequences > max_queue:
+        raise APIError(429, f"model {name!r} has {queued} sequences waiting (--max-queue {max_queue}); "
+                       "retry shortly", code="queue_full", headers={"Retry-After": "1"})
