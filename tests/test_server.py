@@ -153,7 +153,7 @@ def auth() -> dict:
 
 def metric(url: str, name: str, **labels) -> float:
     """One sample's value from /metrics (0 when absent)."""
-    text = httpx.get(f"{url}/metrics").text
+    text = httpx.get(f"{url}/metrics", headers=auth()).text
     want = ",".join(f'{k}="{v}"' for k, v in labels.items())
     m = re.search(rf"^{name}\{{{re.escape(want)}\}} (\S+)$", text, re.M)
     return float(m.group(1)) if m else 0.0
@@ -341,9 +341,10 @@ def test_chat_template_jinja_renders_like_render_chat(server, ckpt):
 
 # ------------------------------------------------------------------------------------ OpenAPI and metrics
 def test_openapi_matches_what_is_served(server):
-    doc = httpx.get(f"{server}/openapi.json").json()
+    doc = httpx.get(f"{server}/openapi.json", headers=auth()).json()
     assert set(doc["paths"]) == {"/v1/models", "/v1/models/{model_id}", "/v1/completions", "/v1/chat/completions",
-                                 "/health", "/metrics", "/tokenize", "/detokenize", "/tokenizer_info"}
+                                 "/v1/moderations", "/health", "/metrics", "/tokenize", "/detokenize",
+                                 "/tokenizer_info"}
     assert "422" not in json.dumps(doc["paths"]) and "HTTPValidationError" not in json.dumps(doc)
     completions = doc["paths"]["/v1/completions"]["post"]
     assert {"400", "401", "404", "413", "429"} <= set(completions["responses"])
@@ -357,7 +358,7 @@ def test_openapi_matches_what_is_served(server):
 
 def test_metrics_are_prometheus_text(server, client):
     client.completions.create(model="other", prompt="The quick", max_tokens=3, temperature=0)
-    text = httpx.get(f"{server}/metrics").text
+    text = httpx.get(f"{server}/metrics", headers=auth()).text
     for name in ("gptkit_requests_total", "gptkit_generated_tokens_total", "gptkit_running_requests",
                  "gptkit_queued_requests", "gptkit_time_to_first_token_seconds_bucket",
                  "gptkit_request_latency_seconds_bucket"):
