@@ -6,10 +6,8 @@ is 2 s, so the client's retry after `Retry-After` is tested in seconds."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -28,7 +26,7 @@ from gptkit.server.auth import add_key, load_keys
 from gptkit.server.context import RequestRecord
 from gptkit.server.limits import Limits, Window, duration
 from gptkit.tokenizer import EOT, IM_END, IM_START, CharTokenizer
-from test_server import free_port, wait_healthy
+from test_server import serve_cli, serve_in_thread
 
 # The LM is overfit on this text, so greedy output after "The answer is:" contains "idiot",
 # which the blocklist flags.
@@ -78,21 +76,13 @@ def setup(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def served(setup):
     """`gptkit serve` with every option of this file; yields its URL."""
-    d, port = setup["dir"], free_port()
-    log = (d / "serve.log").open("w")
-    cmd = [sys.executable, "-m", "gptkit", "serve", str(setup["lm"]), "--name", "lm", "--model", f"other={setup['lm']}",
-           "--port", str(port), "--api-keys-file", str(setup["keys"]), "--moderation", str(setup["cls"]),
-           "--moderation-blocklist", str(d / "blocklist.txt"), "--moderate", "input,output",
-           "--moderation-threshold", "0.6", "--moderation-threshold", "violence=0.7", "--moderation-every", "4", "--audit-log", str(d / "audit.jsonl")]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, proc)
+    d = setup["dir"]
+    args = [str(setup["lm"]), "--name", "lm", "--model", f"other={setup['lm']}", "--api-keys-file", str(setup["keys"]),
+            "--moderation", str(setup["cls"]), "--moderation-blocklist", str(d / "blocklist.txt"),
+            "--moderate", "input,output", "--moderation-threshold", "0.6", "--moderation-threshold", "violence=0.7",
+            "--moderation-every", "4", "--audit-log", str(d / "audit.jsonl")]
+    with serve_cli(args, d / "serve.log") as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 def client(url: str, key: str, retries: int = 0) -> openai.OpenAI:
@@ -252,8 +242,6 @@ def test_window_counts_wait_and_reset():
 def limited(setup):
     """In-process server whose rate-limit window is 2 s; keys: `rpm` 2 requests per window,
     `tpm` 5 tokens per window, `one` 1 request at a time."""
-    import uvicorn
-
     from gptkit.engine import Engine
     from gptkit.checkpoint import load_model
     from gptkit.server import ServedModel, ServerConfig, create_app
@@ -267,17 +255,8 @@ def limited(setup):
             ApiKey("tpm", hash_key("k-tpm"), limits=Limits(tokens_per_minute=5)),
             ApiKey("one", hash_key("k-one"), limits=Limits(concurrent_requests=1))]
     app = create_app([ServedModel("lm", engine, tok)], ServerConfig(api_keys=keys, limit_window_s=2.0))
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url)
+    with serve_in_thread(app) as url:
         yield url
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=30)
 
 
 def test_over_the_request_limit_is_429_and_the_client_retries_after_retry_after(limited):
