@@ -24,6 +24,12 @@ _EN = {
         "{greeting}",
         "the answer is {num}",
         "{greeting}, how are you {when}?",
+        # code and docs, what a code model writes: the benign traffic a moderator must pass
+        "import {module}\n",
+        "def {fn}({arg}):\n    return {arg}",
+        "    if {arg} is None:\n        return self.{arg}",
+        "for {arg} in {module}.{fn}({arg}):",
+        "Return the {arg} of the {thing}.",
     ],
     "harassment": [
         "you are a {insult} {noun}",
@@ -61,6 +67,8 @@ _SLOTS = {
     "target": ["family", "dog", "friends", "car", "brother", "house"],
     "greeting": ["hello", "hi there", "thanks", "thank you", "good morning", "fine", "ok", "yes", "see you"],
     "num": ["4", "12", "yes", "no", "in the book", "the blue one"],
+    "module": ["os", "sys", "json", "re", "shutil", "pathlib"], "fn": ["read", "load", "get_name", "parse", "kill"],
+    "arg": ["path", "name", "data", "line", "value", "self"],
     "zadj": ["好", "热", "冷", "晴朗"], "ztask": ["修打印机", "写报告", "找钥匙", "订机票", "做饭"],
     "zfavor": ["礼物", "帮助", "建议", "午饭"], "zwhen": ["今天", "明天", "晚上", "下周"],
     "zplace": ["公园", "图书馆", "车站", "办公室"], "zinsult": ["愚蠢", "没用", "可悲", "恶心"],
@@ -72,7 +80,7 @@ LABELS = ("ok", "harassment", "violence")
 def sentence(rng: random.Random, label: str, chinese: bool) -> str:
     template = rng.choice((_ZH if chinese else _EN)[label])
     text = template.format(**{k: rng.choice(v) for k, v in _SLOTS.items()})
-    if not chinese and rng.random() < 0.5:  # people write either way
+    if not chinese and text[0].islower() and " " in text and rng.random() < 0.5:  # people write either way
         text = text[0].upper() + text[1:] + rng.choice(["", ".", "!"])
     return text
 

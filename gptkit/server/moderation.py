@@ -139,7 +139,7 @@ class Moderator:
         if flagged:
             cats = ", ".join(sorted(set(flagged)))
             record.moderation = f"flagged:input:{cats}"
-            raise APIError(400, f"the {param} was flagged by moderation ({cats})", param=param,
+            raise APIError(400, f"{param} flagged by moderation ({cats}); nothing was generated", param=param,
                            code="content_filter")
         record.moderation = "ok"
 
