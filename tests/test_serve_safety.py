@@ -241,7 +241,7 @@ def test_window_counts_wait_and_reset():
 @pytest.fixture(scope="module")
 def limited(setup):
     """In-process server whose rate-limit window is 2 s; keys: `rpm` 2 requests per window,
-    `tpm` 5 tokens per window, `one` 1 request at a time."""
+    `tpm` 5 tokens per window, `one` 1 request at a time; public /metrics; an audit log with text."""
     from gptkit.engine import Engine
     from gptkit.checkpoint import load_model
     from gptkit.server import ServedModel, ServerConfig, create_app
@@ -254,7 +254,9 @@ def limited(setup):
     keys = [ApiKey("rpm", hash_key("k-rpm"), limits=Limits(requests_per_minute=2)),
             ApiKey("tpm", hash_key("k-tpm"), limits=Limits(tokens_per_minute=5)),
             ApiKey("one", hash_key("k-one"), limits=Limits(concurrent_requests=1))]
-    app = create_app([ServedModel("lm", engine, tok)], ServerConfig(api_keys=keys, limit_window_s=2.0))
+    audit = AuditLog(setup["dir"] / "limited-audit.jsonl", text=True)
+    app = create_app([ServedModel("lm", engine, tok)], ServerConfig(api_keys=keys, limit_window_s=2.0,
+                                                                    public_metrics=True, audit=audit))
     with serve_in_thread(app) as url:
         yield url
 
@@ -299,5 +301,16 @@ def test_tokens_and_concurrency_limits(limited):
         except openai.RateLimitError:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-    metrics = httpx.get(f"{limited}/metrics", headers={"Authorization": "Bearer k-rpm"}).text
+    metrics = httpx.get(f"{limited}/metrics").text  # --public-metrics: no key needed
     assert 'gptkit_key_rate_limited_total{key="one",limit="concurrent"}' in metrics
+    assert httpx.get(f"{limited}/v1/models").status_code == 401
+
+
+def test_audit_log_text_only_when_asked(limited, setup):
+    out = client(limited, "k-one").completions.create(model="lm", prompt="The answer", max_tokens=3, temperature=0)
+    path = setup["dir"] / "limited-audit.jsonl"
+    deadline = time.monotonic() + 10
+    while '"prompt": ["The answer"]' not in path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    entry = [json.loads(x) for x in path.read_text().splitlines() if '"prompt": ["The answer"]' in x][-1]
+    assert entry["key"] == "one" and entry["completion"] == [out.choices[0].text] and entry["completion_tokens"] == 3
