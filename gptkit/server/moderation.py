@@ -147,7 +147,7 @@ class Moderator:
         """A Generation's (choice, event, delta) stream with output moderation: each choice's
         events are held until its text passes a check; a flagged choice ends with
         finish_reason "content_filter" and keeps only the text that passed."""
-        record = current_request()
+        record = gen.record  # the request's, wherever the stream is consumed
         n = len(gen.choices)
         held: list[list] = [[] for _ in range(n)]
         passed, tokens, done, flagged = [""] * n, [0] * n, set(), set()
