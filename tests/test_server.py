@@ -14,8 +14,10 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import openai
@@ -85,20 +87,42 @@ def wait_until(condition, timeout: float = 20) -> None:
 @pytest.fixture(scope="session")
 def server(ckpt, tmp_path_factory) -> str:
     """`gptkit serve` in a subprocess: models `tiny` and `other` (the same checkpoint), a key."""
+    with serve_cli([str(ckpt), "--name", "tiny", "--model", f"other={ckpt}", "--max-body", "100000"],
+                   tmp_path_factory.mktemp("serve-log") / "serve.log", {"GPTKIT_API_KEY": KEY}) as url:
+        yield url
+
+
+@contextmanager
+def serve_cli(args: list[str], log_path: Path, env: dict | None = None) -> Iterator[str]:
+    """`gptkit serve ARGS` on a free port, its output in log_path; yields its URL once healthy."""
     port = free_port()
-    log = (tmp_path_factory.mktemp("serve-log") / "serve.log").open("w")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GPTKIT_API_KEY": KEY}
-    proc = subprocess.Popen([sys.executable, "-m", "gptkit", "serve", str(ckpt), "--name", "tiny",
-                             "--model", f"other={ckpt}", "--port", str(port), "--max-body", "100000"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "gptkit", "serve", *args, "--port", str(port)], stdout=log,
+                                stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_healthy(url, proc)
+            yield url
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+@contextmanager
+def serve_in_thread(app) -> Iterator[str]:
+    """An app on uvicorn in a thread of this process, on a free port; yields its URL."""
+    import uvicorn
+
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{uv.config.port}"
     try:
-        wait_healthy(url, proc)
+        wait_healthy(url)
         yield url
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+        uv.should_exit = True
+        thread.join(timeout=30)
 
 
 @pytest.fixture(scope="session")
@@ -117,8 +141,6 @@ class Gated:
 def gated(ckpt):
     """An in-process server (max_batch 2, max_queue 2, no eos: samples run to max_tokens) whose
     engine only steps while `gate` is set."""
-    import uvicorn
-
     from gptkit.server import ServedModel, ServerConfig, create_app
 
     model, _ = load_model(ckpt)
@@ -133,18 +155,11 @@ def gated(ckpt):
 
     engine.step = gated_step  # the scheduler thread calls self.step()
     app = create_app([ServedModel("gated", engine, tok)], ServerConfig(max_queue=2))
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url)
-        yield Gated(url, engine, gate)
+        with serve_in_thread(app) as url:
+            yield Gated(url, engine, gate)
     finally:
         gate.set()
-        uv.should_exit = True
-        thread.join(timeout=30)
 
 
 def auth() -> dict:
@@ -153,7 +168,7 @@ def auth() -> dict:
 
 def metric(url: str, name: str, **labels) -> float:
     """One sample's value from /metrics (0 when absent)."""
-    text = httpx.get(f"{url}/metrics").text
+    text = httpx.get(f"{url}/metrics", headers=auth()).text
     want = ",".join(f'{k}="{v}"' for k, v in labels.items())
     m = re.search(rf"^{name}\{{{re.escape(want)}\}} (\S+)$", text, re.M)
     return float(m.group(1)) if m else 0.0
@@ -344,9 +359,10 @@ def test_chat_template_jinja_renders_like_render_chat(server, ckpt):
 
 # ------------------------------------------------------------------------------------ OpenAPI and metrics
 def test_openapi_matches_what_is_served(server):
-    doc = httpx.get(f"{server}/openapi.json").json()
+    doc = httpx.get(f"{server}/openapi.json", headers=auth()).json()
     assert set(doc["paths"]) == {"/v1/models", "/v1/models/{model_id}", "/v1/completions", "/v1/chat/completions",
-                                 "/health", "/metrics", "/tokenize", "/detokenize", "/tokenizer_info"}
+                                 "/v1/moderations", "/health", "/metrics", "/tokenize", "/detokenize",
+                                 "/tokenizer_info"}
     assert "422" not in json.dumps(doc["paths"]) and "HTTPValidationError" not in json.dumps(doc)
     completions = doc["paths"]["/v1/completions"]["post"]
     assert {"400", "401", "404", "413", "429"} <= set(completions["responses"])
@@ -360,7 +376,7 @@ def test_openapi_matches_what_is_served(server):
 
 def test_metrics_are_prometheus_text(server, client):
     client.completions.create(model="other", prompt="The quick", max_tokens=3, temperature=0)
-    text = httpx.get(f"{server}/metrics").text
+    text = httpx.get(f"{server}/metrics", headers=auth()).text
     for name in ("gptkit_requests_total", "gptkit_generated_tokens_total", "gptkit_running_requests",
                  "gptkit_queued_requests", "gptkit_time_to_first_token_seconds_bucket",
                  "gptkit_request_latency_seconds_bucket"):

@@ -7,14 +7,14 @@ which never splits a UTF-8 character nor shows the start of a stop string.
 
     /v1/models, /v1/models/{id}, /v1/completions, /v1/chat/completions   OpenAI's API
     /tokenize, /detokenize, /tokenizer_info                              for evaluation harnesses
-    /health, /metrics                                                    open even with an API key
+    /v1/moderations                                                      with --moderation (moderation.py)
+    /health                                                              open even with API keys (auth.py)
 """
 
 from __future__ import annotations
 
 import asyncio
 import codecs
-import secrets
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -30,13 +30,17 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from gptkit.config import SampleConfig
 from gptkit.engine import Engine, Event, RequestHandle, TextStream
 from gptkit.server import schemas as S
+from gptkit.server.audit import AuditLog
+from gptkit.server.auth import ApiKey, KeyAuth, KeyRing, check_model, hash_key, is_open, model_allowed
+from gptkit.server.context import RequestContext, current_request
 from gptkit.server.errors import APIError, error_body, error_response, install_handlers, log
 from gptkit.server.limits import Limits, check_queue
 from gptkit.server.metrics import Metrics, RequestMetrics
+from gptkit.server.moderation import Moderator, moderation_routes
+from gptkit.server.ratelimit import WINDOW_S
 from gptkit.tokenizer import EOT, Tokenizer, render_chat, use_chat_template
 
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
-OPEN_PATHS = {"/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 ERROR_RESPONSES = {s: {"model": S.ErrorResponse} for s in (400, 401, 404, 413, 429)}
 SSE_RESPONSE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
                       "description": "JSON, or with stream=true server-sent events of chunks ending in [DONE]"}}
@@ -68,7 +72,12 @@ class ServedModel:
 
 @dataclass
 class ServerConfig:
-    api_key: str | None = None  # None: no key needed (any or no Authorization header is accepted)
+    api_key: str | None = None  # one key, named "default"; with api_keys: also none needed when both are empty
+    api_keys: list[ApiKey] = field(default_factory=list)  # from --api-keys-file
+    public_metrics: bool = False  # /metrics open even with keys
+    limit_window_s: float = WINDOW_S  # the "minute" of the rate limits (shorter only in tests)
+    audit: AuditLog | None = None
+    moderator: Moderator | None = None
     max_queue: int = 64  # sequences (prompts x n) waiting for a batch row, per model, before 429
     max_body: int = 4 * 2**20  # bytes, before 413
     limits: Limits = field(default_factory=Limits)  # what one request may cost (limits.py)
@@ -164,8 +173,14 @@ class Generation:
         self._streams = [TextStream(served.tokenizer, stop) for _ in self.choices]
         self._first_token = True
         self._closed = False
+        self.record = current_request()
+        self.guard: Moderator | None = None  # output moderation
 
-    async def events(self) -> AsyncIterator[tuple[int, Event, str]]:
+    def events(self) -> AsyncIterator[tuple[int, Event, str]]:
+        raw = self._events()
+        return self.guard.guard(self, raw) if self.guard else raw
+
+    async def _events(self) -> AsyncIterator[tuple[int, Event, str]]:
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(p: int, handle: RequestHandle) -> None:
@@ -205,6 +220,8 @@ class Generation:
             self.metrics.cancelled.labels(self.served.name).inc()
         for h in self.handles:
             h.cancel()
+        if self.record.want_text:
+            self.record.completion_text = [c.text for c in self.choices]
 
     def usage(self) -> S.Usage:
         prompt = sum(len(p) for p in self.prompts)
@@ -220,6 +237,7 @@ class Generation:
             c.logprobs.append(ev.logprob)
             c.tops.append(ev.top_logprobs)
             self.metrics.generated_tokens.labels(self.served.name).inc()
+            self.record.add_tokens(completion=1)
             if self._first_token:
                 self._first_token = False
                 self.metrics.ttft.labels(self.served.name).observe(time.perf_counter() - self.started)
@@ -279,14 +297,24 @@ class Server:
         self.models = {m.name: m for m in models}
         self.config = config
         self.metrics = Metrics()
+        self.keys = KeyRing(config.api_keys + ([ApiKey("default", hash_key(config.api_key))] if config.api_key else []),
+                            config.limit_window_s)
+        self.moderator = config.moderator
 
     def model(self, name: str | None) -> ServedModel:
         if name is None:
-            return next(iter(self.models.values()))
+            name = next((m for m in self.models if model_allowed(m)), next(iter(self.models)))
         if name not in self.models:
-            raise APIError(404, f"model {name!r} not found; this server has: {', '.join(self.models)}",
+            raise APIError(404, f"model {name!r} not found; this server has: "
+                           f"{', '.join(m for m in self.models if model_allowed(m))}",
                            param="model", code="model_not_found")
+        check_model(name)
+        current_request().model = name
         return self.models[name]
+
+    async def moderate_input(self, texts: list[str], param: str) -> None:
+        if self.moderator is not None:
+            await self.moderator.check_input(texts, param)
 
     def generate(self, served: ServedModel, prompts: list[list[int]], params: SampleConfig, n: int) -> Generation:
         """Submit one engine request per prompt, or 429 when the model's queue is full."""
@@ -302,7 +330,13 @@ class Server:
                 h.cancel()
             raise
         self.metrics.prompt_tokens.labels(served.name).inc(sum(len(p) for p in prompts))
-        return Generation(served, handles, prompts, n, params.stop, self.metrics, started)
+        gen = Generation(served, handles, prompts, n, params.stop, self.metrics, started)
+        gen.record.add_tokens(prompt=sum(len(p) for p in prompts))
+        if gen.record.want_text:
+            gen.record.prompt_text = [served.tokenizer.decode(p) for p in prompts]
+        if self.moderator is not None and self.moderator.cfg.moderate_output:
+            gen.guard = self.moderator
+        return gen
 
 
 # ------------------------------------------------------------------------------------ /v1/completions
@@ -319,6 +353,7 @@ async def completions(server: Server, body: S.CompletionRequest) -> S.Completion
     limits.check_stop(body.stop)
     prompts = encode_prompts(served, body.prompt, limits)
     limits.check_tokens(len(prompts), body.n, body.max_tokens)
+    await server.moderate_input([served.tokenizer.decode(p) for p in prompts], "prompt")
     gen = server.generate(served, prompts, sample_config(body, body.max_tokens, body.logprobs), body.n)
     try:
         echoes = await _echoes(served, prompts, body) if body.echo else None
@@ -389,6 +424,7 @@ async def chat_completions(server: Server, body: S.ChatCompletionRequest) -> S.C
     limits = server.config.limits
     limits.check_stop(body.stop)
     ids, _ = render_chat(served.tokenizer, messages)
+    await server.moderate_input([m["content"] for m in messages], "messages")
     # default: the rest of the context (at least 1, so a full context is a 400 naming both numbers)
     max_tokens = (body.max_completion_tokens or body.max_tokens
                   or limits.default_max_tokens(served.context - len(ids), body.n))
@@ -429,28 +465,6 @@ async def _chat_chunks(gen: Generation, head: dict,
 
 
 # ------------------------------------------------------------------------------------ middleware
-class BearerAuth:
-    """ASGI middleware: with a key set, every path but OPEN_PATHS needs `Authorization: Bearer
-    KEY`. It runs before the body is read, so a client without the key learns that first."""
-
-    def __init__(self, app, api_key: str | None):
-        self.app, self.api_key = app, api_key
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and self.api_key and scope["path"] not in OPEN_PATHS:
-            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            scheme, _, key = header.partition(" ")
-            if scheme.lower() != "bearer" or not key.strip():
-                message = "missing API key: send the header `Authorization: Bearer <key>`"
-            elif not secrets.compare_digest(key.strip().encode(), self.api_key.encode()):
-                message = "incorrect API key"
-            else:
-                message = None
-            if message:
-                return await error_response(401, message, code="invalid_api_key")(scope, receive, send)
-        await self.app(scope, receive, send)
-
-
 class BodyLimit:
     """ASGI middleware: 413 for a body over max_body bytes, by its Content-Length when sent,
     else while it is being read."""
@@ -487,24 +501,38 @@ def create_app(models: list[ServedModel], config: ServerConfig | None = None) ->
     """The FastAPI app serving `models`; their engines' scheduler threads run while it runs."""
     server = Server(models, config or ServerConfig())
 
+    cfg = server.config
+    secured = bool(server.keys.keys)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         for m in server.models.values():
             m.engine.start()
+        if cfg.audit:
+            cfg.audit.start()
         yield
         for m in server.models.values():
             m.engine.shutdown()
+        if cfg.audit:
+            cfg.audit.close()
 
+    # /docs and /redoc load their JavaScript from a CDN: off when keys are set (auth.py)
+    docs = {"docs_url": None, "redoc_url": None} if secured else {}
     app = FastAPI(title="gptkit", version="0.1.0", lifespan=lifespan,
-                  description="OpenAI-compatible API for gptkit checkpoints")
+                  description="OpenAI-compatible API for gptkit checkpoints", **docs)
     app.state.server = server
     install_handlers(app)
     app.include_router(_routes(server))
-    # the last added runs first: count every response, then check the key, then the body size
-    app.add_middleware(BodyLimit, max_body=server.config.max_body)
-    app.add_middleware(BearerAuth, api_key=server.config.api_key)
+    app.include_router(moderation_routes(server.moderator, ERROR_RESPONSES))
+    # the last added runs first: count every response, open its record, check the key and its
+    # limits, then the body size
+    app.add_middleware(BodyLimit, max_body=cfg.max_body)
+    app.add_middleware(KeyAuth, ring=server.keys if secured else None, public_metrics=cfg.public_metrics,
+                       on_limited=lambda key, limit: server.metrics.key_rate_limited.labels(key, limit).inc())
+    app.add_middleware(RequestContext, sinks=[server.metrics.record_key] + ([cfg.audit.log] if cfg.audit else []),
+                       want_text=bool(cfg.audit and cfg.audit.text))
     app.add_middleware(RequestMetrics, metrics=server.metrics)
-    app.openapi = lambda: _openapi(app, secured=server.config.api_key is not None)
+    app.openapi = lambda: _openapi(app, secured=secured, public_metrics=cfg.public_metrics)
     return app
 
 
@@ -528,7 +556,7 @@ def _routes(server: Server) -> APIRouter:
 
     @v1.get("/models", response_model=S.ModelList)
     async def list_models() -> S.ModelList:
-        return S.ModelList(data=[m.card() for m in server.models.values()])
+        return S.ModelList(data=[m.card() for m in server.models.values() if model_allowed(m.name)])
 
     @v1.get("/models/{model_id:path}", response_model=S.ModelCard)
     async def get_model(model_id: str) -> S.ModelCard:
@@ -582,7 +610,7 @@ def _routes(server: Server) -> APIRouter:
     return router
 
 
-def _openapi(app: FastAPI, secured: bool) -> dict:
+def _openapi(app: FastAPI, secured: bool, public_metrics: bool = False) -> dict:
     """FastAPI's document, corrected to what is served: validation errors are 400 (OpenAI's
     shape, listed per route), never 422; and the bearer key where one is required."""
     if app.openapi_schema:
@@ -591,7 +619,7 @@ def _openapi(app: FastAPI, secured: bool) -> dict:
     for path, operations in schema["paths"].items():
         for op in operations.values():
             op.get("responses", {}).pop("422", None)
-            if secured and path not in OPEN_PATHS:
+            if secured and not is_open(path, public_metrics):
                 op["security"] = [{"bearer": []}]
     components = schema.setdefault("components", {})
     for unused in ("HTTPValidationError", "ValidationError"):

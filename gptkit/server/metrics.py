@@ -10,8 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 # Paths with a parameter are labelled by their template, anything unknown as "other": a
 # client must not be able to create label values at will.
 _PATH_LABELS = {"/v1/models/": "/v1/models/{model}"}
-KNOWN_PATHS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics", "/tokenize",
-               "/detokenize", "/tokenizer_info", "/openapi.json", "/docs"}
+KNOWN_PATHS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/moderations", "/health", "/metrics",
+               "/tokenize", "/detokenize", "/tokenizer_info", "/openapi.json", "/docs"}
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -31,6 +31,21 @@ class Metrics:
                                  ["model"], registry=r)
         self.running = Gauge("gptkit_running_requests", "requests in the engine's batch", ["model"], registry=r)
         self.queued = Gauge("gptkit_queued_requests", "requests waiting for a batch slot", ["model"], registry=r)
+        # per API key, labelled by the key's name from the keys file (never by the key)
+        self.key_requests = Counter("gptkit_key_requests", "HTTP requests by API key name and status",
+                                    ["key", "status"], registry=r)
+        self.key_tokens = Counter("gptkit_key_tokens", "tokens used by API key name, prompt or completion",
+                                  ["key", "kind"], registry=r)
+        self.key_rate_limited = Counter("gptkit_key_rate_limited", "429s by API key name and the limit hit",
+                                        ["key", "limit"], registry=r)
+
+    def record_key(self, record) -> None:
+        """A finished request's usage under its key's name (a sink of RequestContext)."""
+        if record.key_name is None:
+            return
+        self.key_requests.labels(record.key_name, str(record.status)).inc()
+        self.key_tokens.labels(record.key_name, "prompt").inc(record.prompt_tokens)
+        self.key_tokens.labels(record.key_name, "completion").inc(record.completion_tokens)
 
     def render(self, loads: dict[str, tuple[int, int]]) -> bytes:
         """The text exposition, with the engines' (running, queued) read now."""

@@ -1,0 +1,86 @@
+"""The audit log: one JSON line per request, written by a thread so the event loop never waits
+on the disk, and rotated by size (FILE -> FILE.1 -> ... -> FILE.<backups>, the oldest dropped).
+
+    {"time": "2026-11-29T05:40:01.123Z", "key": "alice", "method": "POST",
+     "route": "/v1/chat/completions", "model": "tiny", "status": 200, "prompt_tokens": 12,
+     "completion_tokens": 30, "latency_ms": 412.5, "moderation": "ok"}
+
+No prompt or completion text unless the log is opened with `text=True` (`--audit-log-text`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+
+from gptkit.server.context import RequestRecord
+from gptkit.server.errors import log
+
+_STOP = object()
+
+
+def audit_entry(r: RequestRecord, text: bool) -> dict:
+    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(r.time)) + f".{int(r.time % 1 * 1000):03d}Z",
+             "key": r.key_name, "method": r.method, "route": r.route, "model": r.model, "status": r.status,
+             "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+             "latency_ms": round(r.latency() * 1000, 1), "moderation": r.moderation}
+    if text:
+        entry.update(prompt=r.prompt_text, completion=r.completion_text)
+    return entry
+
+
+class AuditLog:
+    """`log(record)` from the event loop enqueues; the writer thread appends and rotates."""
+
+    def __init__(self, path: str | Path, max_bytes: int = 100 * 2**20, backups: int = 5, text: bool = False):
+        self.path, self.max_bytes, self.backups, self.text = Path(path), max_bytes, backups, text
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._write_loop, name="gptkit-audit", daemon=True)
+            self._thread.start()
+
+    def log(self, record: RequestRecord) -> None:
+        # the entry is built now, on the event loop, so it sees the record as it is at the end
+        self._queue.put(json.dumps(audit_entry(record, self.text), ensure_ascii=False) + "\n")
+
+    def close(self) -> None:
+        """Write what is queued, then stop the thread."""
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _write_loop(self) -> None:
+        f = self.path.open("ab")
+        try:
+            while (line := self._queue.get()) is not _STOP:
+                data = line.encode("utf-8")
+                if f.tell() and f.tell() + len(data) > self.max_bytes:
+                    f.close()
+                    self._rotate()
+                    f = self.path.open("ab")
+                f.write(data)
+                if self._queue.empty():  # flush per burst, not per line
+                    f.flush()
+        except OSError:
+            log.exception("audit log %s: write failed; no more audit lines are written", self.path)
+        finally:
+            f.close()
+
+    def _rotate(self) -> None:
+        for i in range(self.backups - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{i}")
+            if older.exists():
+                os.replace(older, self.path.with_name(f"{self.path.name}.{i + 1}"))
+        if self.backups:
+            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        else:
+            self.path.unlink()

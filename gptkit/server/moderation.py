@@ -1,0 +1,247 @@
+"""Moderation: a classifier checkpoint that gptkit fine-tuned itself (`gptkit finetune --task
+classify` on {"text", "label"} records), plus an optional blocklist of exact terms.
+
+The classifier's labels are the categories, except the benign ones (`safe_labels`, default
+"ok"); a category is flagged when its probability reaches its threshold. A blocklist hit
+flags the category "blocklist" with score 1.0. The same verdicts serve
+
+    POST /v1/moderations                 OpenAI's shape: results[].flagged/categories/category_scores
+    --moderate input                     a flagged prompt or message is a 400, code "content_filter"
+    --moderate output                    a flagged completion stops, finish_reason "content_filter"
+
+Output is checked every `check_every` tokens and at its end, on the whole text so far; the
+tokens since the last check are held back until they pass, so flagged text is never sent
+(streaming arrives in bursts of `check_every` tokens).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator
+
+import torch
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field
+
+from gptkit.config import GptkitError
+from gptkit.engine import Event
+from gptkit.server.context import current_request
+from gptkit.server.errors import APIError
+
+BLOCKLIST = "blocklist"
+MAX_INPUTS = 256  # strings per /v1/moderations request
+
+
+@dataclass
+class ModerationConfig:
+    ckpt: str | None = None  # classifier checkpoint; None: the blocklist alone
+    blocklist: str | None = None  # a file of terms, one a line ('#' comments)
+    moderate_input: bool = False
+    moderate_output: bool = False
+    thresholds: dict[str, float] = field(default_factory=dict)  # per category
+    threshold: float = 0.5  # for the categories not in `thresholds`
+    safe_labels: tuple[str, ...] = ("ok",)
+    check_every: int = 16  # output tokens between checks
+
+
+@dataclass
+class Verdict:
+    flagged: bool
+    categories: dict[str, bool]
+    scores: dict[str, float]
+
+    def flagged_categories(self) -> list[str]:
+        return [c for c, f in self.categories.items() if f]
+
+
+def read_blocklist(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise GptkitError(f"{path}: blocklist file not found")
+    terms = [t.strip() for t in path.read_text(encoding="utf-8").splitlines()]
+    return [t for t in terms if t and not t.startswith("#")]
+
+
+def _term_pattern(term: str) -> str:
+    # ASCII words match whole words ("ass" is not in "class"); other scripts (Chinese has no
+    # spaces between words) match anywhere
+    return rf"(?<![A-Za-z0-9_]){re.escape(term)}(?![A-Za-z0-9_])" if term.isascii() else re.escape(term)
+
+
+class Moderator:
+    def __init__(self, cfg: ModerationConfig):
+        from gptkit.checkpoint import load_model
+        from gptkit.tokenizer import load_tokenizer
+
+        self.cfg = cfg
+        self.model, self.tokenizer, self.labels = None, None, []
+        if cfg.ckpt:
+            self.model, ckpt_cfg = load_model(cfg.ckpt)
+            self.labels = list((ckpt_cfg.get("extra") or {}).get("labels") or [])
+            if not self.labels:
+                raise GptkitError(f"{cfg.ckpt}: no classification head; fine-tune one with "
+                                  "`gptkit finetune BASE data.jsonl --task classify`")
+            self.tokenizer = load_tokenizer(cfg.ckpt)
+        terms = read_blocklist(cfg.blocklist) if cfg.blocklist else []
+        self.blocklist = re.compile("|".join(_term_pattern(t) for t in terms), re.IGNORECASE) if terms else None
+        if self.model is None and self.blocklist is None:
+            raise GptkitError("moderation needs a classifier checkpoint (--moderation) or a blocklist "
+                              "(--moderation-blocklist)")
+        self.categories = [lb for lb in self.labels if lb not in cfg.safe_labels] + ([BLOCKLIST] if terms else [])
+        unknown = set(cfg.thresholds) - set(self.categories)
+        if unknown:
+            raise GptkitError(f"moderation threshold for unknown categor{'ies' if len(unknown) > 1 else 'y'} "
+                              f"{', '.join(sorted(unknown))}; the categories are {', '.join(self.categories)}")
+        self._lock = threading.Lock()  # one forward pass at a time: the CPU is the engines' too
+
+    @torch.no_grad()
+    def _class_probs(self, text: str) -> dict[str, float]:
+        """Label probabilities of a text; a text longer than the context is scored window by
+        window, each label taking its highest probability."""
+        T = self.model.config.block_size
+        ids = self.tokenizer.encode(text) or [self.tokenizer.eot_id]
+        windows = [ids[i:i + T] for i in range(0, len(ids), T)]
+        x = torch.tensor([w + [self.tokenizer.eot_id] * (T - len(w)) for w in windows])[:, :max(map(len, windows))]
+        h = self.model.hidden(x)  # (W, T', C)
+        last = torch.tensor([len(w) - 1 for w in windows])
+        probs = self.model.heads["classify"](h[torch.arange(len(windows)), last]).float().softmax(-1)  # (W, L)
+        return dict(zip(self.labels, probs.max(0).values.tolist()))
+
+    def check(self, texts: list[str]) -> list[Verdict]:
+        out = []
+        for text in texts:
+            scores = {}
+            if self.model is not None:
+                with self._lock:
+                    probs = self._class_probs(text)
+                scores = {c: probs[c] for c in self.labels if c not in self.cfg.safe_labels}
+            if self.blocklist is not None:
+                scores[BLOCKLIST] = 1.0 if self.blocklist.search(text) else 0.0
+            flags = {c: s >= self.cfg.thresholds.get(c, self.cfg.threshold) for c, s in scores.items()}
+            out.append(Verdict(any(flags.values()), flags, {c: round(s, 6) for c, s in scores.items()}))
+        return out
+
+    async def acheck(self, texts: list[str]) -> list[Verdict]:
+        return await asyncio.to_thread(self.check, texts)
+
+    # ------------------------------------------------------------------ the server's hooks
+    async def check_input(self, texts: list[str], param: str) -> None:
+        """400 content_filter when any of a request's texts is flagged."""
+        if not self.cfg.moderate_input:
+            return
+        record = current_request()
+        flagged = [c for v in await self.acheck(texts) for c in v.flagged_categories()]
+        if flagged:
+            cats = ", ".join(sorted(set(flagged)))
+            record.moderation = f"flagged:input:{cats}"
+            raise APIError(400, f"{param} flagged by moderation ({cats}); nothing was generated", param=param,
+                           code="content_filter")
+        record.moderation = "ok"
+
+    async def guard(self, gen, events: AsyncIterator) -> AsyncIterator:
+        """A Generation's (choice, event, delta) stream with output moderation: each choice's
+        events are held until its text passes a check; a flagged choice ends with
+        finish_reason "content_filter" and keeps only the text that passed."""
+        record = gen.record  # the request's, wherever the stream is consumed
+        n = len(gen.choices)
+        held: list[list] = [[] for _ in range(n)]
+        passed, tokens, done, flagged = [""] * n, [0] * n, set(), set()
+        try:
+            async for i, ev, delta in events:
+                if i in flagged:
+                    continue
+                held[i].append((i, ev, delta))
+                tokens[i] += ev.token_id is not None
+                if ev.finish_reason is None and tokens[i] < self.cfg.check_every:
+                    continue
+                tokens[i] = 0
+                text = passed[i] + "".join(d for _, _, d in held[i])
+                verdict = (await self.acheck([text]))[0]
+                if verdict.flagged:
+                    flagged.add(i)
+                    record.moderation = f"flagged:output:{', '.join(verdict.flagged_categories())}"
+                    held[i] = []
+                    yield i, Event(index=ev.index, token_id=None, finish_reason="content_filter"), ""
+                else:
+                    passed[i] = text
+                    for item in held[i]:
+                        yield item
+                    held[i] = []
+                    if ev.finish_reason is not None:
+                        done.add(i)
+                if len(done) + len(flagged) == n:
+                    break
+            record.moderation = record.moderation or "ok"
+        finally:
+            await events.aclose()  # ends the generation: what still runs (a flagged choice's samples) is cancelled
+            for i in flagged:
+                gen.choices[i].text, gen.choices[i].finish_reason = passed[i], "content_filter"
+
+
+# ------------------------------------------------------------------ POST /v1/moderations
+class ModerationRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    input: str | list[str] = Field(description="a text or a list of texts")
+    model: str | None = Field(None, description="ignored: the server has one moderation model")
+
+
+class ModerationResult(BaseModel):
+    flagged: bool
+    categories: dict[str, bool]
+    category_scores: dict[str, float]
+
+
+class ModerationResponse(BaseModel):
+    id: str
+    model: str
+    results: list[ModerationResult]
+
+
+def moderation_routes(moderator: Moderator | None, responses: dict) -> APIRouter:
+    router = APIRouter(prefix="/v1", responses=responses)
+
+    @router.post("/moderations", response_model=ModerationResponse)
+    async def create_moderation(body: ModerationRequest) -> ModerationResponse:
+        if moderator is None:
+            raise APIError(404, "moderation is not enabled on this server (start it with --moderation CKPT "
+                                "or --moderation-blocklist FILE)", code="moderation_disabled")
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if not texts or len(texts) > MAX_INPUTS:
+            raise APIError(400, f"input: expected 1 to {MAX_INPUTS} texts, got {len(texts)}", param="input")
+        verdicts = await moderator.acheck(texts)
+        name = Path(moderator.cfg.ckpt).name if moderator.cfg.ckpt else BLOCKLIST
+        current_request().model = name
+        return ModerationResponse(id=f"modr-{uuid.uuid4().hex}", model=name, results=[
+            ModerationResult(flagged=v.flagged, categories=v.categories, category_scores=v.scores) for v in verdicts])
+
+    return router
+
+
+def parse_thresholds(specs: list[str]) -> tuple[float | None, dict[str, float]]:
+    """`--moderation-threshold` values: `CATEGORY=0.8` for one category, `0.7` for the rest."""
+    default, per = None, {}
+    for spec in specs:
+        cat, sep, value = spec.rpartition("=")
+        try:
+            v = float(value)
+        except ValueError:
+            v = -1.0
+        if not 0.0 <= v <= 1.0 or (sep and not cat):
+            raise GptkitError(f"--moderation-threshold {spec!r}: expected CATEGORY=P or P, with P in [0, 1]")
+        if sep:
+            per[cat] = v
+        else:
+            default = v
+    return default, per
+
+
+def parse_moderate(spec: str) -> tuple[bool, bool]:
+    parts = {p.strip() for p in spec.split(",") if p.strip()}
+    if not parts <= {"input", "output"}:
+        raise GptkitError(f"--moderate {spec!r}: expected input, output or input,output")
+    return "input" in parts, "output" in parts

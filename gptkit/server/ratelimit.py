@@ -1,0 +1,143 @@
+"""Per-key rate limits as OpenAI applies them: requests and tokens per minute in a sliding
+window, and requests in flight. Over a limit a request gets 429 with `Retry-After` (and the
+more precise `retry-after-ms`, which the openai client prefers); every response of a limited
+key carries `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`.
+
+Tokens are charged as they are used (prompt tokens when a generation is submitted, completion
+tokens as they are generated), so a request is admitted while the key's window has at least
+one token left, and what it then uses counts against the next ones.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+WINDOW_S = 60.0  # "per minute"
+
+
+@dataclass(frozen=True)
+class KeyLimits:
+    """None: no limit."""
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    concurrent_requests: int | None = None
+
+    @property
+    def any(self) -> bool:
+        return any(v is not None for v in (self.requests_per_minute, self.tokens_per_minute,
+                                           self.concurrent_requests))
+
+
+class Window:
+    """Amounts used in the last `period` seconds (a log of (time, amount), pruned as it ages)."""
+
+    def __init__(self, limit: int, period: float):
+        self.limit, self.period = limit, period
+        self._log: deque[tuple[float, int]] = deque()
+        self._used = 0
+
+    def _expire(self, now: float) -> None:
+        while self._log and self._log[0][0] <= now - self.period:
+            self._used -= self._log.popleft()[1]
+
+    def used(self, now: float) -> int:
+        self._expire(now)
+        return self._used
+
+    def remaining(self, now: float) -> int:
+        return max(self.limit - self.used(now), 0)
+
+    def add(self, now: float, amount: int) -> None:
+        if amount > 0:
+            self._log.append((now, amount))
+            self._used += amount
+
+    def wait(self, now: float) -> float:
+        """Seconds until at least one unit is free again (0 when one is free now)."""
+        used = self.used(now)
+        if used < self.limit:
+            return 0.0
+        for t, amount in self._log:  # oldest first: when enough of them have aged out
+            used -= amount
+            if used < self.limit:
+                return max(t + self.period - now, 0.0)
+        return self.period  # a limit of 0
+
+    def reset(self, now: float) -> float:
+        """Seconds until the window is empty again, as OpenAI's x-ratelimit-reset-* report."""
+        self._expire(now)
+        return max(self._log[-1][0] + self.period - now, 0.0) if self._log else 0.0
+
+
+class RateLimited(Exception):
+    def __init__(self, limit: str, message: str, wait: float):
+        super().__init__(message)
+        self.limit, self.message, self.wait = limit, message, wait
+
+
+def duration(seconds: float) -> str:
+    """OpenAI's reset format: `20ms`, `1s`, `6m0s`."""
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    minutes, secs = divmod(math.ceil(seconds), 60)
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
+def retry_headers(wait: float) -> dict[str, str]:
+    wait = max(wait, 0.001)
+    return {"Retry-After": str(math.ceil(wait)), "retry-after-ms": str(math.ceil(wait * 1000))}
+
+
+class KeyLimiter:
+    """One key's windows and in-flight count. Called from the event loop (admit, headers,
+    release) and from handlers (charge); a lock keeps the windows consistent either way."""
+
+    def __init__(self, limits: KeyLimits, period: float = WINDOW_S, clock=time.monotonic):
+        self.limits, self.clock = limits, clock
+        rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
+        self.requests = Window(rpm, period) if rpm is not None else None
+        self.tokens = Window(tpm, period) if tpm is not None else None
+        self.in_flight = 0
+        self._lock = threading.Lock()
+
+    def admit(self) -> None:
+        """Count one request in, or raise RateLimited naming the limit and the wait."""
+        with self._lock:
+            now = self.clock()
+            cap = self.limits.concurrent_requests
+            if cap is not None and self.in_flight >= cap:
+                raise RateLimited("concurrent", f"{self.in_flight} requests in flight, the key's limit is {cap}", 1.0)
+            if self.requests is not None and self.requests.remaining(now) == 0:
+                raise RateLimited("requests", f"limit of {self.requests.limit} requests per minute reached",
+                                  self.requests.wait(now))
+            if self.tokens is not None and self.tokens.remaining(now) == 0:
+                raise RateLimited("tokens", f"limit of {self.tokens.limit} tokens per minute reached",
+                                  self.tokens.wait(now))
+            if self.requests is not None:
+                self.requests.add(now, 1)
+            self.in_flight += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
+    def charge(self, tokens: int) -> None:
+        if self.tokens is not None:
+            with self._lock:
+                self.tokens.add(self.clock(), tokens)
+
+    def headers(self) -> dict[str, str]:
+        out = {}
+        with self._lock:
+            now = self.clock()
+            for kind, window in (("requests", self.requests), ("tokens", self.tokens)):
+                if window is not None:
+                    out[f"x-ratelimit-limit-{kind}"] = str(window.limit)
+                    out[f"x-ratelimit-remaining-{kind}"] = str(window.remaining(now))
+                    out[f"x-ratelimit-reset-{kind}"] = duration(window.reset(now))
+        return out

@@ -1,0 +1,316 @@
+"""API keys, per-key rate limits, moderation and the audit log of `gptkit serve`, end to end:
+a real `gptkit serve` subprocess (keys file, moderation classifier + blocklist, audit log)
+driven by the official `openai` client, and an in-process server whose rate-limit "minute"
+is 2 s, so the client's retry after `Retry-After` is tested in seconds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+from gptkit import moderation_data
+from gptkit.checkpoint import save_checkpoint
+from gptkit.config import GptkitError, ModelConfig, TrainConfig
+from gptkit.finetune import DataSpec, FinetuneConfig, finetune
+from gptkit.model import GPT
+from gptkit.server.audit import AuditLog
+from gptkit.server.auth import add_key, load_keys
+from gptkit.server.context import RequestRecord
+from gptkit.server.ratelimit import KeyLimits, Window, duration
+from gptkit.tokenizer import EOT, IM_END, IM_START, CharTokenizer
+from test_server import serve_cli, serve_in_thread
+
+# The LM is overfit on this text, so greedy output after "The answer is:" contains "idiot",
+# which the blocklist flags.
+LM_TEXT = "The answer is: you idiot. Thank you.\n"
+
+
+def _train_lm(folder: Path) -> Path:
+    tok = CharTokenizer(sorted(set(LM_TEXT)), [EOT, IM_START, IM_END])
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=64))
+    ids = torch.tensor(tok.encode(LM_TEXT * 40))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(300):  # ~4 s on one core
+        ix = torch.randint(len(ids) - 61, (8,))
+        loss = model(torch.stack([ids[i:i + 60] for i in ix]), targets=torch.stack([ids[i + 1:i + 61] for i in ix]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return save_checkpoint(folder, model.eval(), tok)
+
+
+def _train_classifier(folder: Path) -> Path:
+    """The README's moderation path, tiny: generated labelled sentences -> a classify fine-tune."""
+    data = moderation_data.write(folder / "moderation.jsonl", 400)
+    chars = sorted(set(data.read_text(encoding="utf-8")) | set("abcdefghijklmnopqrstuvwxyz ."))
+    torch.manual_seed(0)
+    tok = CharTokenizer(chars, [EOT])
+    base = save_checkpoint(folder / "base", GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1,
+                                                            n_head=2, n_embd=32)), tok)
+    cfg = TrainConfig(out_dir=str(folder / "cls"), max_steps=100, batch_size=16, lr=3e-3, warmup_steps=5,
+                      eval_interval=100, eval_batches=2, log_interval=100, progress=False)
+    finetune(base, [DataSpec(str(data))], cfg, FinetuneConfig(task="classify"), log=lambda m: None)
+    return folder / "cls"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("safety")
+    keys = d / "keys.jsonl"
+    alice = add_key(keys, "alice", None, KeyLimits())
+    bob = add_key(keys, "bob", ["lm"], KeyLimits(requests_per_minute=1000, tokens_per_minute=100000))
+    (d / "blocklist.txt").write_text("# exact terms\nidiot\n坏蛋\n")
+    return {"dir": d, "lm": _train_lm(d / "lm"), "cls": _train_classifier(d), "keys": keys, "alice": alice,
+            "bob": bob}
+
+
+@pytest.fixture(scope="module")
+def served(setup):
+    """`gptkit serve` with every option of this file; yields its URL."""
+    d = setup["dir"]
+    args = [str(setup["lm"]), "--name", "lm", "--model", f"other={setup['lm']}", "--api-keys-file", str(setup["keys"]),
+            "--moderation", str(setup["cls"]), "--moderation-blocklist", str(d / "blocklist.txt"),
+            "--moderate", "input,output", "--moderation-threshold", "0.6", "--moderation-threshold", "violence=0.7",
+            "--moderation-every", "4", "--audit-log", str(d / "audit.jsonl")]
+    with serve_cli(args, d / "serve.log") as url:
+        yield url
+
+
+def client(url: str, key: str, retries: int = 0) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=retries, timeout=60)
+
+
+# ------------------------------------------------------------------------------------ keys
+def test_keys_file_stores_hashes_and_bad_files_are_one_line_errors(tmp_path):
+    keys = tmp_path / "k.jsonl"
+    key = add_key(keys, "ci", ["m1", "m2"], KeyLimits(requests_per_minute=5))
+    line = keys.read_text()
+    assert key.startswith("gk-") and key not in line and json.loads(line)["models"] == ["m1", "m2"]
+    assert load_keys(keys)[0].limits == KeyLimits(requests_per_minute=5)
+    with pytest.raises(GptkitError, match="exists already"):
+        add_key(keys, "ci", None, KeyLimits())
+    for bad, message in [('{"name": "x"}', "sha256"), ('{"name": "x", "sha256": "' + "0" * 64 + '", "rpm": 1}',
+                                                         "unknown field"),
+                         ('{"name": "x", "sha256": "' + "0" * 64 + '", "concurrent_requests": 0}', "positive"),
+                         ("not json", "not JSON")]:
+        (tmp_path / "bad.jsonl").write_text(bad + "\n")
+        with pytest.raises(GptkitError, match=message):
+            load_keys(tmp_path / "bad.jsonl")
+    r = subprocess.run([sys.executable, "-m", "gptkit", "serve", str(tmp_path), "--api-keys-file",
+                        str(tmp_path / "bad.jsonl")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = subprocess.run([sys.executable, "-m", "gptkit", "keys", "add", "cli", "--file", str(keys), "--rpm", "3"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().startswith("gk-") and r.stdout.strip() not in keys.read_text()
+    assert load_keys(keys)[1].name == "cli"
+
+
+@pytest.mark.slow
+def test_every_route_but_the_open_ones_needs_a_key(served, setup):
+    no_key = {"/health": 200, "/": 404, "/chat": 404, "/static/app.js": 404}  # open (the page is another branch's)
+    for path, status in no_key.items():
+        assert httpx.get(served + path).status_code == status, path
+    for path in ("/metrics", "/openapi.json", "/v1/models", "/tokenizer_info", "/docs", "/redoc", "/nothing"):
+        r = httpx.get(served + path)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path
+    wrong = "gk-wrong-" + setup["alice"][9:]
+    r = httpx.post(f"{served}/v1/completions", json={"prompt": "x"}, headers={"Authorization": f"Bearer {wrong}"})
+    assert r.status_code == 401 and wrong not in r.text
+    with pytest.raises(openai.AuthenticationError):
+        client(served, wrong).models.list()
+    ok = {"Authorization": f"Bearer {setup['alice']}"}
+    assert httpx.get(f"{served}/metrics", headers=ok).status_code == 200
+    assert httpx.get(f"{served}/openapi.json", headers=ok).status_code == 200
+    assert httpx.get(f"{served}/docs", headers=ok).status_code == 404  # off with keys: it needs a CDN
+
+
+@pytest.mark.slow
+def test_a_key_sees_and_uses_only_its_models(served, setup):
+    assert [m.id for m in client(served, setup["alice"]).models.list()] == ["lm", "other"]
+    bob = client(served, setup["bob"])
+    assert [m.id for m in bob.models.list()] == ["lm"]
+    with pytest.raises(openai.NotFoundError):
+        bob.completions.create(model="other", prompt="The", max_tokens=2)
+    r = bob.completions.with_raw_response.create(model="lm", prompt="Thank", max_tokens=3, temperature=0)
+    assert r.headers["x-ratelimit-limit-requests"] == "1000" and r.headers["x-ratelimit-limit-tokens"] == "100000"
+    assert int(r.headers["x-ratelimit-remaining-requests"]) < 1000 and r.headers["x-ratelimit-reset-requests"]
+
+
+# ------------------------------------------------------------------------------------ moderation
+@pytest.mark.slow
+def test_moderations_endpoint_in_openais_shape(served, setup):
+    c = client(served, setup["alice"])
+    texts = ["thank you for the gift, that was kind", "shut up, you worthless loser", "I will stab you tonight",
+             "你这个愚蠢的白痴", "今天天气很好", "he is a 坏蛋"]
+    res = c.moderations.create(input=texts)
+    flagged = [r.flagged for r in res.results]
+    assert flagged == [False, True, True, True, False, True], [r.category_scores for r in res.results]
+    first = res.results[1].model_dump(exclude_none=True)  # the client declares OpenAI's categories too
+    assert set(first["categories"]) == set(first["category_scores"]) == {"harassment", "violence", "blocklist"}
+    assert first["categories"]["harassment"] and first["category_scores"]["harassment"] >= 0.6
+    assert res.results[5].model_dump()["categories"]["blocklist"]
+    assert c.moderations.create(input="please fix the printer before the meeting").results[0].flagged is False
+
+
+@pytest.mark.slow
+def test_a_flagged_prompt_is_a_400_content_filter(served, setup):
+    c = client(served, setup["alice"])
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="lm", messages=[{"role": "user", "content": "I will kill you tonight"}])
+    assert e.value.code == "content_filter" and e.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="lm", prompt=["fine", "you idiot"], max_tokens=2)
+    assert e.value.code == "content_filter"
+
+
+@pytest.mark.slow
+def test_a_flagged_output_stops_with_content_filter_streaming_too(served, setup):
+    c = client(served, setup["alice"])
+    r = c.completions.create(model="lm", prompt="Thank you.\nThe answer is:", max_tokens=30, temperature=0)
+    choice = r.choices[0]
+    assert choice.finish_reason == "content_filter" and "idiot" not in choice.text, choice
+    chunks = list(c.completions.create(model="lm", prompt="Thank you.\nThe answer is:", max_tokens=30,
+                                       temperature=0, stream=True))
+    text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+    assert chunks[-1].choices[0].finish_reason == "content_filter" and "idiot" not in text and text == choice.text
+    # a clean output is untouched
+    ok = c.completions.create(model="lm", prompt="The answer", max_tokens=4, temperature=0).choices[0]
+    assert ok.finish_reason == "length" and ok.text == " is:"
+
+
+# ------------------------------------------------------------------------------------ audit log and metrics
+@pytest.mark.slow
+def test_audit_log_and_per_key_metrics_name_keys_never_show_them(served, setup):
+    c = client(served, setup["bob"])
+    c.completions.create(model="lm", prompt="Thank you", max_tokens=3, temperature=0)
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model="lm", prompt="you idiot", max_tokens=3)
+    metrics = httpx.get(f"{served}/metrics", headers={"Authorization": f"Bearer {setup['alice']}"}).text
+    assert 'gptkit_key_requests_total{key="bob",status="200"}' in metrics
+    assert 'gptkit_key_tokens_total{key="bob",kind="completion"} ' in metrics
+    audit = setup["dir"] / "audit.jsonl"
+    deadline = time.monotonic() + 10
+    while audit.read_text().count('"bob"') < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    bob = [x for x in lines if x["key"] == "bob" and x["route"] == "/v1/completions" and x["status"] == 200][-1]
+    assert bob["model"] == "lm" and bob["prompt_tokens"] == len("Thank you") and bob["completion_tokens"] == 3
+    assert bob["latency_ms"] > 0 and bob["moderation"] == "ok" and "prompt" not in bob
+    flagged = [x for x in lines if x["key"] == "bob" and x["status"] == 400][-1]
+    assert flagged["moderation"].startswith("flagged:input:") and "blocklist" in flagged["moderation"]
+    assert flagged["completion_tokens"] == 0
+    everything = audit.read_text() + metrics + (setup["dir"] / "serve.log").read_text()
+    assert setup["alice"] not in everything and setup["bob"] not in everything
+    assert "Thank you" not in audit.read_text()  # no text without --audit-log-text
+
+
+def test_audit_log_rotates_by_size_and_keeps_text_only_when_asked(tmp_path):
+    log = AuditLog(tmp_path / "a.jsonl", max_bytes=600, backups=2, text=True)
+    log.start()
+    for i in range(20):
+        r = RequestRecord(route="/v1/completions", method="POST", status=200, key_name="k", model="m")
+        r.prompt_text, r.completion_text = [f"prompt {i}"], [f"done {i}"]
+        log.log(r)
+    log.close()
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["a.jsonl", "a.jsonl.1", "a.jsonl.2"]
+    assert all(p.stat().st_size <= 600 for p in tmp_path.iterdir())
+    last = json.loads((tmp_path / "a.jsonl").read_text().splitlines()[-1])
+    assert last["prompt"] == ["prompt 19"] and last["completion"] == ["done 19"] and last["key"] == "k"
+
+
+# ------------------------------------------------------------------------------------ rate limits
+def test_window_counts_wait_and_reset():
+    w = Window(limit=3, period=10.0)
+    w.add(0.0, 2)
+    w.add(4.0, 1)
+    assert w.remaining(5.0) == 0 and w.wait(5.0) == pytest.approx(5.0) and w.reset(5.0) == pytest.approx(9.0)
+    assert w.remaining(10.5) == 2 and w.wait(10.5) == 0.0 and w.remaining(14.5) == 3
+    assert [duration(s) for s in (0.02, 1.0, 59.2, 360)] == ["20ms", "1s", "1m0s", "6m0s"]
+
+
+@pytest.fixture(scope="module")
+def limited(setup):
+    """In-process server whose rate-limit window is 2 s; keys: `rpm` 2 requests per window,
+    `tpm` 5 tokens per window, `one` 1 request at a time; public /metrics; an audit log with text."""
+    from gptkit.engine import Engine
+    from gptkit.checkpoint import load_model
+    from gptkit.server import ServedModel, ServerConfig, create_app
+    from gptkit.server.auth import ApiKey, hash_key
+    from gptkit.tokenizer import load_tokenizer
+
+    model, _ = load_model(setup["lm"])
+    tok = load_tokenizer(setup["lm"])
+    engine = Engine(model, max_batch=2, token_bytes=tok.token_bytes, eos_ids=())
+    keys = [ApiKey("rpm", hash_key("k-rpm"), limits=KeyLimits(requests_per_minute=2)),
+            ApiKey("tpm", hash_key("k-tpm"), limits=KeyLimits(tokens_per_minute=5)),
+            ApiKey("one", hash_key("k-one"), limits=KeyLimits(concurrent_requests=1))]
+    audit = AuditLog(setup["dir"] / "limited-audit.jsonl", text=True)
+    app = create_app([ServedModel("lm", engine, tok)], ServerConfig(api_keys=keys, limit_window_s=2.0,
+                                                                    public_metrics=True, audit=audit))
+    with serve_in_thread(app) as url:
+        yield url
+
+
+def test_over_the_request_limit_is_429_and_the_client_retries_after_retry_after(limited):
+    c = client(limited, "k-rpm")
+    time.sleep(2.1)  # an empty window
+    first = c.models.with_raw_response.list()
+    assert first.headers["x-ratelimit-remaining-requests"] == "1" and first.headers["x-ratelimit-limit-requests"] == "2"
+    c.models.list()
+    r, limited_at = httpx.get(f"{limited}/v1/models", headers={"Authorization": "Bearer k-rpm"}), time.monotonic()
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+    assert r.headers["retry-after"] in ("1", "2") and 0 < int(r.headers["retry-after-ms"]) <= 2000
+    assert r.headers["x-ratelimit-remaining-requests"] == "0" and "k-rpm" not in r.text
+    with pytest.raises(openai.RateLimitError):
+        c.models.list()
+    # one retry only: it succeeds because the client slept for retry-after-ms (an early retry is another 429)
+    assert [m.id for m in client(limited, "k-rpm", retries=1).models.list()] == ["lm"]
+    assert time.monotonic() - limited_at >= int(r.headers["retry-after-ms"]) / 1000 - 0.05
+
+
+def test_tokens_and_concurrency_limits(limited):
+    c = client(limited, "k-tpm")
+    r = c.completions.with_raw_response.create(model="lm", prompt="The answer", max_tokens=4, temperature=0)
+    assert r.headers["x-ratelimit-limit-tokens"] == "5"
+    with pytest.raises(openai.RateLimitError) as e:  # 10 prompt + 4 completion tokens used of 5
+        c.completions.create(model="lm", prompt="The", max_tokens=1)
+    assert "tokens per minute" in e.value.message
+    assert client(limited, "k-tpm", retries=1).completions.create(model="lm", prompt="T", max_tokens=1).choices
+
+    one = client(limited, "k-one")
+    stream = one.completions.create(model="lm", prompt="The", max_tokens=60, stream=True)
+    next(iter(stream))  # in flight
+    with pytest.raises(openai.RateLimitError, match="in flight"):
+        one.models.list()
+    stream.close()
+    deadline = time.monotonic() + 5
+    while True:  # the slot is back once the server sees the client gone
+        try:
+            one.models.list()
+            break
+        except openai.RateLimitError:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    metrics = httpx.get(f"{limited}/metrics").text  # --public-metrics: no key needed
+    assert 'gptkit_key_rate_limited_total{key="one",limit="concurrent"}' in metrics
+    assert httpx.get(f"{limited}/v1/models").status_code == 401
+
+
+def test_audit_log_text_only_when_asked(limited, setup):
+    out = client(limited, "k-one").completions.create(model="lm", prompt="The answer", max_tokens=3, temperature=0)
+    path = setup["dir"] / "limited-audit.jsonl"
+    deadline = time.monotonic() + 10
+    while '"prompt": ["The answer"]' not in path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    entry = [json.loads(x) for x in path.read_text().splitlines() if '"prompt": ["The answer"]' in x][-1]
+    assert entry["key"] == "one" and entry["completion"] == [out.choices[0].text] and entry["completion_tokens"] == 3
