@@ -79,7 +79,7 @@ def save_checkpoint(folder: str | os.PathLike, model: torch.nn.Module, tokenizer
             _test_pause()
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         _test_pause()
-        return commit(tmp, run, step)
+        return commit(tmp, run, step, pause=_test_pause)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -153,8 +153,8 @@ def resolve_checkpoint(folder: str | os.PathLike, verify_files: bool = True) -> 
         target = folder
     elif is_run(folder):
         target = read_latest(folder) or step_folders(folder)[0]
-        if not (target / MANIFEST).is_file():
-            raise GptkitError(f"{folder / LATEST}: points to {target.name}, which is missing or incomplete"
+        if not target.is_dir():
+            raise GptkitError(f"{folder / LATEST}: points to {target.name}, which is missing"
                               + _intact_hint(folder, target))
     else:
         return folder  # a flat (pre-manifest) checkpoint or a tokenizer folder: read as it is
@@ -181,7 +181,9 @@ def resume_candidate(run: str | os.PathLike, warn: Callable[[str], None]) -> Pat
     """The newest intact checkpoint of a run, for --resume: damaged ones are skipped with a
     warning naming the file. A flat checkpoint from before this layout is the run itself."""
     run = Path(run)
-    candidates = step_folders(run)
+    # every step folder, sealed or not: one without a manifest is named in a warning too
+    candidates = sorted((p for p in run.glob("step-*") if STEP_RE.match(p.name) and p.is_dir()),
+                        key=step_of, reverse=True) if run.is_dir() else []
     for p in candidates:
         try:
             verify(p)
@@ -204,8 +206,9 @@ def temp_step_folder(run: Path, step: int) -> Path:
     return tmp
 
 
-def commit(tmp: Path, run: Path, step: int) -> Path:
-    """Seal tmp with its manifest, move it to RUN/step-N and point `latest` at it."""
+def commit(tmp: Path, run: Path, step: int, pause: Callable[[], None] = lambda: None) -> Path:
+    """Seal tmp with its manifest, move it to RUN/step-N and point `latest` at it.
+    pause runs between the move and the pointer switch (a test hook)."""
     for p in tmp.iterdir():  # durable before the manifest vouches for them
         with open(p, "rb") as f:
             os.fsync(f.fileno())
@@ -220,6 +223,7 @@ def commit(tmp: Path, run: Path, step: int) -> Path:
     else:
         os.rename(tmp, final)
     fsync_dir(run)
+    pause()
     atomic_write_text(run / LATEST, final.name + "\n")
     fsync_dir(run)
     return final
