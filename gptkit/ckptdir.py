@@ -189,7 +189,7 @@ def resume_candidate(run: str | os.PathLike, warn: Callable[[str], None]) -> Pat
             verify(p)
             return p
         except GptkitError as e:
-            warn(f"{e}; falling back to an older checkpoint")
+            warn(f"warning: {e}; falling back to an older checkpoint")
     if (run / CONFIG).is_file():
         return run
     if candidates:
