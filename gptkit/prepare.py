@@ -43,7 +43,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from gptkit.config import GptkitError
-from gptkit.fileio import atomic_write_json, fsync_dir
+from gptkit.fileio import atomic_write_json, swap_in, temp_folder_beside
+from gptkit.textchunks import chunk_bounds
 from gptkit.tokenizer import Tokenizer, load_tokenizer
 
 META_VERSION = 1
@@ -381,7 +382,7 @@ class _Encoder:
         batch: list[tuple[int, str]] = []
         chars = 0
         for i, (_, text, start, end, _) in enumerate(segments):
-            for a, b in _chunk_bounds(text, start, end):
+            for a, b in chunk_bounds(text, start, end, CHUNK_CHARS):
                 batch.append((i, text[a:b]))
                 chars += b - a
                 if chars >= BATCH_CHARS:
@@ -438,30 +439,6 @@ class _TextWindow:
 
     def read(self, start: int, end: int) -> bytes:
         return self.text[start:end].encode("ascii")
-
-
-def _chunk_bounds(text: str, start: int, end: int, size: int = 0) -> Iterator[tuple[int, int]]:
-    """[start, end) in pieces of at most `size` characters, cut where tokenizing the pieces
-    gives the same ids as tokenizing the whole: before a space that sits between two
-    non-space characters (a pre-token boundary for the byte-level BPE and tiktoken patterns,
-    whose pre-tokens take at most one leading space). Failing that, after a newline; in text
-    with no whitespace at all, anywhere (the ids may then differ there, the text never)."""
-    size = size or CHUNK_CHARS
-    while end - start > size:
-        cut = _safe_cut(text, start + size // 2, start + size)
-        yield start, cut
-        start = cut
-    if end > start:
-        yield start, end
-
-
-def _safe_cut(text: str, lo: int, hi: int) -> int:
-    i = hi
-    while (i := text.rfind(" ", lo, i)) > lo:
-        if not text[i - 1].isspace() and not text[i + 1].isspace():
-            return i
-    j = text.rfind("\n", lo, hi)
-    return j + 1 if j >= lo else hi
 
 
 _WORKER: _Encoder | None = None  # the worker process's encoder, set once by _init_worker
@@ -553,13 +530,11 @@ def prepare(inputs: list[str], tokenizer_dir: str | os.PathLike, out: str | os.P
         raise GptkitError(f"no text found in {' '.join(inputs)} (all files are empty)")
     final = Path(out)
     _check_target(final)
-    _remove_stale_temps(final)
-    out = final.parent / f".{final.name}.tmp-{os.getpid()}"  # swapped in only when complete
-    out.mkdir(parents=True)
+    out = temp_folder_beside(final)  # swapped in only when complete
     try:
         meta = _prepare_into(out, inputs, tok, sources, pieces, text_field, val_fraction, workers, shard_tokens,
                              progress, warn)
-        _swap_in(out, final)
+        swap_in(out, final)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
@@ -644,34 +619,3 @@ def _check_target(out: Path) -> None:
     if foreign:
         raise GptkitError(f"{out}: holds files prepare did not write ({', '.join(foreign[:3])}"
                           f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty --out")
-
-
-def _remove_stale_temps(out: Path) -> None:
-    """Temporary folders of killed runs into the same OUT (their process is gone)."""
-    for p in out.parent.glob(f".{out.name}.*-*"):
-        kind, _, pid = p.name.rpartition("-")
-        if kind.endswith((".tmp", ".old")) and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Replace OUT by the finished tmp folder: two renames; the old dataset is deleted after."""
-    fsync_dir(tmp)
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
-    fsync_dir(out.parent)

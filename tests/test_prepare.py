@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from gptkit import prepare as prep
 from gptkit.cli import app
 from gptkit.config import GptkitError
+from gptkit.textchunks import chunk_bounds
 from gptkit.data import TokenShards
 from gptkit.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
 
@@ -360,7 +361,7 @@ def test_chunked_tokenization_equals_whole_document(tokenizer, bpe_dir, char_dir
     tok = load_tokenizer(bpe_dir if tokenizer == "bpe" else char_dir)
     for text, same_ids in [(_text(400, seed=3) + "  double  spaces  \n\n\n end", True),
                            ("x" * 300 + _text(20), False)]:  # no whitespace to cut at: cut anywhere
-        bounds = list(prep._chunk_bounds(text, 0, len(text), size=97))
+        bounds = list(chunk_bounds(text, 0, len(text), 97))
         assert bounds[0][0] == 0 and bounds[-1][1] == len(text) and len(bounds) >= len(text) // 97
         assert all(0 < b - a <= 97 for a, b in bounds) and all(b == c for (_, b), (c, _) in zip(bounds, bounds[1:]))
         chunked = [i for a, b in bounds for i in tok.encode(text[a:b])]
