@@ -236,7 +236,10 @@ def point_latest(run: Path, target: Path) -> None:
 
 def prune(run: Path, keep: list[Path]) -> None:
     """Remove every step folder of run except those in keep (and latest's target)."""
-    latest = read_latest(run) if (run / LATEST).is_file() else None
+    try:
+        latest = read_latest(run)
+    except GptkitError:  # a damaged pointer protects nothing; the next save rewrites it
+        latest = None
     keep_names = {p.name for p in keep} | ({latest.name} if latest else set())
     for p in run.iterdir():
         if STEP_RE.match(p.name) and p.is_dir() and p.name not in keep_names:
