@@ -41,8 +41,15 @@ app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True, pre
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="check checkpoint file sizes only, not their "
+                                                                "sha256 (faster for huge checkpoints)")] = False,
+) -> None:
     """gptkit: build your own GPT end to end."""
+    if no_verify:
+        from gptkit.ckptdir import set_verify_hashes
+
+        set_verify_hashes(False)
 
 
 def _fail(message: str) -> None:
@@ -116,6 +123,7 @@ def pretrain(
     init_from: Annotated[Optional[Path], typer.Option(help="start from this checkpoint's weights")] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in --out exactly where it stopped")] = False,
     stop_at: Annotated[Optional[int], typer.Option(help="stop (with a checkpoint) after this step; --resume later")] = None,
+    keep: Annotated[int, typer.Option(help="complete checkpoints (step folders) to keep")] = 2,
 ) -> None:
     """Pretrain a GPT on prepared token shards. Runs unchanged under torchrun (DDP)."""
     import dataclasses
@@ -130,7 +138,7 @@ def pretrain(
                       min_lr=lr / 10 if min_lr is None else min_lr, warmup_steps=warmup_steps,
                       weight_decay=weight_decay, beta2=beta2, grad_clip=grad_clip, optimizer=optimizer,
                       eval_interval=eval_interval, eval_batches=eval_batches, log_interval=log_interval, dtype=dtype,
-                      compile=compile, seed=seed, stop_at=stop_at)
+                      compile=compile, seed=seed, stop_at=stop_at, keep=keep)
     last = run(data, model_cfg, cfg, init_from=str(init_from) if init_from else None, resume=resume,
                log=lambda m: typer.echo(m, err=True))
     if int(__import__("os").environ.get("RANK", "0")) == 0:
@@ -550,6 +558,7 @@ def finetune(
     eval_batches: Annotated[int, typer.Option(help="validation batches per task per evaluation")] = 10,
     seed: Annotated[int, typer.Option(help="random seed")] = 1337,
     resume: Annotated[bool, typer.Option(help="continue the run in --out where it stopped")] = False,
+    keep: Annotated[int, typer.Option(help="complete checkpoints (step folders) to keep")] = 2,
 ) -> None:
     """Fine-tune a checkpoint (full or LoRA) on chat, completion, classification or text data."""
     from gptkit.config import TrainConfig
@@ -565,7 +574,7 @@ def finetune(
     lora = LoRAConfig(lora_rank, lora_alpha, lora_dropout, tuple(lora_targets.split(","))) if lora_rank else None
     cfg = TrainConfig(out_dir=str(out), max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                       min_lr=lr / 10, warmup_steps=warmup_steps, weight_decay=weight_decay,
-                      eval_interval=eval_interval, eval_batches=eval_batches, seed=seed)
+                      eval_interval=eval_interval, eval_batches=eval_batches, seed=seed, keep=keep)
     ft = FinetuneConfig(task=task, lora=lora, val_fraction=val_fraction, skip_bad=skip_bad)
     last = run(base, specs, cfg, ft, resume=resume, log=lambda m: typer.echo(m, err=True))
     typer.echo(f"done: step {last.get('step')} loss {last.get('loss', float('nan')):.4f}"

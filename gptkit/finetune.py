@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptkit.checkpoint import attach_heads, load_model, unwrap
+from gptkit.ckptdir import resume_candidate
 from gptkit.config import GptkitError, TrainConfig
 from gptkit.lora import LoRAConfig, apply_lora, mark_trainable
 from gptkit.tokenizer import EOT, IM_END, IM_START, ChatTemplate, Tokenizer, load_tokenizer, render_chat
@@ -463,7 +464,7 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 
 
 def finetune(base: str | Path, specs: list[DataSpec], cfg: TrainConfig, ft: FinetuneConfig | None = None, *,
-             resume: bool = False, log: Callable[[str], None] = print) -> dict:
+             resume: bool | Path = False, log: Callable[[str], None] = print) -> dict:
     """Fine-tune the checkpoint `base` on the data files; the result goes to cfg.out_dir.
     Returns the trainer's last metrics plus a summary of the data and parameters."""
     from gptkit.train import Dist, pick_device, train
@@ -473,10 +474,11 @@ def finetune(base: str | Path, specs: list[DataSpec], cfg: TrainConfig, ft: Fine
         raise GptkitError("no data files given")
     tasks = load_tasks(specs, ft)
     model, tokenizer, extra = prepare_model(base, tasks, ft)
-    if resume:  # the run's own checkpoint, with the structure prepare_model just built
-        model, _ = load_model(cfg.out_dir)
+    if resume:  # the run's newest intact checkpoint, with the structure prepare_model just built
+        resume = resume_candidate(cfg.out_dir, log)
+        model, _ = load_model(resume)
         _freeze_for_lora(model, extra)
-        tokenizer = load_tokenizer(cfg.out_dir)
+        tokenizer = load_tokenizer(resume)
     model.to(pick_device(Dist())).train()
     data, stats = build_batches(tasks, tokenizer, model.config.block_size, cfg, extra.get("labels", []), ft.skip_bad)
     trainable, total = count_params(model)
