@@ -8,6 +8,8 @@ which never splits a UTF-8 character nor shows the start of a stop string.
     /v1/models, /v1/models/{id}, /v1/completions, /v1/chat/completions   OpenAI's API
     /tokenize, /detokenize, /tokenizer_info                              for evaluation harnesses
     /health, /metrics                                                    open even with an API key
+    /v1/attention                                     gptkit's extension: attention weights (attention.py)
+    /, /chat, /static/...                                 the chat page, open even with a key (webui.py)
 """
 
 from __future__ import annotations
@@ -30,12 +32,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from gptkit.config import SampleConfig
 from gptkit.engine import Engine, Event, RequestHandle, TextStream
 from gptkit.server import schemas as S
+from gptkit.server.attention import attention_routes
 from gptkit.server.errors import APIError, error_body, error_response, install_handlers, log
 from gptkit.server.metrics import Metrics, RequestMetrics
+from gptkit.server.webui import PAGE_PATHS, mount_page
 from gptkit.tokenizer import EOT, ChatTemplate, Tokenizer, render_chat
 
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
-OPEN_PATHS = {"/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+OPEN_PATHS = {"/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", *PAGE_PATHS}
 ERROR_RESPONSES = {s: {"model": S.ErrorResponse} for s in (400, 401, 404, 413, 429)}
 SSE_RESPONSE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
                       "description": "JSON, or with stream=true server-sent events of chunks ending in [DONE]"}}
@@ -498,6 +502,8 @@ def create_app(models: list[ServedModel], config: ServerConfig | None = None) ->
     app.state.server = server
     install_handlers(app)
     app.include_router(_routes(server))
+    app.include_router(attention_routes(server))
+    mount_page(app)
     # the last added runs first: count every response, then check the key, then the body size
     app.add_middleware(BodyLimit, max_body=server.config.max_body)
     app.add_middleware(BearerAuth, api_key=server.config.api_key)
@@ -571,7 +577,8 @@ def _routes(server: Server) -> APIRouter:
         eos = EOT if tok.special_id(EOT) is not None else None
         return S.TokenizerInfo(model=served.name, tokenizer_kind=tok.kind, vocab_size=tok.vocab_size,
                                eos_token=eos, bos_token=eos, pad_token=None, model_max_length=served.context,
-                               chat_template=chat_template_jinja(tok.chat_template or ChatTemplate()))
+                               chat_template=chat_template_jinja(tok.chat_template or ChatTemplate()),
+                               has_chat_template=tok.chat_template is not None)
 
     router.include_router(v1)
     return router

@@ -259,6 +259,8 @@ class TokenizerInfo(BaseModel):
     bos_token: str | None
     pad_token: str | None
     chat_template: str = Field(description="Jinja equivalent of the ChatML template the server renders with")
+    has_chat_template: bool = Field(description="the checkpoint stores a chat template (it was fine-tuned for "
+                                    "chat); without one the template above is a default the model never saw")
     model_max_length: int
 
 
