@@ -195,13 +195,18 @@ function statsLine(s) {
 }
 
 // ------------------------------------------------------------------ sending
-function requestBody(text) {
+async function requestBody(text) {
   const body = {
     model: $("model").value, stream: true, stream_options: { include_usage: true },
     temperature: number("temperature"), top_p: number("top_p"), max_tokens: number("max_tokens"),
   };
   if (state.mode === "completion") {
     body.prompt = text;
+    if (body.max_tokens === undefined) {  // the rest of the context, as the chat endpoint does by itself
+      const res = await api("/tokenize", { method: "POST", body: JSON.stringify({ model: body.model, prompt: text }) });
+      const { count, max_model_len } = await res.json();
+      body.max_tokens = Math.max(max_model_len - count, 1);
+    }
     return ["/v1/completions", body];
   }
   const system = $("system").value.trim();
@@ -216,7 +221,6 @@ async function send() {
   if (!text.trim() || state.controller) return;
   input.value = "";
   $("notice").hidden = state.mode === "chat";
-  const [path, body] = requestBody(text);
   addMessage("user", text);
   const box = addMessage("assistant", "");
   box.classList.add("streaming");
@@ -233,6 +237,7 @@ async function send() {
   let reply = "";
   let chunks = 0;
   try {
+    const [path, body] = await requestBody(text);
     const res = await api(path, { method: "POST", body: JSON.stringify(body), signal: controller.signal });
     for await (const chunk of events(res)) {
       if (chunk.usage) {
