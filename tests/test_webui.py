@@ -37,19 +37,21 @@ from gptkit.tokenizer import BPETokenizer, ChatTemplate, load_tokenizer, render_
 from test_server import free_port, wait_healthy
 
 KEY = "sk-page-key"
-REPLY = '<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2"> <b>我有一个梦想</b>'
+REPLY = '<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2"> <b>很高兴见到你</b>'
 USERS = ["你好", "我有一个梦想", "hello", "what is this?", "写一首诗", "你是谁？", "tell me a story", "谢谢"]
 PLAIN_TEXT = "The quick brown fox jumps over the lazy dog. 我有一个梦想：有一天，这个国家会站起来。\n" * 40
 
 
-def _train(model: GPT, ids: list[int], steps: int, window: int) -> GPT:
+def _train(model: GPT, ids: list[int], steps: int, window: int, mask: list[int] | None = None) -> GPT:
+    """Overfit on random windows of ids; with a mask, only tokens where it is 1 are targets."""
     torch.manual_seed(0)
     data = torch.tensor(ids)
+    targets = data if mask is None else torch.where(torch.tensor(mask) == 1, data, -100)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(steps):
         ix = torch.randint(len(data) - window - 1, (8,))
         x = torch.stack([data[i:i + window] for i in ix])
-        y = torch.stack([data[i + 1:i + window + 1] for i in ix])
+        y = torch.stack([targets[i + 1:i + window + 1] for i in ix])
         loss = model(x, targets=y)
         opt.zero_grad()
         loss.backward()
@@ -59,23 +61,25 @@ def _train(model: GPT, ids: list[int], steps: int, window: int) -> GPT:
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory) -> dict[str, Path]:
-    """~10 s on one core: both models overfit (loss < 0.1)."""
+    """~10 s on an idle core: `chat` learns to answer REPLY whatever the message, `plain` learns
+    PLAIN_TEXT (which has no end-of-text token, so it keeps going)."""
     conversations = [[{"role": "user", "content": u}, {"role": "assistant", "content": REPLY}] for u in USERS]
     tok = BPETokenizer.train([REPLY * 20, PLAIN_TEXT, *USERS * 20], vocab_size=400)
     tok.chat_template = ChatTemplate()
-    chat_ids = []
+    chat_ids, chat_mask = [], []
     for _ in range(12):
         for c in conversations:
-            chat_ids += render_chat(tok, c, add_generation_prompt=False)[0]
+            ids, mask = render_chat(tok, c, add_generation_prompt=False)
+            chat_ids, chat_mask = chat_ids + ids, chat_mask + mask
     torch.manual_seed(0)
     chat = _train(GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=128, n_layer=2, n_head=2, n_embd=64)),
-                  chat_ids, steps=250, window=96)
+                  chat_ids, steps=150, window=64, mask=chat_mask)
     folder = tmp_path_factory.mktemp("webui")
     out = {"chat": save_checkpoint(folder / "chat", chat, tok)}
     tok.chat_template = None
     torch.manual_seed(0)
     plain = _train(GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=1024, n_layer=2, n_head=2, n_embd=64)),
-                   tok.encode(PLAIN_TEXT), steps=120, window=128)
+                   tok.encode(PLAIN_TEXT), steps=40, window=128)
     out["plain"] = save_checkpoint(folder / "plain", plain, tok)
     return out
 
@@ -239,9 +243,9 @@ def test_chat_in_chinese_html_as_text_attention_view(browser, server, ckpts, tmp
     box.send_keys("一个梦想，你好\n")
     reply = _wait(d, lambda d: d.find_elements(by, ".msg.assistant[data-finish]"), what="a finished reply")[-1]
     assert d.find_element(by, ".msg.user .text").text == "我有一个梦想，你好"
-    assert reply.get_attribute("data-finish") == "stop"
+    assert reply.get_attribute("data-finish") in ("stop", "length")
     text = reply.find_element(by, ".text").get_attribute("textContent")
-    assert text == REPLY  # the model's HTML, shown as text ...
+    assert text.startswith('<script>window.pwned = 1</script><img src=x onerror="window.pwned')  # HTML as text ...
     assert not d.find_elements(by, "#messages script, #messages img, #messages b")  # ... never parsed
     assert d.execute_script("return window.pwned") is None
     meta = reply.find_element(by, ".meta").text
@@ -254,9 +258,12 @@ def test_chat_in_chinese_html_as_text_attention_view(browser, server, ckpts, tmp
     reply.find_element(by, "button.show-attention").click()
     panel = _wait(d, lambda d: reply.find_elements(by, ".attention[data-tokens]"), what="the attention map")[0]
     n_tokens = int(panel.get_attribute("data-tokens"))
-    assert n_tokens == len(load_tokenizer(ckpts["chat"]).encode(REPLY))
+    assert n_tokens == len(load_tokenizer(ckpts["chat"]).encode(text))
     assert "layer 1 · head 0" in panel.find_element(by, ".caption").text
+    d.set_window_size(1000, 1250)  # tall enough for the whole map
+    d.execute_script("arguments[0].scrollIntoView({block: 'end'})", panel)
     _screenshot(d, tmp_path, "webui-chat.png")
+    d.set_window_size(1100, 900)
 
     # a second turn keeps the conversation; New clears it
     d.find_element(by, "#input").send_keys("谢谢\n")

@@ -188,7 +188,8 @@ function statsLine(s) {
   const rate = seconds > 0 ? (s.completion / seconds).toFixed(1) : "–";
   const parts = [];
   if (s.prompt !== null) parts.push(`${s.prompt} prompt tokens`);
-  parts.push(`${s.completion} tokens in ${seconds.toFixed(2)} s (${rate} tokens/s)`);
+  const approx = s.counted ? "≈" : "";  // no usage chunk (a stopped stream): streamed pieces were counted
+  parts.push(`${approx}${s.completion} tokens in ${seconds.toFixed(2)} s (${approx}${rate} tokens/s)`);
   if (s.first !== null) parts.push(`first token after ${((s.first - s.start) / 1000).toFixed(2)} s`);
   if (s.finish) parts.push(s.finish === "stopped" ? "stopped by you" : `finish: ${s.finish}`);
   return parts.join(" · ");
@@ -267,7 +268,7 @@ async function send() {
     }
   } finally {
     stats.end = performance.now();
-    if (!stats.completion) stats.completion = chunks;  // no usage chunk (stopped): count what arrived
+    if (stats.prompt === null) Object.assign(stats, { completion: chunks, counted: true });
     meta.textContent = statsLine(stats);
     box.classList.remove("streaming");
     box.dataset.finish = stats.finish || "error";
