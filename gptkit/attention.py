@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,7 +159,9 @@ def plot(maps: AttentionMaps, out: str | Path, layer: int | None = None, head: i
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="attention weight")
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=100, bbox_inches="tight")
+        with warnings.catch_warnings():  # without a CJK font: the one-line hint, not a warning per glyph
+            warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+            fig.savefig(out, dpi=100, bbox_inches="tight")
         plt.close(fig)
     return out
 
