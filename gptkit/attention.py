@@ -143,16 +143,18 @@ def plot(maps: AttentionMaps, out: str | Path, layer: int | None = None, head: i
     rows = -(-len(heads) // cols)
     T = len(maps.tokens)
     cell = 0.22 if head is None else 0.42  # inches per token
-    side = max(2.5, T * cell + 1.2)
+    side = max(3.5, T * cell + 1.2)
     fontsize = 9 if head is not None else 7
     with plt.rc_context({"font.family": family}):
-        fig, axes = plt.subplots(rows, cols, figsize=(cols * side, rows * side + 0.5), squeeze=False)
+        fig, axes = plt.subplots(rows, cols, figsize=(cols * side + 1, rows * side + 0.5), squeeze=False,
+                                 layout="constrained")
         for ax in axes.flat[len(heads):]:
             ax.axis("off")
         for ax, h in zip(axes.flat, heads):
             image = ax.imshow(maps.weights[layer, h], cmap="viridis", vmin=0, vmax=1)
             ax.set_title(f"layer {layer}, head {h}", fontsize=fontsize + 1)
-            ax.set_xticks(range(T), maps.tokens, rotation=90, fontsize=fontsize)
+            upright = max(len(t) for t in maps.tokens) <= 2  # single characters read best unrotated
+            ax.set_xticks(range(T), maps.tokens, rotation=0 if upright else 90, fontsize=fontsize)
             ax.set_yticks(range(T), maps.tokens, fontsize=fontsize)
             ax.set_xlabel("attends to (key)", fontsize=fontsize)
             ax.set_ylabel("token (query)", fontsize=fontsize)
