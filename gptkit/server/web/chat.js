@@ -276,7 +276,8 @@ async function send() {
     $("send").disabled = false;
     $("stop").disabled = true;
   }
-  if (state.mode === "chat") state.history.push({ role: "user", content: text }, { role: "assistant", content: reply });
+  // a failed request leaves no turn behind; a stopped one keeps what arrived, as it is shown
+  if (state.mode === "chat" && reply) state.history.push({ role: "user", content: text }, { role: "assistant", content: reply });
   if (reply) addReplyTools(box, state.mode === "completion" ? text + reply : reply);
 }
 
