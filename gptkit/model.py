@@ -130,8 +130,9 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
     def inspect(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """forward without a cache, with the attention written out (the fused SDPA kernel never
-        materialises it): the output and the softmax weights (B, nh, T, T), row i over keys 0..i."""
+        """forward in eval mode without a cache, with the attention written out (the fused SDPA
+        kernel never materialises it): the output and the softmax weights (B, nh, T, T), row i
+        over keys 0..i. No dropout: this path is for looking, not training."""
         B, T, C = x.shape
         q, k, v = self._qkv(x)
         scores = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))  # (B, nh, T, T)

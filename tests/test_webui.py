@@ -37,6 +37,8 @@ from gptkit.tokenizer import BPETokenizer, ChatTemplate, load_tokenizer, render_
 from test_server import free_port, wait_healthy
 
 KEY = "sk-page-key"
+pytestmark = pytest.mark.slow  # a served model trained on the spot, and a browser
+
 REPLY = '<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2"> <b>很高兴见到你</b>'
 USERS = ["你好", "我有一个梦想", "hello", "what is this?", "写一首诗", "你是谁？", "tell me a story", "谢谢"]
 PLAIN_TEXT = "The quick brown fox jumps over the lazy dog. 我有一个梦想：有一天，这个国家会站起来。\n" * 40
@@ -228,7 +230,6 @@ def _last_reply(driver):
     return driver.find_elements("css selector", ".msg.assistant")[-1]
 
 
-@pytest.mark.slow
 def test_chat_in_chinese_html_as_text_attention_view(browser, server, ckpts, tmp_path):
     d, by = browser, "css selector"
     _open(d, server)
@@ -272,7 +273,6 @@ def test_chat_in_chinese_html_as_text_attention_view(browser, server, ckpts, tmp
     assert not d.find_elements(by, ".msg")
 
 
-@pytest.mark.slow
 def test_completion_mode_stop_and_phone_width(browser, server, tmp_path):
     d, by = browser, "css selector"
     _open(d, server)

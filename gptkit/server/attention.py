@@ -5,12 +5,16 @@ The chat page's "show attention" toggle draws them."""
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from gptkit.attention import attention_maps
 from gptkit.server import schemas as S
+
+if TYPE_CHECKING:  # app.py imports this module
+    from gptkit.server.app import Server
 
 MAX_TEXT = 20_000  # characters; only the first context's worth of tokens is run anyway
 
@@ -33,7 +37,7 @@ class AttentionResponse(BaseModel):
     weights: list[list[list[float]]] = Field(description="[head][query][key]; row i sums to 1 over keys 0..i")
 
 
-def attention_routes(server) -> APIRouter:
+def attention_routes(server: Server) -> APIRouter:
     router = APIRouter(prefix="/v1", responses={s: {"model": S.ErrorResponse} for s in (400, 401, 404)})
 
     @router.post("/attention", response_model=AttentionResponse,
