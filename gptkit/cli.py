@@ -317,6 +317,21 @@ def chat(
         history.append({"role": "assistant", "content": reply})
 
 
+@app.command()
+def attention(
+    ckpt: Annotated[Path, typer.Argument(help="checkpoint folder")],
+    text: Annotated[str, typer.Argument(help="the text to run, e.g. 我有一个梦想")],
+    layer: Annotated[Optional[int], typer.Option(help="layer to draw (default: the last)")] = None,
+    head: Annotated[Optional[int], typer.Option(help="draw this head large (default: a grid of all heads)")] = None,
+    out: Annotated[Path, typer.Option(help="PNG to write")] = Path("attention.png"),
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="also write every layer's weights as JSON")] = None,
+) -> None:
+    """Attention maps: which earlier tokens each token attends to (softmax weights of the real forward)."""
+    from gptkit.attention import run
+
+    typer.echo(run(ckpt, text, out=out, layer=layer, head=head, json_out=json_out))
+
+
 # ---------------------------------------------------------------------------- tokenizer and corpus
 _INPUTS_HELP = ("text files, folders (walked recursively for .txt .text .md .markdown .rst .tex .py .pyi .c .h .cc "
                 ".cpp .hpp .js .ts .java .go .rs .sh .html .css .toml .yaml .yml .jsonl; hidden entries skipped), "
