@@ -570,8 +570,8 @@ def probe_bias(
 
     s = run(ckpt, templates, out or ckpt / "probe-bias", bootstrap=bootstrap)
     typer.echo(format_table(s))
-    typer.echo(json.dumps({c: {k: r[k] for k in ("pairs", "stereotyped_share", "mean_gap", "gap_lo", "gap_hi")}
-                           for c, r in s["categories"].items()}, ensure_ascii=False))
+    keys = ("pairs", "stereotyped_share", "mean_gap", "gap_lo", "gap_hi", "corrected_gap")
+    typer.echo(json.dumps({c: {k: r[k] for k in keys} for c, r in s["categories"].items()}, ensure_ascii=False))
 
 
 @app.command()
