@@ -72,6 +72,7 @@ class ModelResult:
     task: dict = field(default_factory=dict)  # metric -> {value, lo, hi}
     diff: dict = field(default_factory=dict)  # metric -> {value, lo, hi}, vs the first model
     answers: list = field(default_factory=list)  # [{prompt, greedy, sampled}]
+    notes: list = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------- models
@@ -214,12 +215,13 @@ def compare(args: list[str], cfg: CompareConfig, log: Log = lambda m: None) -> d
     from gptkit.bootstrap import paired
     from gptkit.compare_report import write_report
     from gptkit.evaluate import perplexity, run_task
+    from gptkit.finetune import ensure_chat_tokens
     from gptkit.tokenizer import load_tokenizer
 
     if len(args) < 1:
         raise GptkitError("give at least one checkpoint")
     specs = parse_specs(args)
-    task = _task_name(cfg)
+    task, fmt = _task_name(cfg)
     prompts = _prompts(cfg.prompts)
     results = [ModelResult(s.label, str(s.path), s.quantize) for s in specs]
     runs, text, source = [], None, None
@@ -234,6 +236,9 @@ def compare(args: list[str], cfg: CompareConfig, log: Log = lambda m: None) -> d
             res.text = perplexity(model, tokenizer, text)
         if task is not None:
             log(f"{res.label}: {task} on {cfg.tasks}")
+            if fmt == "chat" and (added := ensure_chat_tokens(model, tokenizer)):
+                res.notes.append(f"no chat template: {', '.join(added)} added to prompt it with the same ChatML "
+                                 "template as the others (new embedding rows = the mean embedding)")
             runs.append(run_task(model, tokenizer, mcfg, task, cfg.tasks, max_tokens=cfg.max_tokens, limit=cfg.limit,
                                  timeout=cfg.timeout, log=log))
         if prompts:
@@ -253,17 +258,18 @@ def compare(args: list[str], cfg: CompareConfig, log: Log = lambda m: None) -> d
     return summary
 
 
-def _task_name(cfg: CompareConfig) -> str | None:
+def _task_name(cfg: CompareConfig) -> tuple[str | None, str | None]:
+    """The task to score the --tasks file as, and the file's format."""
     from gptkit.finetune import read_records
 
     if cfg.tasks is None:
-        return None
+        return None, None
     fmt = read_records(cfg.tasks)[0]
     task = AUTO_TASK.get(fmt) if cfg.task == "auto" else cfg.task
     if task is None or task == "perplexity":
         raise GptkitError(f"--tasks {cfg.tasks}: a {fmt} file; compare scores qa, summarize, translate, classify or "
                           "code records (text goes in --data)")
-    return task
+    return task, fmt
 
 
 def _prompts(path: Path | None) -> list[str]:

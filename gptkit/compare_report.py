@@ -76,6 +76,9 @@ def _task(rep: Report, models: list[dict], s: dict, plt) -> None:
              f"({s['bootstrap']} resamples). Differences are paired (the same resampled examples for both models); "
              "* marks an interval that excludes 0, a gap unlikely to be noise from the choice of examples.",
              note=True)
+    for m in models:
+        for note in m["notes"]:
+            rep.text(f"{m['label']}: {note}", note=True)
     metrics = list(models[0]["task"])
     rep.table(["model"] + metrics, [[m["label"]] + [_ci(m["task"][k]) for k in metrics] for m in models])
     if len(models) > 1:

@@ -114,3 +114,16 @@ def test_paired_bootstrap_intervals_separate_a_real_gap_from_noise():
     noisy = [1.0, 0.0] * 25
     _, diffs = paired(lambda m, idx: {"acc": sum((noisy, noisy[::-1])[m][i] for i in idx) / len(idx)}, 2, 50, 500)
     assert diffs[1]["acc"]["lo"] < 0 < diffs[1]["acc"]["hi"]
+
+
+def test_chat_tasks_prompt_a_model_without_chat_tokens_like_the_others(setup, tmp_path):
+    from test_finetune import CHAT
+
+    tmp, a, _, _ = setup
+    plain = make_base(tmp_path / "plain", specials=["<|endoftext|>"], block_size=32)
+    tasks = Path(write_jsonl(tmp_path / "chat.jsonl", CHAT[:4]))
+    s = compare([plain, a], CompareConfig(tasks=tasks, task="summarize", out=tmp_path / "r", max_tokens=3,
+                                          bootstrap=50, speed_rounds=1))
+    first, second = s["models"]
+    assert "rouge_l" in first["task"] and "no chat template" in first["notes"][0] and not second["notes"]
+    assert "no chat template" in (tmp_path / "r" / "report.md").read_text()
