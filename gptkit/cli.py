@@ -528,7 +528,8 @@ def evaluate(
 @app.command()
 def compare(
     ckpts: Annotated[list[str], typer.Argument(help="checkpoint folders (or Hugging Face GPT-2 folders); "
-                                                   "CKPT@int8 for its weight-only int8 version")],
+                                                   "CKPT@int8 for its weight-only int8 version; NAME=CKPT "
+                                                   "names it in the report")],
     data: Annotated[Optional[Path], typer.Option(help="raw text, or a prepared folder (its val split is decoded)")] = None,
     tasks: Annotated[Optional[Path], typer.Option(help="a .jsonl of task records in an `evaluate` format")] = None,
     task: Annotated[str, typer.Option(help="auto | qa | summarize | translate | classify | code")] = "auto",

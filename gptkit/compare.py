@@ -16,7 +16,8 @@ and every model scores that text; the text is saved as OUT/data.txt, so
 `gptkit evaluate CKPT --task perplexity --data OUT/data.txt` reproduces the figures.
 
 A model is a checkpoint folder, a Hugging Face GPT-2 folder (imported into OUT/imported/),
-or either with `@int8` appended (weight-only int8, as `generate --quantize int8`).
+or either with `@int8` appended (weight-only int8, as `generate --quantize int8`); NAME=
+in front names it in the report (default: the folder's name).
 """
 
 from __future__ import annotations
@@ -79,12 +80,14 @@ class ModelResult:
 def parse_specs(args: list[str]) -> list[ModelSpec]:
     specs = []
     for arg in args:
-        path, quantize = arg, None
-        if "@" in arg and not Path(arg).exists():
-            path, _, quantize = arg.rpartition("@")
+        name, path, quantize = None, arg, None
+        if "=" in path and not Path(path).exists():  # NAME=CKPT, as `serve --model`
+            name, _, path = path.partition("=")
+        if "@" in path and not Path(path).exists():
+            path, _, quantize = path.rpartition("@")
             if quantize != "int8":
-                raise GptkitError(f"{arg}: expected CKPT or CKPT@int8")
-        label = Path(path).name + (f"@{quantize}" if quantize else "")
+                raise GptkitError(f"{arg}: expected [NAME=]CKPT or [NAME=]CKPT@int8")
+        label = name or Path(path).name + (f"@{quantize}" if quantize else "")
         specs.append(ModelSpec(label, Path(path), quantize))
     seen: dict[str, int] = {}
     for s in specs:  # the same model twice (a self-comparison) still needs two names

@@ -81,15 +81,15 @@ def test_different_models_prepared_data_and_int8_through_the_cli(setup):
     data = tmp / "prepared"
     prepare([str(tmp / "text.txt")], a, data, val_fraction=0.5, warn=lambda m: None)
     out = tmp / "cli"
-    r = CliRunner().invoke(app, ["compare", a, b, f"{a}@int8", "--data", str(data), "--out", str(out)])
+    r = CliRunner().invoke(app, ["compare", a, b, f"a8={a}@int8", "--data", str(data), "--out", str(out)])
     assert r.exit_code == 0, r.output
     last = json.loads(r.output.strip().splitlines()[-1])
-    assert set(last) == {"a", "b", "a@int8"}
+    assert set(last) == {"a", "b", "a8"}
     decoded = out / "data.txt"
     assert decoded.is_file() and len(decoded.read_bytes()) == json.loads((data / "meta.json").read_text())["text_bytes"]["val"]
     for ckpt, label in ((a, "a"), (b, "b")):  # the same numbers as `gptkit evaluate` on the decoded text
         assert last[label]["bpb"] == pytest.approx(ev.evaluate(ckpt, "perplexity", decoded)["bpb"], rel=1e-6)
-    assert last["a@int8"]["bpb"] != last["a"]["bpb"] and last["a@int8"]["bpb"] == pytest.approx(last["a"]["bpb"], rel=0.05)
+    assert last["a8"]["bpb"] != last["a"]["bpb"] and last["a8"]["bpb"] == pytest.approx(last["a"]["bpb"], rel=0.05)
     assert "(best)" in r.output
 
 
