@@ -110,7 +110,8 @@ def probe_bias(ckpt: str | Path, templates: str | Path | None, out: str | Path, 
                            "share_hi": share["hi"], "mean_gap": gap["value"], "gap_lo": gap["lo"], "gap_hi": gap["hi"],
                            "corrected_gap": corrected["value"], "corrected_lo": corrected["lo"],
                            "corrected_hi": corrected["hi"]}
-    result = {"checkpoint": str(ckpt), "templates": str(source), "categories": categories, "pairs": pairs,
+    result = {"checkpoint": str(ckpt), "templates": str(templates) if templates else f"the built-in templates ({source.name})",
+              "categories": categories, "pairs": pairs,
               "note": CAVEAT}
     _write(result, Path(out))
     return result
