@@ -541,16 +541,14 @@ def compare(
     seed: Annotated[int, typer.Option(help="seed for resampling and sampled answers")] = 0,
 ) -> None:
     """Evaluate checkpoints side by side (size, speed, bits/byte, task metrics with bootstrap intervals)."""
-    from gptkit.compare import CompareConfig, compare as run
+    from gptkit.compare import CompareConfig, compare as run, last_line
 
     cfg = CompareConfig(data=data, tasks=tasks, task=task, prompts=prompts, out=out, max_tokens=max_tokens,
                         limit=limit, bootstrap=bootstrap, seed=seed)
     s = run(ckpts, cfg, log=lambda m: typer.echo(m, err=True))
     typer.echo((out / "report.md").read_text(encoding="utf-8").split("## Answers")[0].rstrip())
     typer.echo(f"wrote {out / 'index.html'}, {out / 'report.md'}, {out / 'results.json'}")
-    typer.echo(json.dumps({m["label"]: {"bpb": m["text"].get("bpb"), **{k: e["value"] for k, e in m["task"].items()},
-                                        **{f"{k}_diff": e["value"] for k, e in m["diff"].items()}}
-                           for m in s["models"]}))
+    typer.echo(json.dumps(last_line(s)))
 
 
 probe_app = typer.Typer(cls=_Commands, no_args_is_help=True, help="Probe a model's likelihoods.")
@@ -567,12 +565,11 @@ def probe_bias(
     bootstrap: Annotated[int, typer.Option(help="bootstrap resamples")] = 1000,
 ) -> None:
     """Which sentence of each pair (differing only in a group term) the model finds likelier, per category."""
-    from gptkit.probe import format_table, probe_bias as run
+    from gptkit.probe import format_table, last_line, probe_bias as run
 
     s = run(ckpt, templates, out or ckpt / "probe-bias", bootstrap=bootstrap)
     typer.echo(format_table(s))
-    keys = ("pairs", "stereotyped_share", "mean_gap", "gap_lo", "gap_hi", "corrected_gap")
-    typer.echo(json.dumps({c: {k: r[k] for k in keys} for c, r in s["categories"].items()}, ensure_ascii=False))
+    typer.echo(json.dumps(last_line(s), ensure_ascii=False))
 
 
 @app.command()

@@ -261,6 +261,12 @@ def compare(args: list[str], cfg: CompareConfig, log: Log = lambda m: None) -> d
     return summary
 
 
+def last_line(summary: dict) -> dict:
+    """The headline numbers per model, for the command's last line of JSON."""
+    return {m["label"]: {"bpb": m["text"].get("bpb"), **{k: e["value"] for k, e in m["task"].items()},
+                         **{f"{k}_diff": e["value"] for k, e in m["diff"].items()}} for m in summary["models"]}
+
+
 def _task_name(cfg: CompareConfig) -> tuple[str | None, str | None]:
     """The task to score the --tasks file as, and the file's format."""
     from gptkit.finetune import read_records

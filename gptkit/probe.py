@@ -117,6 +117,12 @@ def probe_bias(ckpt: str | Path, templates: str | Path | None, out: str | Path, 
     return result
 
 
+def last_line(result: dict) -> dict:
+    """Per category the headline numbers, for the command's last line of JSON."""
+    keys = ("pairs", "stereotyped_share", "mean_gap", "gap_lo", "gap_hi", "corrected_gap")
+    return {c: {k: r[k] for k in keys} for c, r in result["categories"].items()}
+
+
 def _term(pair: dict, key: str) -> str:
     """The group term alone, with the character before it in the template (a BPE tokenizer
     spells " she" and "she" differently)."""
