@@ -17,8 +17,9 @@ gptkit's weights scored at or below nanoGPT's final loss of the same round.
 
 CPU settings are nanoGPT's CPU baseline from its README (4 layers, 4 heads, 128 wide, 64
 characters of context, batch 12, 2000 iterations, lr 1e-3 with cosine to 1e-4, dropout 0).
-gptkit trains the same model on the same data with the same batch and peak lr, with its
-own default optimizer and schedule, for --gptkit-iters steps.
+gptkit trains the same model on the same data with the same batch, with --gptkit-optimizer
+(default muon) at --gptkit-lr, warmup a tenth of the steps then cosine to a tenth of the lr,
+for --gptkit-iters steps.
 
 The last line of output is one JSON object.
 """
@@ -64,7 +65,8 @@ def nanogpt_command(args, out: str) -> list[str]:
 def gptkit_command(args, bins: Path, out: Path) -> list[str]:
     return [sys.executable, __file__, "--worker", "--device", args.device, "--bins", str(bins), "--out", str(out),
             "--gptkit-iters", str(args.gptkit_iters), "--snapshot-every", str(args.snapshot_every),
-            "--seed", str(args.seed)]
+            "--seed", str(args.seed), "--gptkit-optimizer", args.gptkit_optimizer,
+            "--gptkit-lr", str(args.gptkit_lr)]
 
 
 def timed(cmd: list[str], cwd: Path, log: Path) -> tuple[float, float]:
@@ -142,10 +144,11 @@ def worker(args) -> None:
         s = CPU_SHAPE
         model_cfg = ModelConfig(vocab_size=vocab, block_size=s["block_size"], n_layer=s["n_layer"],
                                 n_head=s["n_head"], n_embd=s["n_embd"], bias=False)
-        batch, lr = s["batch_size"], 1e-3
+        batch = s["batch_size"]
     else:
         model_cfg = preset("gpt2")
-        model_cfg.vocab_size, batch, lr = vocab, 16, 6e-4
+        model_cfg.vocab_size, batch = vocab, 16
+    lr = args.gptkit_lr
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     model = GPT(model_cfg).to(device)
@@ -158,9 +161,10 @@ def worker(args) -> None:
             snapshots.append({"step": step, "time": time.time(),
                               "state": {k: v.detach().clone() for k, v in model.state_dict().items()}})
 
-    cfg = TrainConfig(out_dir=args.out, max_steps=args.gptkit_iters, batch_size=batch, lr=lr,
-                      min_lr=lr / 10, eval_interval=args.gptkit_iters, log_interval=100, seed=args.seed,
-                      compile=args.device == "cuda", progress=False)
+    cfg = TrainConfig(out_dir=args.out, max_steps=args.gptkit_iters, batch_size=batch, lr=lr, min_lr=lr / 10,
+                      warmup_steps=max(1, args.gptkit_iters // 10), beta2=0.99 if args.device == "cpu" else 0.95,
+                      optimizer=args.gptkit_optimizer, eval_interval=args.gptkit_iters, log_interval=100,
+                      seed=args.seed, compile=args.device == "cuda", progress=False)
     last = train(model, data, cfg, None, log=lambda m: None, on_step=snapshot)
     torch.save({"config": json.dumps(model_cfg.to_dict()), "snapshots": snapshots}, Path(args.out) / "snapshots.pt")
     print(json.dumps({"tokens_per_s": last["tokens_per_s"], "train_s": last["elapsed_s"], "steps": last["step"],
@@ -211,7 +215,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--nanogpt-iters", type=int, default=None, help="default: 2000 on cpu, 300 on cuda")
-    ap.add_argument("--gptkit-iters", type=int, default=None, help="default: the same as --nanogpt-iters")
+    ap.add_argument("--gptkit-iters", type=int, default=None, help="default: 700 on cpu, as --nanogpt-iters on cuda")
+    ap.add_argument("--gptkit-optimizer", default="muon", choices=["adamw", "muon"])
+    ap.add_argument("--gptkit-lr", type=float, default=None, help="default: 2e-3 on cpu, 6e-4 on cuda")
     ap.add_argument("--snapshot-every", type=int, default=50)
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -219,7 +225,8 @@ def main() -> None:
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.nanogpt_iters = args.nanogpt_iters or (2000 if args.device == "cpu" else 300)
-    args.gptkit_iters = args.gptkit_iters or args.nanogpt_iters
+    args.gptkit_iters = args.gptkit_iters or (700 if args.device == "cpu" else args.nanogpt_iters)
+    args.gptkit_lr = args.gptkit_lr or (2e-3 if args.device == "cpu" else 6e-4)
     if args.worker:
         return worker(args)
 
@@ -273,7 +280,8 @@ def summarise(rows: list[dict], args) -> dict:
     ttl = None if None in reached else sum(reached) / len(reached)
     n_wall = mean("nanogpt_wall_s")
     result = {"device": args.device, "rounds": rows, "nanogpt_iters": args.nanogpt_iters,
-              "gptkit_iters": args.gptkit_iters, "nanogpt_wall_s": n_wall, "gptkit_wall_s": mean("gptkit_wall_s"),
+              "gptkit_iters": args.gptkit_iters, "gptkit_optimizer": args.gptkit_optimizer, "gptkit_lr": args.gptkit_lr,
+              "nanogpt_wall_s": n_wall, "gptkit_wall_s": mean("gptkit_wall_s"),
               "speedup": n_wall / mean("gptkit_wall_s"), "nanogpt_val_loss": mean("nanogpt_val_loss"),
               "gptkit_val_loss": mean("gptkit_val_loss"), "gptkit_time_to_nanogpt_loss_s": ttl,
               "time_to_loss_ratio": None if ttl is None else ttl / n_wall, "torch": torch.__version__,
