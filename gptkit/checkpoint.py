@@ -42,14 +42,16 @@ TIED = ("lm_head.weight",)  # aliases of wte.weight, not stored
 
 def save_checkpoint(folder: str | os.PathLike, model: torch.nn.Module, tokenizer: Tokenizer | None, *,
                     step: int = 0, train_config=None, train_state: dict | None = None,
-                    extra: dict | None = None) -> Path:
-    """Write model (+ tokenizer, + resume state) into folder. Returns the folder."""
+                    extra: dict | None = None, weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write model (+ tokenizer, + resume state) into folder. Returns the folder.
+    weights, if given, are written instead of model.state_dict() (FSDP gathers them first)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model = unwrap(model)
     if train_state is not None:  # first, so a crash before the weights leaves a detectable mismatch
         atomic_write(folder / TRAIN_STATE, lambda tmp: torch.save({"step": step, **train_state}, tmp))
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in TIED}
+    weights = model.state_dict() if weights is None else weights
+    state = {k: v.detach().contiguous().cpu() for k, v in weights.items() if k not in TIED}
     if extra and extra.get("base"):  # an adapter checkpoint: only what training changed, not the base's copy
         trained = {name for name, p in model.named_parameters() if p.requires_grad}
         state = {k: v for k, v in state.items() if k in trained}

@@ -112,6 +112,10 @@ def pretrain(
     log_interval: Annotated[int, typer.Option(help="write train metrics every N steps")] = 10,
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 (autocast)")] = "auto",
     compile: Annotated[bool, typer.Option(help="torch.compile the model")] = False,
+    strategy: Annotated[str, typer.Option(help="ddp | fsdp: how several torchrun processes share the model "
+                                               "(fsdp shards weights, grads and AdamW state)")] = "ddp",
+    activation_checkpointing: Annotated[bool, typer.Option(help="recompute block activations in the backward "
+                                                                "pass (less memory, ~1/3 more compute)")] = False,
     seed: Annotated[int, typer.Option(help="random seed")] = 1337,
     init_from: Annotated[Optional[Path], typer.Option(help="start from this checkpoint's weights")] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in --out exactly where it stopped")] = False,
@@ -130,7 +134,8 @@ def pretrain(
                       min_lr=lr / 10 if min_lr is None else min_lr, warmup_steps=warmup_steps,
                       weight_decay=weight_decay, beta2=beta2, grad_clip=grad_clip, optimizer=optimizer,
                       eval_interval=eval_interval, eval_batches=eval_batches, log_interval=log_interval, dtype=dtype,
-                      compile=compile, seed=seed, stop_at=stop_at)
+                      compile=compile, seed=seed, stop_at=stop_at, strategy=strategy,
+                      activation_checkpointing=activation_checkpointing)
     last = run(data, model_cfg, cfg, init_from=str(init_from) if init_from else None, resume=resume,
                log=lambda m: typer.echo(m, err=True))
     if int(__import__("os").environ.get("RANK", "0")) == 0:
@@ -548,6 +553,11 @@ def finetune(
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (matrices only)")] = 0.0,
     eval_interval: Annotated[int, typer.Option(help="evaluate and checkpoint every N steps")] = 100,
     eval_batches: Annotated[int, typer.Option(help="validation batches per task per evaluation")] = 10,
+    log_interval: Annotated[int, typer.Option(help="write train metrics every N steps")] = 10,
+    strategy: Annotated[str, typer.Option(help="ddp | fsdp: how several torchrun processes share the model "
+                                               "(fsdp shards weights, grads and AdamW state)")] = "ddp",
+    activation_checkpointing: Annotated[bool, typer.Option(help="recompute block activations in the backward "
+                                                                "pass (less memory, ~1/3 more compute)")] = False,
     seed: Annotated[int, typer.Option(help="random seed")] = 1337,
     resume: Annotated[bool, typer.Option(help="continue the run in --out where it stopped")] = False,
 ) -> None:
@@ -565,12 +575,15 @@ def finetune(
     lora = LoRAConfig(lora_rank, lora_alpha, lora_dropout, tuple(lora_targets.split(","))) if lora_rank else None
     cfg = TrainConfig(out_dir=str(out), max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                       min_lr=lr / 10, warmup_steps=warmup_steps, weight_decay=weight_decay,
-                      eval_interval=eval_interval, eval_batches=eval_batches, seed=seed)
+                      eval_interval=eval_interval, eval_batches=eval_batches, log_interval=log_interval,
+                      seed=seed, strategy=strategy,
+                      activation_checkpointing=activation_checkpointing)
     ft = FinetuneConfig(task=task, lora=lora, val_fraction=val_fraction, skip_bad=skip_bad)
     last = run(base, specs, cfg, ft, resume=resume, log=lambda m: typer.echo(m, err=True))
-    typer.echo(f"done: step {last.get('step')} loss {last.get('loss', float('nan')):.4f}"
-               + (f" val_loss {last['val_loss']:.4f}" if "val_loss" in last else "")
-               + f"; {last['method']}, {last['trainable_params']:,} trained parameters; checkpoint in {out}")
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        typer.echo(f"done: step {last.get('step')} loss {last.get('loss', float('nan')):.4f}"
+                   + (f" val_loss {last['val_loss']:.4f}" if "val_loss" in last else "")
+                   + f"; {last['method']}, {last['trainable_params']:,} trained parameters; checkpoint in {out}")
 
 
 @app.command("merge-lora")

@@ -130,6 +130,9 @@ class TrainConfig:
     # speed
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     compile: bool = False
+    # several processes (torchrun): see gptkit.parallel
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
     seed: int = 1337
     progress: bool = True
 
@@ -141,6 +144,11 @@ class TrainConfig:
             raise GptkitError(f"lr={self.lr} must be positive")
         if self.optimizer not in ("adamw", "muon"):
             raise GptkitError(f"optimizer={self.optimizer!r}: expected 'adamw' or 'muon'")
+        if self.strategy not in ("ddp", "fsdp"):
+            raise GptkitError(f"strategy={self.strategy!r}: expected 'ddp' or 'fsdp'")
+        if self.optimizer == "muon" and self.strategy == "fsdp":
+            raise GptkitError("--optimizer muon does not run with --strategy fsdp (Muon orthogonalizes whole "
+                              "matrices, FSDP shards them); use --strategy ddp or --optimizer adamw")
 
 
 @dataclass

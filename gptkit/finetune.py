@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptkit.checkpoint import attach_heads, load_model, unwrap
+from gptkit.checkpoint import attach_heads, load_model
 from gptkit.config import GptkitError, TrainConfig
 from gptkit.lora import LoRAConfig, apply_lora, mark_trainable
 from gptkit.tokenizer import EOT, IM_END, IM_START, ChatTemplate, Tokenizer, load_tokenizer, render_chat
@@ -206,14 +206,21 @@ class TaskBatches:
     A batch is (x, y) for a language-model task, as `lm_loss` takes it, or (x, last, labels)
     for classification: x (B, T) right-padded with `pad_id`, y (B, T) with -100 on padding,
     last (B,) the index of each row's last real token. x comes first, as the trainer expects.
+
+    Under torchrun, as `TokenShards`, every process draws the same global batch of
+    batch_size x world_size examples and keeps its slice, followed by its share: the float
+    world_size x (its targets / the global batch's targets) that `finetune_loss` scales its mean
+    loss by, so the processes' average (what DDP averages gradients of) is the global batch's
+    mean even when the slices hold different numbers of target tokens.
     """
 
     def __init__(self, kind: str, train: list[Example], val: list[Example], batch_size: int, pad_id: int, *,
-                 seed: int = 1337, eval_batches: int = 20):
+                 seed: int = 1337, eval_batches: int = 20, rank: int = 0, world_size: int = 1):
         if not train:
             raise GptkitError("no training examples")
         self.kind, self.train, self.val = kind, train, val
         self.batch_size, self.pad_id, self.eval_batches = batch_size, pad_id, eval_batches
+        self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
 
     def collate(self, examples: list[Example]) -> tuple:
@@ -226,12 +233,27 @@ class TaskBatches:
         return x, y
 
     def train_batch(self) -> tuple:
-        idx = torch.randint(len(self.train), (self.batch_size,), generator=self.generator).tolist()
-        return self.collate([self.train[i] for i in idx])
+        idx = torch.randint(len(self.train), (self.batch_size * self.world_size,), generator=self.generator).tolist()
+        return self._mine([self.train[i] for i in idx])
 
     def val_batches(self) -> list[tuple]:
-        B = self.batch_size
-        return [self.collate(self.val[i:i + B]) for i in range(0, len(self.val), B)][:self.eval_batches]
+        B = self.batch_size * self.world_size
+        return [self._mine(self.val[i:i + B]) for i in range(0, len(self.val), B)][:self.eval_batches]
+
+    def _mine(self, examples: list[Example]) -> tuple:
+        """This process's slice of a global batch (the whole batch in a single process)."""
+        if self.world_size == 1:
+            return self.collate(examples)
+        per = -(-len(examples) // self.world_size)  # a short last validation batch leaves late ranks less
+        mine = examples[self.rank * per:(self.rank + 1) * per]
+        share = self.world_size * sum(map(self._weight, mine)) / sum(map(self._weight, examples))
+        if not mine:  # nothing left for this process: a stand-in row that counts for nothing
+            mine, share = examples[:1], 0.0
+        return (*self.collate(mine), share)
+
+    def _weight(self, e: Example) -> int:
+        """What a batch's mean loss averages over: target tokens, or one label per row."""
+        return 1 if self.kind == "classify" else sum(t != -100 for t in e.targets)
 
     def val_sets(self) -> dict[str, list]:
         return {"val": self.val_batches()} if self.val else {}
@@ -274,18 +296,20 @@ class Mixture:
 # ---------------------------------------------------------------------------- losses
 def class_logits(model: nn.Module, x: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
     """Classification logits (B, n_labels) from the hidden state of each row's last real token."""
-    gpt = unwrap(model)
-    h = gpt.hidden(x)  # (B, T, C)
-    return gpt.heads[CLASSIFY_HEAD](h[torch.arange(x.shape[0], device=x.device), last])  # (B, C) -> (B, L)
+    return model(x, head=CLASSIFY_HEAD, last=last)
 
 
 def finetune_loss(model: nn.Module, batch: tuple) -> torch.Tensor:
-    """The trainer's loss for a fine-tuning batch of either kind."""
+    """The trainer's loss for a fine-tuning batch of either kind (scaled by the process's share
+    of the global batch under torchrun, see TaskBatches)."""
+    share = 1.0
+    if isinstance(batch[-1], float):
+        *batch, share = batch
     if len(batch) == 3:  # (x, last, labels): classification
         x, last, labels = batch
-        return F.cross_entropy(class_logits(model, x, last).float(), labels)
+        return F.cross_entropy(class_logits(model, x, last).float(), labels) * share
     x, y = batch
-    return model(x, targets=y)
+    return model(x, targets=y) * share
 
 
 # ---------------------------------------------------------------------------- model set-up
@@ -404,8 +428,10 @@ def _split(records: list[Record], fraction: float) -> tuple[list[Record], list[R
 
 
 def build_batches(tasks: list[Task], tokenizer: Tokenizer, block_size: int, cfg: TrainConfig,
-                  labels: list[str], skip_bad: bool) -> tuple[TaskBatches | Mixture, dict]:
-    """The trainer's data object (one task, or a mixture) and per-task counts."""
+                  labels: list[str], skip_bad: bool, rank: int = 0,
+                  world_size: int = 1) -> tuple[TaskBatches | Mixture, dict]:
+    """The trainer's data object (one task, or a mixture) and per-task counts; under torchrun
+    each process's share of every batch."""
     batches, stats = {}, {}
     for t in tasks:
         if t.kind == "classify":
@@ -418,7 +444,7 @@ def build_batches(tasks: list[Task], tokenizer: Tokenizer, block_size: int, cfg:
                          "skipped": t.skipped + s["skipped"] + vs["skipped"],
                          "truncated": s["truncated"] + vs["truncated"]}
         batches[t.name] = TaskBatches(t.kind, train, val, cfg.batch_size, tokenizer.eot_id, seed=cfg.seed,
-                                      eval_batches=cfg.eval_batches)
+                                      eval_batches=cfg.eval_batches, rank=rank, world_size=world_size)
     if len(batches) == 1:
         return next(iter(batches.values())), stats
     return Mixture(batches, {t.name: t.weight for t in tasks}, seed=cfg.seed), stats
@@ -466,27 +492,38 @@ def finetune(base: str | Path, specs: list[DataSpec], cfg: TrainConfig, ft: Fine
              resume: bool = False, log: Callable[[str], None] = print) -> dict:
     """Fine-tune the checkpoint `base` on the data files; the result goes to cfg.out_dir.
     Returns the trainer's last metrics plus a summary of the data and parameters."""
-    from gptkit.train import Dist, pick_device, train
+    from gptkit.parallel import close_distributed, init_distributed, pick_device, processes
+    from gptkit.train import train
 
     ft = ft or FinetuneConfig()
     if not specs:
         raise GptkitError("no data files given")
-    tasks = load_tasks(specs, ft)
-    model, tokenizer, extra = prepare_model(base, tasks, ft)
-    if resume:  # the run's own checkpoint, with the structure prepare_model just built
-        model, _ = load_model(cfg.out_dir)
-        _freeze_for_lora(model, extra)
-        tokenizer = load_tokenizer(cfg.out_dir)
-    model.to(pick_device(Dist())).train()
-    data, stats = build_batches(tasks, tokenizer, model.config.block_size, cfg, extra.get("labels", []), ft.skip_bad)
-    trainable, total = count_params(model)
-    summary = {"base": str(base), "tasks": stats, "trainable_params": trainable, "total_params": total,
-               "method": "lora" if ft.lora else "full"}
-    extra["finetune"] = summary
-    for name, s in stats.items():
-        log(f"task {name}: {s['format']}, {s['train']} train / {s['val']} val examples, weight {s['weight']}, "
-            f"{s['skipped']} skipped as bad, {s['truncated']} truncated to the context")
-    log(f"{summary['method']} fine-tuning: {trainable:,} of {total:,} parameters trained "
-        f"({100 * trainable / total:.2f}%)")
-    last = train(model, data, cfg, tokenizer, loss_fn=finetune_loss, resume=resume, extra=extra, log=log)
+    dist_info = init_distributed()
+    log = log if dist_info.master else (lambda _: None)  # one process speaks for the job
+    try:
+        tasks = load_tasks(specs, ft)
+        torch.manual_seed(cfg.seed)  # new weights (LoRA, heads) the same in every process and every rerun
+        model, tokenizer, extra = prepare_model(base, tasks, ft)
+        if resume:  # the run's own checkpoint, with the structure prepare_model just built
+            model, _ = load_model(cfg.out_dir)
+            _freeze_for_lora(model, extra)
+            tokenizer = load_tokenizer(cfg.out_dir)
+        device = pick_device(dist_info)
+        model.to(device).train()
+        data, stats = build_batches(tasks, tokenizer, model.config.block_size, cfg, extra.get("labels", []),
+                                    ft.skip_bad, dist_info.rank, dist_info.world_size)
+        trainable, total = count_params(model)
+        summary = {"base": str(base), "tasks": stats, "trainable_params": trainable, "total_params": total,
+                   "method": "lora" if ft.lora else "full"}
+        extra["finetune"] = summary
+        log(f"model: {total / 1e6:.2f}M parameters, {processes(dist_info, cfg, device)}")
+        for name, s in stats.items():
+            log(f"task {name}: {s['format']}, {s['train']} train / {s['val']} val examples, weight {s['weight']}, "
+                f"{s['skipped']} skipped as bad, {s['truncated']} truncated to the context")
+        log(f"{summary['method']} fine-tuning: {trainable:,} of {total:,} parameters trained "
+            f"({100 * trainable / total:.2f}%)")
+        last = train(model, data, cfg, tokenizer, loss_fn=finetune_loss, resume=resume, extra=extra,
+                     dist_info=dist_info, log=log)
+    finally:
+        close_distributed(dist_info)
     return {**last, **summary}

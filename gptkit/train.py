@@ -4,8 +4,8 @@ What varies between them is passed in: the batch source (see gptkit.data), the l
 function (model, batch) -> scalar, and extra checkpoint fields. The loop owns the rest:
 AdamW with decay on matrices only, warmup + cosine LR, gradient accumulation and
 clipping, autocast, periodic evaluation (loss, perplexity, bits per byte), JSONL metrics,
-a progress bar, a loss-curve PNG, atomic checkpoints, exact resume, a NaN stop, and DDP
-under torchrun (gloo on CPU, nccl on GPU) with no code change.
+a progress bar, a loss-curve PNG, atomic checkpoints, exact resume, a NaN stop, and DDP or
+FSDP2 under torchrun (gloo on CPU, nccl on GPU; gptkit.parallel) with no code change.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gptkit.checkpoint import load_train_state, save_checkpoint, unwrap
 from gptkit.config import GptkitError, TrainConfig
 from gptkit.optim import Muon, Optimizers
+from gptkit.parallel import (Dist, close_distributed, full_model_state, grad_sync, init_distributed,  # noqa: F401
+                             load_optimizer_state, optimizer_state, pick_device, processes, wrap)
 
 LossFn = Callable[[torch.nn.Module, tuple], torch.Tensor]
 
@@ -38,38 +39,6 @@ def lm_loss(model: torch.nn.Module, batch: tuple) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- set-up
-@dataclass
-class Dist:
-    """Where this process sits in a torchrun job (rank 0 of 1 when run plainly)."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed() -> Dist:
-    """Join the torchrun job if there is one: gloo on CPU, nccl on GPU."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return Dist()
-    d = Dist(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(d.local_rank)
-        dist.init_process_group(backend=backend)
-    return d
-
-
-def pick_device(dist_info: Dist) -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", dist_info.local_rank)
-    return torch.device("cpu")
-
-
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     """bf16 autocast where it pays: on GPUs that support it. On CPU, fp32 is the default
     because it measured faster for the model sizes a CPU can train (see BENCHMARKS.md)."""
@@ -178,16 +147,16 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig, tokenizer=None, *, los
     device = _device_of(model)
     out_dir = Path(cfg.out_dir)
     torch.manual_seed(cfg.seed + dist_info.rank)
-    optimizer = configure_optimizer(model, cfg, device)
-    start_step = 0
-    if resume:
-        start_step = _restore(out_dir, optimizer, data, device)
-        log(f"resumed from {out_dir} at step {start_step}")
-    raw = unwrap(model)
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist_info.world_size > 1 else model
-    runner = torch.compile(ddp) if cfg.compile else ddp
     amp_dtype = autocast_dtype(cfg, device)
     amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    raw = unwrap(model)
+    wrapped = wrap(raw, cfg, dist_info, amp_dtype)  # before the optimizer: FSDP replaces the parameters
+    optimizer = configure_optimizer(raw, cfg, device)
+    start_step = 0
+    if resume:
+        start_step = _restore(out_dir, raw, optimizer, data)
+        log(f"resumed from {out_dir} at step {start_step}")
+    runner = torch.compile(wrapped) if cfg.compile else wrapped
     bpt = data.bytes_per_token() if hasattr(data, "bytes_per_token") else None
     metrics_path = out_dir / "metrics.jsonl"
     if dist_info.master:
@@ -200,9 +169,12 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig, tokenizer=None, *, los
         metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
 
     def checkpoint(step: int) -> None:
+        weights = full_model_state(raw)  # under FSDP: gathered on rank 0, with every process taking part
+        opt_state = optimizer_state(raw, optimizer) if dist_info.master or weights is not None else None
         if dist_info.master:
-            state = {"optimizer": optimizer.state_dict(), "data": data.state_dict(), "rng": _rng_state()}
-            save_checkpoint(out_dir, raw, tokenizer, step=step, train_config=cfg, train_state=state, extra=extra)
+            state = {"optimizer": opt_state, "data": data.state_dict(), "rng": _rng_state()}
+            save_checkpoint(out_dir, raw, tokenizer, step=step, train_config=cfg, train_state=state, extra=extra,
+                            weights=weights)
             _plot(history, out_dir / "loss.png")
 
     def record(entry: dict) -> None:
@@ -226,7 +198,7 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig, tokenizer=None, *, los
             batch = _to(data.train_batch(), device)
             tokens_per_step = batch[0].numel() * dist_info.world_size * cfg.grad_accum
             sync = micro == cfg.grad_accum - 1 or dist_info.world_size == 1
-            with (contextlib.nullcontext() if sync else ddp.no_sync()), amp:
+            with grad_sync(wrapped, sync), amp:
                 loss = loss_fn(runner, batch) / cfg.grad_accum
             loss.backward()
             loss_sum += loss.detach()
@@ -273,9 +245,9 @@ def _format_eval(step: int, ev: dict) -> str:
     return f"step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in ev.items())
 
 
-def _restore(out_dir: Path, optimizer, data, device) -> int:
+def _restore(out_dir: Path, model: torch.nn.Module, optimizer, data) -> int:
     state = load_train_state(out_dir)
-    optimizer.load_state_dict(state["optimizer"])
+    load_optimizer_state(model, optimizer, state["optimizer"])
     data.load_state_dict(state["data"])
     _set_rng_state(state["rng"])
     return int(state["step"])
@@ -365,10 +337,9 @@ def pretrain(data_dir: str | Path, model_config, cfg: TrainConfig, *, init_from:
     data = TokenShards.from_dir(data_dir, model.config.block_size, cfg.batch_size, seed=cfg.seed,
                        eval_batches=cfg.eval_batches, rank=dist_info.rank, world_size=dist_info.world_size)
     if dist_info.master:
-        log(f"model: {model.num_params() / 1e6:.2f}M parameters, {dist_info.world_size} process(es) on {device}; "
+        log(f"model: {model.num_params() / 1e6:.2f}M parameters, {processes(dist_info, cfg, device)}; "
             f"train tokens {meta['splits']['train']['tokens']:,}, val {meta['splits']['val']['tokens']:,}")
     try:
         return train(model, data, cfg, tokenizer, resume=resume, dist_info=dist_info, log=log)
     finally:
-        if dist_info.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        close_distributed(dist_info)
