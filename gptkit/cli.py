@@ -55,11 +55,13 @@ def _fail(message: str) -> None:
 def info(
     preset: Annotated[Optional[str], typer.Option(help="a preset name, e.g. gpt2, gpt3-175b, tiny")] = None,
     ckpt: Annotated[Optional[Path], typer.Option(help="a checkpoint folder instead of a preset")] = None,
+    world_size: Annotated[Optional[int], typer.Option(help="also print training memory per device for this "
+                                                           "many processes, DDP vs FSDP")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Parameter count, training FLOPs per token and memory of a model, without allocating it."""
     from gptkit.config import PRESETS
-    from gptkit.stats import model_stats
+    from gptkit.stats import model_stats, per_device_memory
 
     if (preset is None) == (ckpt is None):
         _fail(f"give exactly one of --preset NAME or --ckpt DIR (presets: {', '.join(PRESETS)})")
@@ -73,6 +75,10 @@ def info(
 
         cfg, name = ModelConfig.from_dict(read_config(ckpt)["model"]), str(ckpt)
     stats = model_stats(cfg)
+    if world_size is not None:
+        if world_size < 1:
+            _fail(f"--world-size {world_size}: must be at least 1")
+        stats["per_device"] = {"world_size": world_size, **per_device_memory(cfg, world_size)}
     if json_out:
         typer.echo(json.dumps({"name": name, **stats}))
         return
@@ -83,6 +89,14 @@ def info(
     typer.echo(f"  training FLOPs/token  {stats['train_flops_per_token']:.3e}  (6N + 12·n_layer·n_embd·context)")
     typer.echo(f"  weights fp32 / bf16   {_gib(stats['weights_bytes_fp32'])} / {_gib(stats['weights_bytes_bf16'])}")
     typer.echo(f"  AdamW state (fp32)    {_gib(stats['adamw_state_bytes'])}  (+ fp32 grads {_gib(stats['grad_bytes_fp32'])})")
+    if world_size is not None:
+        typer.echo(f"  training memory per device, {world_size} process(es) (fp32 weights + grads + AdamW; "
+                   "activations not included):")
+        for name, m in stats["per_device"].items():
+            if name != "world_size":
+                typer.echo(f"    {name:<5} {_gib(m['total']):>11}  = weights {_gib(m['weights'])} + grads "
+                           f"{_gib(m['grads'])} + AdamW {_gib(m['adamw'])}"
+                           + (f" + gathered for compute {_gib(m['gathered'])}" if m["gathered"] else ""))
 
 
 # ---------------------------------------------------------------------------- pretrain

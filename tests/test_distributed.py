@@ -120,3 +120,27 @@ def test_muon_with_fsdp_is_refused_in_one_line(tmp_path, data_dir):  # noqa: F81
     assert r.stderr.strip().splitlines() == ["error: --optimizer muon does not run with --strategy fsdp (Muon "
                                              "orthogonalizes whole matrices, FSDP shards them); use --strategy ddp "
                                              "or --optimizer adamw"]
+
+
+@pytest.mark.slow
+def test_fsdp_bf16_mixed_precision_runs_on_cpu(tmp_path, data_dir):  # noqa: F811
+    """bf16 weights gathered and computed, fp32 gradients reduced, fp32 weights saved."""
+    out = tmp_path / "bf16"
+    r = torchrun("pretrain", str(data_dir), "--out", str(out), "--strategy", "fsdp", "--dtype", "bfloat16",
+                 "--activation-checkpointing", "--batch-size", "4", *ARGS, "--max-steps", "4")
+    assert r.returncode == 0, r.stderr
+    losses = [loss for _, loss in _losses(out)]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert {str(t.dtype) for t in load_file(str(out / "model.safetensors")).values()} == {"torch.float32"}
+
+
+def test_info_prints_memory_per_device_for_ddp_and_fsdp():
+    r = gptkit("info", "--preset", "gpt2-xl", "--world-size", "8", "--json")
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(r.stdout)
+    n, mem = stats["params"], stats["per_device"]
+    assert mem["ddp"]["total"] == 16 * n  # fp32 weights 4 + grads 4 + AdamW moments 8 bytes per parameter
+    assert mem["fsdp"]["total"] - mem["fsdp"]["gathered"] == pytest.approx(16 * n / 8, abs=8)
+    assert 0 < mem["fsdp"]["gathered"] < 4 * n / 8  # the embeddings and two of the 48 blocks, in fp32
+    text = gptkit("info", "--preset", "gpt2-xl", "--world-size", "8").stdout
+    assert "ddp     23.21 GiB" in text and "fsdp     3.44 GiB" in text
