@@ -59,7 +59,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
     say(f"3/4 pretrain: {model.num_params() / 1e6:.1f}M-parameter GPT, {cfg.steps} steps of "
         f"{cfg.batch_size}x{model_cfg.block_size} tokens; val loss before training {before['val_loss']:.3f}")
     train_cfg = TrainConfig(out_dir=str(out / "model"), max_steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                            min_lr=cfg.lr / 10, warmup_steps=min(100, cfg.steps // 10), eval_interval=cfg.steps // 4,
+                            warmup_steps=min(100, cfg.steps // 10), eval_interval=cfg.steps // 4,
                             eval_batches=20, seed=cfg.seed, weight_decay=0.1, beta2=0.99)
     after = train(model, data, train_cfg, tokenizer, log=say)
     say(f"    val loss {before['val_loss']:.3f} -> {after['val_loss']:.3f} "

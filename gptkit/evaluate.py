@@ -177,7 +177,8 @@ def perplexity(model, tokenizer, text: str) -> dict[str, float]:
 @torch.no_grad()
 def classify(model, tokenizer, texts: list[str], labels: list[str], batch_size: int = 32) -> list[str]:
     """Predicted label of each text (the classification head on the last token)."""
-    from gptkit.finetune import TaskBatches, class_logits, class_examples, Record
+    from gptkit.heads import class_logits
+    from gptkit.sft_data import Record, TaskBatches, class_examples
 
     records = [Record(f"text {i}", {"text": t, "label": labels[0]}) for i, t in enumerate(texts)]
     examples, _ = class_examples(records, tokenizer, model.config.block_size, labels)
@@ -212,6 +213,7 @@ def generate_all(model, tokenizer, prompts: list[list[int]], max_tokens: int = 6
     max_tokens = min(max_tokens, block - 1)
     engine = Engine(model, max_batch=max(1, min(max_batch, len(prompts))), token_bytes=tokenizer.token_bytes,
                     eos_ids=eos_ids(tokenizer), vocab_size=tokenizer.vocab_size)
+    # greedy, not the default temperature: a score must not depend on a sampling seed
     params = SampleConfig(max_tokens=max_tokens, temperature=0.0, stop=list(stop or []))
     handles = [engine.submit(p[-(block - max_tokens):], params) for p in prompts]
     return [completion_text(tokenizer, h.result()[0]) for h in handles]
@@ -241,7 +243,7 @@ def _generation_metrics(task: str, preds: list[str], refs: list[str]) -> dict[st
 
 
 def _records(path: str | Path, limit: int | None) -> tuple[str, list]:
-    from gptkit.finetune import read_records
+    from gptkit.sft_data import read_records
 
     fmt, records, _ = read_records(path)
     return fmt, records[:limit] if limit else records

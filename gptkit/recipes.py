@@ -132,7 +132,7 @@ def write_jsonl(path: Path, records: list[dict]) -> str:
 
 # ---------------------------------------------------------------------------- shared steps
 def train_cfg(out: Path, steps: int, scale: Scale, seed: int, lr: float, batch_size: int | None = None) -> TrainConfig:
-    return TrainConfig(out_dir=str(out), max_steps=steps, batch_size=batch_size or scale.batch_size, lr=lr, min_lr=lr / 10,
+    return TrainConfig(out_dir=str(out), max_steps=steps, batch_size=batch_size or scale.batch_size, lr=lr,
                        warmup_steps=max(1, steps // 20), weight_decay=0.0, eval_interval=max(1, steps // 2),
                        eval_batches=4, log_interval=max(1, steps // 10), seed=seed, progress=False)
 
@@ -316,7 +316,7 @@ def _docs_base(out: Path, train: dict[str, str], scale: Scale, seed: int, log: L
 
 def _rouge_on(ckpt: Path, conversations: list[dict], refs: list[str]) -> float:
     from gptkit.checkpoint import load_model
-    from gptkit.finetune import ensure_chat_tokens
+    from gptkit.heads import ensure_chat_tokens
     from gptkit.tokenizer import load_tokenizer, render_chat
 
     model, _ = load_model(ckpt)

@@ -13,10 +13,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
