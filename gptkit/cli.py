@@ -41,8 +41,15 @@ app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True, pre
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="check checkpoint file sizes only, not their "
+                                                                "sha256 (faster for huge checkpoints)")] = False,
+) -> None:
     """gptkit: build your own GPT end to end."""
+    if no_verify:
+        from gptkit.ckptdir import set_verify_hashes
+
+        set_verify_hashes(False)
 
 
 def _opt(cls: type, name: str) -> typer.models.OptionInfo:
@@ -147,6 +154,7 @@ def pretrain(
     init_from: Annotated[Optional[Path], typer.Option(help="start from this checkpoint's weights")] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in --out exactly where it stopped")] = False,
     stop_at: Annotated[Optional[int], _opt(TrainConfig, "stop_at")] = TrainConfig.stop_at,
+    keep: Annotated[int, _opt(TrainConfig, "keep")] = TrainConfig.keep,
 ) -> None:
     """Pretrain a GPT on prepared token shards. Runs unchanged under torchrun (DDP)."""
     import dataclasses
@@ -334,6 +342,21 @@ def chat(
             sys.stdout.flush()
         sys.stdout.write("\n")
         history.append({"role": "assistant", "content": reply})
+
+
+@app.command()
+def attention(
+    ckpt: Annotated[Path, typer.Argument(help="checkpoint folder")],
+    text: Annotated[str, typer.Argument(help="the text to run, e.g. 我有一个梦想")],
+    layer: Annotated[Optional[int], typer.Option(help="layer to draw (default: the last)")] = None,
+    head: Annotated[Optional[int], typer.Option(help="draw this head large (default: a grid of all heads)")] = None,
+    out: Annotated[Path, typer.Option(help="PNG to write")] = Path("attention.png"),
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="also write every layer's weights as JSON")] = None,
+) -> None:
+    """Attention maps: which earlier tokens each token attends to (softmax weights of the real forward)."""
+    from gptkit.attention import run
+
+    typer.echo(run(ckpt, text, out=out, layer=layer, head=head, json_out=json_out))
 
 
 # ---------------------------------------------------------------------------- tokenizer and corpus
@@ -581,6 +604,7 @@ def finetune(
         FinetuneTrainConfig.activation_checkpointing),
     seed: Annotated[int, _opt(FinetuneTrainConfig, "seed")] = FinetuneTrainConfig.seed,
     resume: Annotated[bool, typer.Option(help="continue the run in --out where it stopped")] = False,
+    keep: Annotated[int, _opt(FinetuneTrainConfig, "keep")] = FinetuneTrainConfig.keep,
 ) -> None:
     """Fine-tune a checkpoint (full or LoRA) on chat, completion, classification or text data."""
     from gptkit.finetune import DataSpec, FinetuneConfig, finetune as run

@@ -7,6 +7,8 @@ help stay fast.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -53,13 +55,46 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict, where: str = "model config") -> "ModelConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise GptkitError(f"unknown model config field(s): {', '.join(sorted(unknown))}")
+            raise GptkitError(f"{where}: unknown model config field(s): {', '.join(sorted(unknown))}")
+        check_types(cls, d, where)
         # Checkpoints written before `activation` existed were all trained with the tanh GELU.
         return cls(**{"activation": "gelu_tanh", **d})
+
+
+def check_types(cls, d: dict, where: str) -> None:
+    """GptkitError for a field of d whose JSON type does not fit cls's annotation (e.g. a
+    string for an int), before it can fail deep inside with a traceback."""
+    hints = typing.get_type_hints(cls)
+    for name, value in d.items():
+        if name in hints and not _fits(value, hints[name]):
+            raise GptkitError(f"{where}: field {name!r} is {value!r}, expected {_describe(hints[name])}")
+
+
+def _fits(value, hint) -> bool:
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, origin or hint)
+
+
+def _describe(hint) -> str:
+    if typing.get_origin(hint) is typing.Literal:
+        return " or ".join(repr(a) for a in typing.get_args(hint))
+    return getattr(hint, "__name__", str(hint))
 
 
 def _gpt2(n_layer: int, n_head: int, n_embd: int) -> ModelConfig:
@@ -132,6 +167,7 @@ class TrainConfig:
     eval_batches: int = option(20, "validation batches per evaluation")
     log_interval: int = option(10, "write train metrics every N steps")
     ckpt_interval: int = option(0, "also checkpoint every N steps (0: only at evaluations and at the end)")
+    keep: int = option(2, "complete checkpoints (step folders) to keep; older ones are removed after each save")
     stop_at: int | None = option(None, "stop (with a checkpoint) after this step, keeping max_steps' schedule; "
                                        "--resume later")
     # speed
@@ -146,7 +182,7 @@ class TrainConfig:
     progress: bool = option(True, "a progress bar on a terminal")
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum"):
+        for name in ("max_steps", "batch_size", "grad_accum", "keep"):
             if getattr(self, name) < 1:
                 raise GptkitError(f"{name}={getattr(self, name)} must be at least 1")
         if self.lr <= 0:

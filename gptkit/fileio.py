@@ -1,12 +1,14 @@
 """Atomic file writes: a temp file in the same folder, fsync, then rename over the target.
 
 A reader (or a resumed run after a crash) sees either the old file or the new one, never half.
+Whole folders the same way: built in a temporary folder beside the target, swapped in by rename.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -35,3 +37,59 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make renames inside a folder durable (a no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------- whole folders
+def temp_folder_beside(out: Path) -> Path:
+    """A new empty `.OUT.tmp-PID/` next to out (same file system: the swap is a rename);
+    leftovers of killed runs into the same out are removed first."""
+    _remove_stale_temps(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Temporary folders of killed runs into the same OUT (their process is gone)."""
+    for p in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, pid = p.name.rpartition("-")
+        if kind.endswith((".tmp", ".old")) and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def swap_in(tmp: Path, out: Path) -> None:
+    """Replace out by the finished tmp folder: two renames; the old contents are deleted after.
+    A reader sees the old folder or the new one, never a mix."""
+    fsync_dir(tmp)
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+    fsync_dir(out.parent)

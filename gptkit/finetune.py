@@ -17,12 +17,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptkit.checkpoint import load_model
+from gptkit.ckptdir import resume_candidate
 from gptkit.config import GptkitError, TrainConfig
-# Example, encode_lm and the heads are imported from here by older callers: kept importable.
+# Example, encode_lm, parse_object and the heads are imported from here by older callers: kept importable.
 from gptkit.heads import CLASSIFY_HEAD, add_class_head, class_logits, ensure_chat_tokens  # noqa: F401
 from gptkit.lora import LoRAConfig, apply_lora, mark_trainable
 from gptkit.sft_data import (Example, Mixture, Record, TaskBatches, class_examples, encode_lm,  # noqa: F401
-                             lm_examples, read_records)
+                             lm_examples, parse_object, read_records)
 from gptkit.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -183,7 +184,7 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 
 
 def finetune(base: str | Path, specs: list[DataSpec], cfg: TrainConfig, ft: FinetuneConfig | None = None, *,
-             resume: bool = False, log: Callable[[str], None] = print) -> dict:
+             resume: bool | Path = False, log: Callable[[str], None] = print) -> dict:
     """Fine-tune the checkpoint `base` on the data files; the result goes to cfg.out_dir.
     Returns the trainer's last metrics plus a summary of the data and parameters."""
     from gptkit.parallel import close_distributed, init_distributed, pick_device, processes
@@ -198,10 +199,11 @@ def finetune(base: str | Path, specs: list[DataSpec], cfg: TrainConfig, ft: Fine
         tasks = load_tasks(specs, ft)
         torch.manual_seed(cfg.seed)  # new weights (LoRA, heads) the same in every process and every rerun
         model, tokenizer, extra = prepare_model(base, tasks, ft)
-        if resume:  # the run's own checkpoint, with the structure prepare_model just built
-            model, _ = load_model(cfg.out_dir)
+        if resume:  # the run's newest intact checkpoint, with the structure prepare_model just built
+            resume = resume_candidate(cfg.out_dir, log)
+            model, _ = load_model(resume)
             _freeze_for_lora(model, extra)
-            tokenizer = load_tokenizer(cfg.out_dir)
+            tokenizer = load_tokenizer(resume)
         device = pick_device(dist_info)
         model.to(device).train()
         data, stats = build_batches(tasks, tokenizer, model.config.block_size, cfg, extra.get("labels", []),

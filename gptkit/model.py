@@ -108,12 +108,17 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self._qkv(x)
         mask = "causal"
         if kv_cache is not None:
             k, v, mask = kv_cache.update(layer, k, v)  # (B, nh, L, hs), L = cached + T
@@ -124,6 +129,18 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=mask == "causal")
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
         return self.resid_dropout(self.c_proj(y))
+
+    def inspect(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward in eval mode without a cache, with the attention written out (the fused SDPA
+        kernel never materialises it): the output and the softmax weights (B, nh, T, T), row i
+        over keys 0..i. No dropout: this path is for looking, not training."""
+        B, T, C = x.shape
+        q, k, v = self._qkv(x)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))  # (B, nh, T, T)
+        future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+        weights = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+        y = (weights @ v).transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.c_proj(y), weights
 
 
 class MLP(nn.Module):
@@ -225,13 +242,32 @@ class GPT(nn.Module):
             positions = torch.arange(T, device=idx.device)  # (T,)
         else:
             positions = kv_cache.begin(T, idx.device)  # (B, T)
-        pos_emb = self.wpe(positions) if hasattr(self, "wpe") else self.pe[positions]
-        x = self.drop(self.wte(idx) + pos_emb)
+        x = self._embed(idx, positions)
         for layer, block in enumerate(self.h):
             x = block(x, kv_cache, layer)
         if kv_cache is not None:
             kv_cache.end(T)
         return self.ln_f(x)
+
+    def _embed(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        pos_emb = self.wpe(positions) if hasattr(self, "wpe") else self.pe[positions]
+        return self.drop(self.wte(idx) + pos_emb)
+
+    def attention_maps(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, T, vocab) and the attention weights of every layer and head
+        (n_layer, B, nh, T, T), from an inspection pass that computes softmax(QK^T/sqrt(d))
+        explicitly; the same blocks as forward, so the logits match it."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than the context ({self.config.block_size})")
+        x = self._embed(idx, torch.arange(T, device=idx.device))
+        maps = []
+        for block in self.h:
+            y, weights = block.attn.inspect(block.ln_1(x))
+            x = x + y
+            x = x + block.mlp(block.ln_2(x))
+            maps.append(weights)
+        return self.lm_head(self.ln_f(x)), torch.stack(maps)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None, last_only: bool = False, head: str | None = None,

@@ -16,7 +16,13 @@ train or all val), so it is cut instead: its last val_fraction goes to val, the 
 Streaming: sources are cut into pieces of about PIECE_BYTES at line boundaries, pieces are
 grouped into tasks, and worker processes encode tasks in order (Pool.imap) while this
 process appends the tokens to the shards. Nothing holds the whole corpus in memory, and
-the output is byte-identical for any number of workers.
+the output is byte-identical for any number of workers. A huge .jsonl document (one line) is
+held as text but tokenized CHUNK_CHARS at a time, cut at pre-token boundaries, so its ids
+equal whole-document tokenization and memory stays near the plain-text path's.
+
+Never destructive: the dataset is built in `.OUT.tmp-PID/` beside OUT and swapped in (two
+renames) only when complete, so a failed or killed re-run leaves the old dataset as it was;
+temporary folders of killed runs are removed at the next start.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 import sysconfig
 import time
@@ -36,7 +43,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from gptkit.config import GptkitError
-from gptkit.fileio import atomic_write_json
+from gptkit.fileio import atomic_write_json, swap_in, temp_folder_beside
+from gptkit.textchunks import chunk_bounds
 from gptkit.tokenizer import Tokenizer, load_tokenizer
 
 META_VERSION = 1
@@ -48,6 +56,11 @@ TEXT_SUFFIXES = (".txt", ".text", ".md", ".markdown", ".rst", ".tex", ".py", ".p
 PIECE_BYTES = 1 << 20  # a worker's unit of work; big files are cut into pieces this size
 TASK_BYTES = 1 << 20  # pieces are grouped into tasks, so small files do not cost one round trip each
 SCAN_BYTES = 64 << 10  # how far to look for a line end before cutting inside a (very long) line
+# A document is tokenized in pieces of at most CHUNK_CHARS characters, BATCH_CHARS per backend
+# call: the BPE backend needs ~150 bytes per input character while it works, so this bounds
+# memory whatever the size of one .jsonl document (see BENCHMARKS.md).
+CHUNK_CHARS = 256 << 10
+BATCH_CHARS = 1 << 20
 DEFAULT_SHARD_TOKENS = 100_000_000
 SPLITS = ("train", "val")
 # stdlib folders that are not the library proper: third-party packages, test suites, caches,
@@ -184,8 +197,8 @@ def _decode(raw: bytes) -> tuple[str, int]:
 
 def _jsonl_documents(src: Source, start: int, text: str, text_field: str) -> Iterator[tuple[int, str]]:
     """(line index, text) of each document of a .jsonl piece that begins at byte `start`."""
-    for lineno, line in enumerate(text.split("\n")):
-        if not line.strip():
+    for lineno, line in enumerate(_lines(text)):
+        if not line or line.isspace():  # not .strip(): no copy of a huge line
             continue
         where = f"{src.name}:{_line_number(src, start, lineno)}"
         try:
@@ -198,6 +211,19 @@ def _jsonl_documents(src: Source, start: int, text: str, text_field: str) -> Ite
             raise GptkitError(f"{where}: field {text_field!r} is {type(obj[text_field]).__name__}, expected a string")
         if obj[text_field]:
             yield lineno, obj[text_field]
+
+
+def _lines(text: str) -> Iterator[str]:
+    """text.split("\n") lazily; a piece that is one (huge) line is not copied."""
+    if text.find("\n", 0, len(text) - 1) < 0:
+        yield text  # json.loads allows the trailing newline
+        return
+    pos = 0
+    while pos <= len(text):
+        end = text.find("\n", pos)
+        end = len(text) if end < 0 else end
+        yield text[pos:end]
+        pos = end + 1
 
 
 def _line_number(src: Source, start: int, lineno_in_piece: int) -> int:
@@ -303,11 +329,15 @@ def _tasks(pieces: list[Piece]) -> list[list[Piece]]:
 # ---------------------------------------------------------------------------- encoding (workers)
 @dataclass
 class PieceResult:
-    ids: dict[str, np.ndarray]  # split -> token ids, documents followed by <|endoftext|>
+    ids: dict[str, list[np.ndarray]]  # split -> token id arrays, documents followed by <|endoftext|>
     text_bytes: dict[str, int]
     eots: dict[str, int]  # documents (or document parts) per split
     documents: int  # documents that end in this piece
     bad_bytes: int
+
+
+# (split, text, start, end, followed by eot): the characters text[start:end] go to split
+Segment = tuple[str, str, int, int, bool]
 
 
 class _Encoder:
@@ -315,46 +345,100 @@ class _Encoder:
 
     def __init__(self, tokenizer: Tokenizer, val_fraction: float, big_bytes: float, text_field: str):
         self.tok, self.eot = tokenizer, tokenizer.eot_id
+        self.dtype = token_dtype(tokenizer.vocab_size)
         self.val_fraction, self.big_bytes, self.text_field = val_fraction, big_bytes, text_field
 
     def __call__(self, task: list[Piece]) -> list[PieceResult]:
-        # (piece index, split, text, followed by eot) for every segment of the task
-        segments: list[tuple[int, str, str, bool]] = []
+        segments: list[tuple[int, Segment]] = []  # (piece index, segment)
         results = []
         for k, piece in enumerate(task):
-            text, bad = _decode(piece.source.read(piece.start, piece.end))
-            if piece.source.jsonl:
-                documents = list(self._jsonl_segments(piece, text))
-                docs = len({lineno for lineno, _, _ in documents})  # a cut document yields two segments
-                segments += [(k, split, doc, True) for _, split, doc in documents]
-            else:
-                docs = int(piece.end == piece.source.size)  # a cut document ends once, in val
-                segments.append((k, piece.split, text, piece.ends_doc))
-            results.append(PieceResult({}, {s: 0 for s in SPLITS}, {s: 0 for s in SPLITS}, docs, bad))
-        # one batch call for the whole task: the BPE backend spreads it over all cores
-        encoded = self.tok.encode_batch([text for _, _, text, _ in segments])
-        parts: list[dict[str, list[list[int]]]] = [{s: [] for s in SPLITS} for _ in task]
-        for (k, split, text, eot), ids in zip(segments, encoded):
-            parts[k][split].append(ids + [self.eot] if eot else ids)
-            results[k].text_bytes[split] += len(text.encode("utf-8"))
-            results[k].eots[split] += int(eot)
-        for r, p in zip(results, parts):
-            r.ids = {s: np.fromiter((i for ids in p[s] for i in ids), dtype=np.int64) for s in SPLITS}
+            segs, docs, bad = self._segments(piece)  # the piece's raw text is freed on return
+            segments += [(k, seg) for seg in segs]
+            results.append(PieceResult({s: [] for s in SPLITS}, {s: 0 for s in SPLITS}, {s: 0 for s in SPLITS},
+                                       docs, bad))
+        eot = np.array([self.eot], dtype=self.dtype)
+        for (k, (split, _, _, _, ends)), (ids, n_bytes) in zip(segments, self._encode([s for _, s in segments])):
+            results[k].ids[split] += ids + [eot] if ends else ids
+            results[k].text_bytes[split] += n_bytes
+            results[k].eots[split] += int(ends)
         return results
 
-    def _jsonl_segments(self, piece: Piece, text: str) -> Iterator[tuple[int, str, str]]:
-        """(line index, split, text) per document; a document too big for whole-document
-        assignment yields its head for train and its tail for val."""
-        for lineno, text in _jsonl_documents(piece.source, piece.start, text, self.text_field):
-            data = text.encode("utf-8")
-            if self.val_fraction and len(data) > self.big_bytes:
-                cut = _val_cut(Source(piece.source.name, len(data), data=data), self.val_fraction)
+    def _segments(self, piece: Piece) -> tuple[list[Segment], int, int]:
+        """The piece's segments, the number of documents that end in it, its invalid bytes."""
+        text, bad = _decode(piece.source.read(piece.start, piece.end))
+        if piece.source.jsonl:
+            documents = list(self._jsonl_segments(piece, text))
+            docs = len({lineno for lineno, *_ in documents})  # a cut document yields two segments
+            return [seg for _, *seg in documents], docs, bad
+        docs = int(piece.end == piece.source.size)  # a cut document ends once, in val
+        return [(piece.split, text, 0, len(text), piece.ends_doc)], docs, bad
+
+    def _encode(self, segments: list[Segment]) -> list[tuple[list[np.ndarray], int]]:
+        """(token id arrays, UTF-8 bytes) per segment. Long texts are cut into chunks (see
+        _chunk_bounds) and chunks are encoded BATCH_CHARS at a time: one batch call lets the
+        BPE backend spread the work over all cores, and the bound keeps its memory small."""
+        arrays: list[list[np.ndarray]] = [[] for _ in segments]
+        n_bytes = [0] * len(segments)
+        batch: list[tuple[int, str]] = []
+        chars = 0
+        for i, (_, text, start, end, _) in enumerate(segments):
+            for a, b in chunk_bounds(text, start, end, CHUNK_CHARS):
+                batch.append((i, text[a:b]))
+                chars += b - a
+                if chars >= BATCH_CHARS:
+                    self._encode_batch(batch, arrays, n_bytes)
+                    batch, chars = [], 0
+        self._encode_batch(batch, arrays, n_bytes)
+        return list(zip(arrays, n_bytes))
+
+    def _encode_batch(self, batch: list[tuple[int, str]], arrays: list[list[np.ndarray]], n_bytes: list[int]) -> None:
+        for (i, chunk), ids in zip(batch, self.tok.encode_batch([c for _, c in batch])):
+            arrays[i].append(np.array(ids, dtype=self.dtype))
+            n_bytes[i] += len(chunk.encode("utf-8"))
+
+    def _jsonl_segments(self, piece: Piece, text: str) -> Iterator[tuple[int, str, str, int, int, bool]]:
+        """(line index, split, text, start, end, True) per document; a document too big for
+        whole-document assignment yields its head for train and its tail for val."""
+        for lineno, doc in _jsonl_documents(piece.source, piece.start, text, self.text_field):
+            if self.val_fraction and len(doc) > self.big_bytes / 4 and _utf8_len(doc) > self.big_bytes:
+                cut = _val_cut_chars(doc, f"{piece.source.name}:{lineno}", self.val_fraction)
                 if cut:
-                    yield lineno, "train", data[:cut].decode("utf-8")
-                yield lineno, "val", data[cut:].decode("utf-8")
+                    yield lineno, "train", doc, 0, cut, True
+                yield lineno, "val", doc, cut, len(doc), True
             else:
                 key = f"{piece.source.name}:{piece.start}:{lineno}"  # pieces do not depend on --workers
-                yield lineno, "val" if _in_val(key, self.val_fraction) else "train", text
+                yield lineno, "val" if _in_val(key, self.val_fraction) else "train", doc, 0, len(doc), True
+
+
+def _utf8_len(text: str) -> int:
+    if text.isascii():  # O(1) in CPython: no copy for the common case
+        return len(text)
+    return sum(len(text[i:i + CHUNK_CHARS].encode("utf-8")) for i in range(0, len(text), CHUNK_CHARS))
+
+
+def _val_cut_chars(doc: str, name: str, val_fraction: float) -> int:
+    """_val_cut of a document held as text, as a character index."""
+    if doc.isascii():  # byte and character offsets agree: no encoded copy of a huge document
+        src = Source(name, len(doc))
+        return _val_cut(_TextWindow(src, doc), val_fraction)
+    data = doc.encode("utf-8")
+    cut = _val_cut(Source(name, len(data), data=data), val_fraction)
+    return len(doc) - len(data[cut:].decode("utf-8"))
+
+
+@dataclass(frozen=True)
+class _TextWindow:
+    """An ASCII text read as bytes, a window at a time (what _cut needs of a Source)."""
+
+    src: Source
+    text: str
+
+    @property
+    def size(self) -> int:
+        return self.src.size
+
+    def read(self, start: int, end: int) -> bytes:
+        return self.text[start:end].encode("ascii")
 
 
 _WORKER: _Encoder | None = None  # the worker process's encoder, set once by _init_worker
@@ -440,14 +524,29 @@ def prepare(inputs: list[str], tokenizer_dir: str | os.PathLike, out: str | os.P
         raise GptkitError(f"workers={workers} and shard_tokens={shard_tokens} must be at least 1")
     t0 = time.perf_counter()
     tok = load_tokenizer(tokenizer_dir)
-    eot = tok.eot_id
     sources = resolve_inputs(inputs)
     pieces = plan(sources, val_fraction)
     if not pieces:
         raise GptkitError(f"no text found in {' '.join(inputs)} (all files are empty)")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "meta.json").unlink(missing_ok=True)  # until the new one is written, OUT is not a dataset
+    final = Path(out)
+    _check_target(final)
+    out = temp_folder_beside(final)  # swapped in only when complete
+    try:
+        meta = _prepare_into(out, inputs, tok, sources, pieces, text_field, val_fraction, workers, shard_tokens,
+                             progress, warn)
+        swap_in(out, final)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    seconds = time.perf_counter() - t0
+    n_tokens = sum(meta["splits"][s]["tokens"] for s in SPLITS)
+    return {**meta, "seconds": seconds, "tokens_per_s": n_tokens / max(seconds, 1e-9)}
+
+
+def _prepare_into(out: Path, inputs: list[str], tok: Tokenizer, sources: list[Source], pieces: list[Piece],
+                  text_field: str, val_fraction: float, workers: int, shard_tokens: int, progress: bool,
+                  warn: Callable[[str], None]) -> dict:
+    eot = tok.eot_id
     tok.save(out / "tokenizer")
     dtype = token_dtype(tok.vocab_size)
     writers = {s: ShardWriter(out, s, dtype, shard_tokens) for s in SPLITS}
@@ -465,7 +564,6 @@ def prepare(inputs: list[str], tokenizer_dir: str | os.PathLike, out: str | os.P
     shards = {s: w.close() for s, w in writers.items()}
     if not sum(totals.documents.values()):
         raise GptkitError(f"no text found in {' '.join(inputs)}")
-    _remove_stale_shards(out, shards)
     for name, st in stats.items():
         if st.bad_bytes:
             warn(f"{name}: {st.bad_bytes} invalid UTF-8 bytes replaced with U+FFFD")
@@ -478,9 +576,7 @@ def prepare(inputs: list[str], tokenizer_dir: str | os.PathLike, out: str | os.P
         "val_fraction": val_fraction, "text_bytes": totals.text_bytes,
     }
     atomic_write_json(out / "meta.json", meta)  # last: its presence means the shards are complete
-    seconds = time.perf_counter() - t0
-    n_tokens = sum(totals.tokens.values())
-    return {**meta, "seconds": seconds, "tokens_per_s": n_tokens / max(seconds, 1e-9)}
+    return meta
 
 
 def _encode_all(tasks: list[list[Piece]], tok: Tokenizer, tokenizer_dir: str, settings: tuple,
@@ -500,19 +596,26 @@ def _encode_all(tasks: list[list[Piece]], tok: Tokenizer, tokenizer_dir: str, se
 
 def _record(piece: Piece, r: PieceResult, writers: dict[str, ShardWriter], st: _SourceStats, totals: _Totals) -> None:
     for s in SPLITS:
-        writers[s].write(r.ids[s])
-        totals.tokens[s] += len(r.ids[s])
+        n = 0
+        for ids in r.ids[s]:
+            writers[s].write(ids)
+            n += len(ids)
+        totals.tokens[s] += n
         totals.documents[s] += r.eots[s]
         totals.text_bytes[s] += r.text_bytes[s]
-        st.tokens += len(r.ids[s])
+        st.tokens += n
     st.documents += r.documents
     st.bad_bytes += r.bad_bytes
 
 
-def _remove_stale_shards(out: Path, shards: dict[str, list[str]]) -> None:
-    """Shards of an earlier, larger run in the same folder would be confusing; meta.json is the truth."""
-    keep = {name for names in shards.values() for name in names}
-    for s in SPLITS:
-        for path in out.glob(f"{s}_*.bin"):
-            if path.name not in keep:
-                path.unlink()
+_DATASET_FILE = re.compile(r"^(meta\.json|tokenizer|(train|val)_\d{5}\.bin|\..*\.tmp)$")
+
+
+def _check_target(out: Path) -> None:
+    """OUT is replaced as a whole: refuse a folder holding anything `prepare` did not write."""
+    if out.exists() and not out.is_dir():
+        raise GptkitError(f"{out}: exists and is not a folder")
+    foreign = sorted(p.name for p in out.iterdir() if not _DATASET_FILE.match(p.name)) if out.is_dir() else []
+    if foreign:
+        raise GptkitError(f"{out}: holds files prepare did not write ({', '.join(foreign[:3])}"
+                          f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty --out")

@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from gptkit.ckptdir import is_checkpoint
 from gptkit.config import GptkitError, ModelConfig, TrainConfig
 from gptkit.evaluate import accuracy_f1, classify, generate_all, mean, exact_match, rouge_l
 from gptkit.finetune import DataSpec, FinetuneConfig, finetune
@@ -147,7 +148,7 @@ def small_base(out: Path, texts: list[str], scale: Scale, seed: int, log: Log, s
     from gptkit.tokenizer import CharTokenizer
 
     base = out / "base"
-    if (base / "config.json").is_file():
+    if is_checkpoint(base):
         log(f"reusing the base model in {base}")
         return base
     tokenizer = tokenizer or CharTokenizer.train(texts)
@@ -285,7 +286,7 @@ def docs_assistant(out: Path, scale: Scale, seed: int, log: Log, base: str | Non
     items = [(name, first_sentence(doc)) for _, name, doc in docstrings(DOC_MODULES)]
     train, test = split(items, seed, fraction=0.1)
     base_path = Path(base) if base else Path("runs/demo/model")
-    if not (base_path / "config.json").is_file():
+    if not is_checkpoint(base_path):
         if base:
             raise GptkitError(f"--base {base}: not a checkpoint folder")
         base_path = _docs_base(out / "docs", dict(train), scale, seed, log)

@@ -99,7 +99,7 @@ def read_records(path: str | Path, skip_bad: bool = False) -> tuple[str, list[Re
         if not line.strip():
             continue
         try:
-            r = _parse(line)
+            r = parse_object(line)
             fmt = fmt or detect_format(r)
             if detect_format(r) != fmt:
                 raise GptkitError(f"a {detect_format(r)} record in a {fmt} file")
@@ -115,7 +115,8 @@ def read_records(path: str | Path, skip_bad: bool = False) -> tuple[str, list[Re
     return fmt, records, skipped
 
 
-def _parse(line: str) -> dict:
+def parse_object(line: str) -> dict:
+    """One .jsonl line as a JSON object (a GptkitError without the location otherwise)."""
     try:
         r = json.loads(line)
     except json.JSONDecodeError as e:

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from gptkit.ckptdir import resolve_checkpoint
 from gptkit.config import GptkitError
 from gptkit.fileio import atomic_write, atomic_write_text
 
@@ -405,23 +406,18 @@ class TiktokenTokenizer(Tokenizer):
 
 
 def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
-    """Load a tokenizer saved by gptkit, or read GPT-2 / tokenizer.json files from a folder."""
-    folder = Path(folder)
+    """Load a tokenizer saved by gptkit, or read GPT-2 / tokenizer.json files from a folder.
+    A checkpoint run folder is resolved to its latest step folder (gptkit.ckptdir)."""
+    folder = resolve_checkpoint(folder)
     meta_path = folder / META_FILE
     if meta_path.is_file():
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        kind = meta.get("kind")
-        if kind == "bpe":
-            tok: Tokenizer = BPETokenizer.from_file(folder / "tokenizer.json")
-        elif kind == "char":
-            tok = CharTokenizer(meta["chars"], meta["specials"])
-        elif kind == "tiktoken":
-            tok = TiktokenTokenizer(folder / "encoding.tiktoken", meta["pattern"], meta["specials"])
-        else:
-            raise GptkitError(f"{meta_path}: unknown tokenizer kind {kind!r}; expected bpe, char or tiktoken")
-        if "chat_template" in meta:
-            tok.chat_template = ChatTemplate(**meta["chat_template"])
-        return tok
+        try:
+            return _load_saved(folder, meta_path)
+        except GptkitError:
+            raise
+        except Exception as e:  # garbage JSON, missing keys, a damaged tokenizer.json: one line, not a traceback
+            detail = (str(e).strip().splitlines() or [""])[0][:200]
+            raise GptkitError(f"{meta_path}: damaged tokenizer files ({type(e).__name__}: {detail})") from None
     if (folder / "tokenizer.json").is_file():
         return BPETokenizer.from_file(folder / "tokenizer.json")
     if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
@@ -431,6 +427,22 @@ def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
         return TiktokenTokenizer(tiktoken_files[0])
     raise GptkitError(f"{folder}: no tokenizer found (expected {META_FILE}, tokenizer.json, "
                       "vocab.json + merges.txt, or a .tiktoken file)")
+
+
+def _load_saved(folder: Path, meta_path: Path) -> Tokenizer:
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    kind = meta.get("kind")
+    if kind == "bpe":
+        tok: Tokenizer = BPETokenizer.from_file(folder / "tokenizer.json")
+    elif kind == "char":
+        tok = CharTokenizer(meta["chars"], meta["specials"])
+    elif kind == "tiktoken":
+        tok = TiktokenTokenizer(folder / "encoding.tiktoken", meta["pattern"], meta["specials"])
+    else:
+        raise GptkitError(f"{meta_path}: unknown tokenizer kind {kind!r}; expected bpe, char or tiktoken")
+    if "chat_template" in meta:
+        tok.chat_template = ChatTemplate(**meta["chat_template"])
+    return tok
 
 
 class StreamDecoder:

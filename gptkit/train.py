@@ -4,8 +4,10 @@ What varies between them is passed in: the batch source (see gptkit.data), the l
 function (model, batch) -> scalar, and extra checkpoint fields. The loop owns the rest:
 AdamW with decay on matrices only, warmup + cosine LR, gradient accumulation and
 clipping, autocast, periodic evaluation (loss, perplexity, bits per byte), JSONL metrics,
-a progress bar, a loss-curve PNG, atomic checkpoints, exact resume, a NaN stop, and DDP or
-FSDP2 under torchrun (gloo on CPU, nccl on GPU; gptkit.parallel) with no code change.
+a progress bar, a loss-curve PNG, crash-safe checkpoints (gptkit.ckptdir: a new step folder
+per save, the newest `keep` kept), exact resume from the newest intact one, a NaN stop (loss
+and gradient norm) that never saves, and DDP or FSDP2 under torchrun (gloo on CPU, nccl on
+GPU; gptkit.parallel) with no code change.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,7 +25,9 @@ import torch
 import torch.distributed as dist
 
 from gptkit.checkpoint import load_train_state, save_checkpoint, unwrap
+from gptkit.ckptdir import clean_leftovers, point_latest, prune, resume_candidate, step_folders, step_of
 from gptkit.config import GptkitError, TrainConfig
+from gptkit.fileio import atomic_write_text
 from gptkit.optim import Muon, Optimizers
 from gptkit.parallel import (Dist, close_distributed, full_model_state, grad_sync, init_distributed,  # noqa: F401
                              load_optimizer_state, optimizer_state, pick_device, processes, wrap)
@@ -131,13 +136,14 @@ def _to(batch: tuple, device: torch.device) -> tuple:
 
 # ---------------------------------------------------------------------------- the loop
 def train(model: torch.nn.Module, data, cfg: TrainConfig, tokenizer=None, *, loss_fn: LossFn = lm_loss,
-          resume: bool = False, extra: dict | None = None, dist_info: Dist | None = None,
+          resume: bool | Path = False, extra: dict | None = None, dist_info: Dist | None = None,
           log: Callable[[str], None] = print, on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Train model on data for cfg.max_steps optimizer steps; returns the last metrics.
 
-    Checkpoints go to cfg.out_dir at every evaluation and at the end (rank 0 only).
-    With resume=True the run continues from the checkpoint in cfg.out_dir exactly as if it
-    had never stopped (same weights, optimizer, data order and RNG).
+    Checkpoints go to cfg.out_dir/step-N at every evaluation and at the end (rank 0 only).
+    With resume=True the run continues from the newest intact checkpoint in cfg.out_dir (or
+    from the step folder resume names: the one the caller loaded the weights from) exactly as
+    if it had never stopped (same weights, optimizer, data order and RNG).
     on_step(step, metrics), if given, runs after every optimizer step (benchmarks use it to
     snapshot the weights on the way).
     """
@@ -147,32 +153,41 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig, tokenizer=None, *, los
     torch.manual_seed(cfg.seed + dist_info.rank)
     amp_dtype = autocast_dtype(cfg, device)
     amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    if dist_info.master:
+        removed = clean_leftovers(out_dir)
+        if removed:
+            log(f"removed what an interrupted save left in {out_dir}: {', '.join(removed)}")
+    start_step, saved, resume_state = 0, [], None
+    if resume:  # read and checked while the weights are still whole, restored once the optimizer exists
+        src = resume if isinstance(resume, Path) else resume_candidate(out_dir, log)
+        resume_state = _read_state(src, model)
     raw = unwrap(model)
     wrapped = wrap(raw, cfg, dist_info, amp_dtype)  # before the optimizer: FSDP replaces the parameters
     optimizer = configure_optimizer(raw, cfg, device)
-    start_step = 0
     if resume:
-        start_step = _restore(out_dir, raw, optimizer, data)
-        log(f"resumed from {out_dir} at step {start_step}")
+        start_step = _restore(resume_state, raw, optimizer, data)
+        saved = _resume_layout(out_dir, src, start_step, dist_info, log)
+        log(f"resumed from {src} at step {start_step}")
     runner = torch.compile(wrapped) if cfg.compile else wrapped
     bpt = data.bytes_per_token() if hasattr(data, "bytes_per_token") else None
     metrics_path = out_dir / "metrics.jsonl"
     if dist_info.master:
         out_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
-            metrics_path.write_text("")
+            atomic_write_text(metrics_path, "")
     # on resume, forget what was logged after the checkpoint: those steps are about to rerun
-    history = [h for h in _read_history(metrics_path) if h["step"] <= start_step] if dist_info.master else []
+    history = [h for h in _read_history(metrics_path, log) if h["step"] <= start_step] if dist_info.master else []
     if dist_info.master and resume:
-        metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+        atomic_write_text(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
 
     def checkpoint(step: int) -> None:
         weights = full_model_state(raw)  # under FSDP: gathered on rank 0, with every process taking part
         opt_state = optimizer_state(raw, optimizer) if dist_info.master or weights is not None else None
         if dist_info.master:
             state = {"optimizer": opt_state, "data": data.state_dict(), "rng": _rng_state()}
-            save_checkpoint(out_dir, raw, tokenizer, step=step, train_config=cfg, train_state=state, extra=extra,
-                            weights=weights)
+            saved.insert(0, save_checkpoint(out_dir, raw, tokenizer, step=step, train_config=cfg,
+                                            train_state=state, extra=extra, weights=weights))
+            prune(out_dir, saved[:cfg.keep])
             _plot(history, out_dir / "loss.png")
 
     def record(entry: dict) -> None:
@@ -200,14 +215,20 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig, tokenizer=None, *, los
                 loss = loss_fn(runner, batch) / cfg.grad_accum
             loss.backward()
             loss_sum += loss.detach()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
         if dist_info.world_size > 1:  # the logged loss is the global batch's
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-        loss_value = loss_sum.item()
-        if not math.isfinite(loss_value):
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, the shards' norms still to be combined
+            grad_norm = grad_norm.full_tensor()
+        loss_value, norm_value = loss_sum.item(), float(grad_norm)
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             progress.close()
-            raise GptkitError(f"loss became {loss_value} at step {step + 1}; stopped without saving. "
+            what = f"loss became {loss_value}" if not math.isfinite(loss_value) else f"gradient norm became {norm_value}"
+            raise GptkitError(f"{what} at step {step + 1}; stopped without saving. "
                               f"The last good checkpoint in {out_dir} is kept (lower --lr or check the data)")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -243,12 +264,37 @@ def _format_eval(step: int, ev: dict) -> str:
     return f"step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in ev.items())
 
 
-def _restore(out_dir: Path, model: torch.nn.Module, optimizer, data) -> int:
-    state = load_train_state(out_dir)
+def _read_state(src: Path, model: torch.nn.Module) -> dict:
+    """The optimizer, data and RNG state of checkpoint src; the weights must be src's too (the
+    caller loaded them), and finite."""
+    from gptkit.checkpoint import WEIGHTS, check_finite
+
+    state = load_train_state(src)
+    check_finite(unwrap(model).state_dict().items(), f"{src / WEIGHTS} (as loaded)")
+    return state
+
+
+def _restore(state: dict, model: torch.nn.Module, optimizer, data) -> int:
     load_optimizer_state(model, optimizer, state["optimizer"])
     data.load_state_dict(state["data"])
     _set_rng_state(state["rng"])
     return int(state["step"])
+
+
+def _resume_layout(out_dir: Path, src: Path, start_step: int, dist_info: Dist, log) -> list[Path]:
+    """Point `latest` at the checkpoint resumed from and drop newer (damaged: they were
+    skipped) step folders; returns the kept ones, newest first, for --keep."""
+    if not dist_info.master:
+        return []
+    point_latest(out_dir, src)
+    kept = []
+    for p in step_folders(out_dir):
+        if step_of(p) > start_step:
+            log(f"removing {p}: newer than the checkpoint resumed from, and not intact")
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            kept.append(p)
+    return kept
 
 
 def _rng_state() -> dict:
@@ -264,10 +310,27 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _read_history(path: Path) -> list[dict]:
+def _read_history(path: Path, warn: Callable[[str], None] = print) -> list[dict]:
+    """metrics.jsonl's entries. A partial last line (a kill while it was written) is dropped
+    with a warning; a damaged line elsewhere is an error naming it."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    entries = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            if not isinstance(entry, dict) or not isinstance(entry.get("step"), int):
+                raise ValueError("no integer 'step'")
+        except ValueError as e:
+            if i == len(lines) - 1:  # no newline after it: the write was cut short
+                warn(f"warning: {path}:{i + 1}: dropped a partial last line (the run was killed while writing it)")
+                break
+            raise GptkitError(f"{path}:{i + 1}: damaged metrics line ({e})") from None
+        entries.append(entry)
+    return entries
 
 
 def _progress(start: int, cfg: TrainConfig, dist_info: Dist):
@@ -320,8 +383,9 @@ def pretrain(data_dir: str | Path, model_config, cfg: TrainConfig, *, init_from:
     device = pick_device(dist_info)
     meta = read_meta(data_dir)
     tokenizer = load_tokenizer(Path(data_dir) / "tokenizer")
-    if resume:
-        model, _ = load_model(cfg.out_dir)
+    if resume:  # the newest intact checkpoint; train() restores the rest of its state
+        resume = resume_candidate(cfg.out_dir, log)
+        model, _ = load_model(resume)
     elif init_from:
         model, _ = load_model(init_from)
     else:

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from gptkit.checkpoint import WEIGHTS, resolve_checkpoint
+
 from test_finetune import make_base, write_jsonl
 from test_pretrain_cli import ARGS, _losses, _run, data_dir  # noqa: F401 (data_dir is a fixture)
 
@@ -48,7 +50,7 @@ def assert_same_run(one: Path, two: Path) -> None:
 
 
 def assert_same_weights(one: Path, two: Path, exact: bool = False) -> None:
-    wa, wb = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
+    wa, wb = (load_file(str(resolve_checkpoint(run) / WEIGHTS)) for run in (one, two))
     assert sorted(wa) == sorted(wb)
     for k in wa:
         if exact:
@@ -131,7 +133,7 @@ def test_fsdp_bf16_mixed_precision_runs_on_cpu(tmp_path, data_dir):  # noqa: F81
     assert r.returncode == 0, r.stderr
     losses = [loss for _, loss in _losses(out)]
     assert len(losses) == 4 and losses[-1] < losses[0]
-    assert {str(t.dtype) for t in load_file(str(out / "model.safetensors")).values()} == {"torch.float32"}
+    assert {str(t.dtype) for t in load_file(str(resolve_checkpoint(out) / WEIGHTS)).values()} == {"torch.float32"}
 
 
 def test_info_prints_memory_per_device_for_ddp_and_fsdp():

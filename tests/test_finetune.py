@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from gptkit.checkpoint import load_model, save_checkpoint
+from gptkit.checkpoint import load_model, resolve_checkpoint, save_checkpoint
 from gptkit.cli import app
 from gptkit.config import GptkitError, ModelConfig, TrainConfig
 from gptkit.finetune import (DataSpec, Example, FinetuneConfig, TaskBatches, class_logits, encode_lm,
@@ -209,7 +209,7 @@ def test_classify_checkpoint_keeps_head_and_labels(tmp_path, base):
     last = finetune(base, [DataSpec(write_jsonl(tmp_path / "c.jsonl", CLS))], train_cfg(out, max_steps=30),
                     FinetuneConfig(task="classify"), log=lambda m: None)
     assert last["val_loss"] < 1.0  # from ln(3) = 1.10 at the start
-    keys = load_file(str(out / "model.safetensors"))
+    keys = load_file(str(resolve_checkpoint(out) / "model.safetensors"))
     assert {"heads.classify.weight", "heads.classify.bias"} <= set(keys)
     model, cfg = load_model(out)
     assert cfg["extra"]["labels"] == ["app", "moo", "zeb"]
@@ -241,7 +241,7 @@ def test_lora_trains_and_saves_only_adapters_and_merge_lora_matches(tmp_path, ba
     last = finetune(base, [DataSpec(write_jsonl(tmp_path / "q.jsonl", QA))], train_cfg(out),
                     FinetuneConfig(lora=LoRAConfig(rank=2, alpha=4)), log=lambda m: None)
     assert 0 < last["trainable_params"] < 0.2 * last["total_params"]
-    saved = load_file(str(out / "model.safetensors"))
+    saved = load_file(str(resolve_checkpoint(out) / "model.safetensors"))
     assert saved and all(".lora_A" in k or ".lora_B" in k for k in saved)
     base_model, _ = load_model(base)
     tuned, cfg = load_model(out)
@@ -254,7 +254,7 @@ def test_lora_trains_and_saves_only_adapters_and_merge_lora_matches(tmp_path, ba
     assert r.exit_code == 0, r.output
     merged, mcfg = load_model(tmp_path / "merged")
     assert "lora" not in mcfg["extra"] and "base" not in mcfg["extra"]
-    assert not any("lora" in k for k in load_file(str(tmp_path / "merged" / "model.safetensors")))
+    assert not any("lora" in k for k in load_file(str(resolve_checkpoint(tmp_path / "merged") / "model.safetensors")))
     assert torch.allclose(merged(x), tuned(x), atol=1e-5)
     tok = load_tokenizer(out)
     prompts = [tok.encode(q["prompt"]) for q in QA[:4]]

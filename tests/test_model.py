@@ -30,6 +30,28 @@ def test_attention_is_softmax_qk_over_sqrt_dk_v_and_causal():
     torch.testing.assert_close(attn(x), attn.c_proj(y), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("pos_encoding", ["learned", "sinusoidal"])
+def test_attention_maps_come_from_the_same_forward(pos_encoding):
+    """The inspection pass (explicit softmax) gives SDPA's logits, and its weights are causal
+    probability rows equal to softmax(QK^T/sqrt(d)) of layer 0."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**{**TINY.__dict__, "pos_encoding": pos_encoding})).eval()
+    idx = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        logits, maps = model.attention_maps(idx)
+        torch.testing.assert_close(logits, model(idx), atol=1e-5, rtol=1e-5)
+        assert maps.shape == (2, 2, 4, 9, 9)  # (n_layer, B, nh, T, T)
+        torch.testing.assert_close(maps.sum(-1), torch.ones(2, 2, 4, 9))
+        assert maps.triu(1).abs().max() == 0  # nothing attends to the future
+        x0 = model.h[0].ln_1(model._embed(idx, torch.arange(9)))
+        q, k, _ = model.h[0].attn._qkv(x0)
+        expected = (q @ k.transpose(-2, -1) / math.sqrt(8)).masked_fill(
+            torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+        torch.testing.assert_close(maps[0], expected)
+    with pytest.raises(ValueError, match="longer than the context"):
+        model.attention_maps(torch.zeros(1, 25, dtype=torch.long))
+
+
 def test_future_tokens_do_not_change_past_logits():
     model = GPT(TINY).eval()
     idx = torch.randint(0, 97, (1, 12))

@@ -16,6 +16,7 @@ from gptkit import prepare as prep
 from gptkit.cli import app
 from gptkit.config import GptkitError
 from gptkit.data import TokenShards
+from gptkit.textchunks import chunk_bounds
 from gptkit.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
 
 LINES = ["def f(x):\n", "    return x * 2  # 我有一个梦想\n", "\n", "The quick brown fox 👍🏽 jumps.\n", "\t\t  \n"]
@@ -323,3 +324,63 @@ def test_cli_bad_options_exit_2(tmp_path, char_dir):
     no_tokenizer = runner.invoke(app, ["prepare", str(tmp_path / "a.txt"), "--tokenizer", str(tmp_path),
                                        "--out", str(tmp_path / "o")])
     assert no_tokenizer.exit_code == 2 and "no tokenizer found" in no_tokenizer.stderr
+
+
+# ---------------------------------------------------------------------------- never destructive, bounded memory
+def test_failed_rerun_leaves_the_old_dataset_intact(tmp_path, char_dir):
+    out = tmp_path / "out"
+    meta = _prepare([_write(tmp_path / "a.txt", _text(50))], char_dir, out, val_fraction=0.1)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    _write(tmp_path / "bad.jsonl", '{"text": "fine"}\n{not json\n')
+    with pytest.raises(GptkitError, match="bad.jsonl:2: not valid JSON"):
+        _prepare([tmp_path / "bad.jsonl"], char_dir, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert json.loads((out / "meta.json").read_text())["splits"] == meta["splits"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "bad.jsonl", "out"]  # no temporary folder left
+    # a successful rerun replaces it whole (no shard of the old, larger dataset survives)
+    _prepare([_write(tmp_path / "b.txt", "small\n")], char_dir, out, val_fraction=0)
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "tokenizer", "train_00000.bin"]
+
+
+def test_a_folder_with_other_files_is_not_replaced(tmp_path, char_dir):
+    _write(tmp_path / "out" / "notes.md", "mine")
+    with pytest.raises(GptkitError, match="holds files prepare did not write .notes.md."):
+        _prepare([_write(tmp_path / "a.txt", _text(5))], char_dir, tmp_path / "out")
+    assert (tmp_path / "out" / "notes.md").read_text() == "mine"
+
+
+def test_temporary_folders_of_killed_runs_are_removed(tmp_path, char_dir):
+    stale = tmp_path / ".out.tmp-999999999"  # no such process
+    _write(stale / "train_00000.bin", "x")
+    _prepare([_write(tmp_path / "a.txt", _text(5))], char_dir, tmp_path / "out")
+    assert not stale.exists()
+
+
+@pytest.mark.parametrize("tokenizer", ["bpe", "char"])
+def test_chunked_tokenization_equals_whole_document(tokenizer, bpe_dir, char_dir):
+    tok = load_tokenizer(bpe_dir if tokenizer == "bpe" else char_dir)
+    for text, same_ids in [(_text(400, seed=3) + "  double  spaces  \n\n\n end", True),
+                           ("x" * 300 + _text(20), False)]:  # no whitespace to cut at: cut anywhere
+        bounds = list(chunk_bounds(text, 0, len(text), 97))
+        assert bounds[0][0] == 0 and bounds[-1][1] == len(text) and len(bounds) >= len(text) // 97
+        assert all(0 < b - a <= 97 for a, b in bounds) and all(b == c for (_, b), (c, _) in zip(bounds, bounds[1:]))
+        chunked = [i for a, b in bounds for i in tok.encode(text[a:b])]
+        assert tok.decode(chunked) == text  # nothing lost or changed
+        if same_ids:  # cut at pre-token boundaries: the ids of whole-text tokenization
+            assert chunked == tok.encode(text)
+
+
+def test_huge_jsonl_document_is_tokenized_in_pieces_without_loss(tmp_path, bpe_dir, monkeypatch):
+    monkeypatch.setattr(prep, "CHUNK_CHARS", 512)
+    monkeypatch.setattr(prep, "BATCH_CHARS", 2048)
+    doc = _text(3000, seed=7)  # ~50 KB: about a hundred chunks
+    _write(tmp_path / "big.jsonl", json.dumps({"text": doc}) + "\n" + json.dumps({"text": "small"}) + "\n")
+    meta = _prepare([tmp_path / "big.jsonl"], bpe_dir, tmp_path / "out", val_fraction=0.1)
+    tok = load_tokenizer(bpe_dir)
+    train, val = (_split_ids(tmp_path / "out", s) for s in ("train", "val"))
+    docs = _documents(tok, train) + _documents(tok, val)
+    assert "".join(d for d in docs if d != "small") == doc and "small" in docs  # head in train, tail in val
+    whole = tok.encode(doc)
+    assert len(whole) - 2 <= meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"] - 3 - len(
+        tok.encode("small")) <= len(whole) + 2  # only the val cut itself may re-tokenize differently
+    assert meta["text_bytes"]["train"] + meta["text_bytes"]["val"] == len(doc.encode()) + len(b"small")

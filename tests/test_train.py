@@ -12,7 +12,7 @@ from gptkit.checkpoint import load_model, load_train_state, save_checkpoint
 from gptkit.config import GptkitError, ModelConfig, TrainConfig
 from gptkit.data import TokenShards
 from gptkit.model import GPT
-from gptkit.tokenizer import CharTokenizer
+from gptkit.tokenizer import CharTokenizer, load_tokenizer
 from gptkit.train import configure_optimizer, lr_at, train
 
 
@@ -72,9 +72,11 @@ def test_training_lowers_val_loss_and_writes_artifacts(tmp_path, char_data):
     assert len(vals) == 2 and vals[-1] < vals[0] < np.log(tok.vocab_size) + 0.5
     assert last["val_ppl"] == pytest.approx(np.exp(last["val_loss"]))
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for name in ("model.safetensors", "config.json", "train_state.pt", "tokenizer_meta.json"):
-        assert (tmp_path / name).is_file()
-    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+    assert (tmp_path / "latest").read_text() == "step-000060\n"
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000030", "step-000060"]
+    for name in ("model.safetensors", "config.json", "train_state.pt", "tokenizer_meta.json", "manifest.json"):
+        assert (tmp_path / "step-000060" / name).is_file()
+    assert not list(tmp_path.glob("*.tmp*")) and not list(tmp_path.glob(".*"))
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, char_data):
@@ -94,15 +96,63 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, char_data):
     assert all(torch.isfinite(p).all() for p in good.parameters())
 
 
-def test_interrupted_save_is_detected(tmp_path, char_data):
+def _flat_checkpoint(folder, model, tok, step):
+    """A checkpoint as written before the run layout: the files side by side in one folder."""
+    step_dir = save_checkpoint(folder / "tmp", model, tok, step=step, train_state=None)
+    folder.mkdir(exist_ok=True)
+    for p in step_dir.iterdir():
+        if p.name != "manifest.json":
+            p.rename(folder / p.name)
+
+
+def test_flat_checkpoint_from_before_the_run_layout_still_loads(tmp_path, char_data):
     tok = char_data[0]
     model = _model(tok)
-    save_checkpoint(tmp_path, model, tok, step=5, train_state={"x": torch.zeros(1)})
-    # a crash after train_state.pt and the weights of step 6, before config.json of step 6
-    save_checkpoint(tmp_path / "next", model, tok, step=6, train_state={"x": torch.zeros(1)})
-    (tmp_path / "model.safetensors").write_bytes((tmp_path / "next" / "model.safetensors").read_bytes())
+    _flat_checkpoint(tmp_path / "old", model, tok, step=5)
+    loaded, cfg = load_model(tmp_path / "old")
+    assert cfg["step"] == 5
+    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+    # a crash in the middle of an old-style save is still detected
+    _flat_checkpoint(tmp_path / "next", model, tok, step=6)
+    (tmp_path / "old" / "model.safetensors").write_bytes((tmp_path / "next" / "model.safetensors").read_bytes())
     with pytest.raises(GptkitError, match="weights are from step 6 but config.json says step 5"):
-        load_model(tmp_path)
+        load_model(tmp_path / "old")
+
+
+def test_run_folder_and_step_folder_both_load(tmp_path, char_data):
+    tok = char_data[0]
+    train(_model(tok), _data(char_data), _cfg(tmp_path, max_steps=16, keep=3), tok, log=lambda m: None)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000008", "step-000016"]
+    assert load_model(tmp_path)[1]["step"] == 16
+    assert load_model(tmp_path / "step-000008")[1]["step"] == 8
+    assert load_tokenizer(tmp_path).vocab_size == tok.vocab_size
+
+
+def test_nan_gradient_stops_without_saving(tmp_path, char_data):
+    tok = char_data[0]
+    calls = {"n": 0}
+
+    def poisoned(m, batch):  # a finite loss whose gradient is inf
+        calls["n"] += m.training
+        loss = m(batch[0], targets=batch[1])
+        if calls["n"] > 6 and m.training:
+            loss = loss + torch.sqrt((next(m.parameters()) * 0).sum())  # value 0, gradient nan
+        return loss
+
+    with pytest.raises(GptkitError, match=r"gradient norm became nan at step 7"):
+        train(_model(tok), _data(char_data), _cfg(tmp_path, eval_interval=5), tok, loss_fn=poisoned, log=lambda m: None)
+    assert load_model(tmp_path)[1]["step"] == 5
+
+
+def test_nan_weights_are_never_saved(tmp_path, char_data):
+    tok = char_data[0]
+    model = _model(tok)
+    with torch.no_grad():
+        model.wte.weight[0, 0] = float("nan")
+    with pytest.raises(GptkitError, match="not saving step 3 .*wte.weight has NaN or inf"):
+        save_checkpoint(tmp_path, model, tok, step=3)
+    assert not list(tmp_path.iterdir())
 
 
 def test_lr_schedule_warmup_then_cosine():

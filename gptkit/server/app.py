@@ -8,7 +8,9 @@ which never splits a UTF-8 character nor shows the start of a stop string.
     /v1/models, /v1/models/{id}, /v1/completions, /v1/chat/completions   OpenAI's API
     /tokenize, /detokenize, /tokenizer_info                              for evaluation harnesses
     /v1/moderations                                                      with --moderation (moderation.py)
+    /v1/attention                                     gptkit's extension: attention weights (attention.py)
     /health                                                              open even with API keys (auth.py)
+    /, /chat, /static/...                                 the chat page, open even with a key (webui.py)
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from gptkit.config import SampleConfig
 from gptkit.engine import Engine, Event, RequestHandle, TextStream
 from gptkit.server import schemas as S
+from gptkit.server.attention import attention_routes
 from gptkit.server.audit import AuditLog
 from gptkit.server.auth import ApiKey, KeyAuth, KeyRing, check_model, hash_key, is_open, model_allowed
 from gptkit.server.context import RequestContext, current_request
@@ -38,6 +41,7 @@ from gptkit.server.limits import Limits, check_queue
 from gptkit.server.metrics import Metrics, RequestMetrics
 from gptkit.server.moderation import Moderator, moderation_routes
 from gptkit.server.ratelimit import WINDOW_S
+from gptkit.server.webui import mount_page
 from gptkit.tokenizer import EOT, Tokenizer, render_chat, use_chat_template
 
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
@@ -524,6 +528,8 @@ def create_app(models: list[ServedModel], config: ServerConfig | None = None) ->
     install_handlers(app)
     app.include_router(_routes(server))
     app.include_router(moderation_routes(server.moderator, ERROR_RESPONSES))
+    app.include_router(attention_routes(server))
+    mount_page(app)
     # the last added runs first: count every response, open its record, check the key and its
     # limits, then the body size
     app.add_middleware(BodyLimit, max_body=cfg.max_body)
@@ -604,7 +610,8 @@ def _routes(server: Server) -> APIRouter:
         return S.TokenizerInfo(model=served.name, tokenizer_kind=tok.kind, vocab_size=tok.vocab_size,
                                eos_token=eos, bos_token=eos, pad_token=None, model_max_length=served.context,
                                chat_template=tok.chat_template.jinja(), chat_template_kind=tok.chat_template.kind,
-                               chat_template_source=served.chat_template)
+                               chat_template_source=served.chat_template,
+                               has_chat_template=served.chat_template in ("checkpoint", "chatml", "plain"))
 
     router.include_router(v1)
     return router

@@ -9,9 +9,9 @@ A keys file is JSON Lines, one key per line; the key itself is never stored, onl
 `gptkit keys add NAME --file keys.jsonl ...` makes a key, appends its line and prints the key
 once. `--api-key KEY` is the one-key shortcut (name "default", no limits).
 
-With any key configured, every path needs `Authorization: Bearer KEY` except OPEN_PATHS and
-OPEN_PREFIXES: /health (load balancers), and the static files of the web page (the page holds
-no secrets and asks its user for a key). /metrics is open only with `--public-metrics`.
+With any key configured, every path needs `Authorization: Bearer KEY` except OPEN_PATHS:
+/health (load balancers), and the files of the chat page (webui.PAGE_PATHS: the page holds no
+secrets and asks its user for a key). /metrics is open only with `--public-metrics`.
 /docs and /redoc are switched off when keys are set (they load Swagger/ReDoc from a CDN);
 /openapi.json stays, behind the key. The key never appears in logs, errors or metrics: only
 its name does.
@@ -29,9 +29,9 @@ from gptkit.config import GptkitError
 from gptkit.server.context import current_request
 from gptkit.server.errors import APIError, error_response
 from gptkit.server.ratelimit import KeyLimiter, KeyLimits, RateLimited, WINDOW_S, retry_headers
+from gptkit.server.webui import PAGE_PATHS
 
-OPEN_PATHS = frozenset({"/health", "/", "/chat", "/favicon.ico"})
-OPEN_PREFIXES = ("/static/",)
+OPEN_PATHS = frozenset({"/health", "/favicon.ico", *PAGE_PATHS})
 METRICS_PATH = "/metrics"
 KEY_PREFIX = "gk-"
 
@@ -45,7 +45,7 @@ def new_key() -> str:
 
 
 def is_open(path: str, public_metrics: bool = False) -> bool:
-    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES) or (public_metrics and path == METRICS_PATH)
+    return path in OPEN_PATHS or (public_metrics and path == METRICS_PATH)
 
 
 @dataclass(frozen=True)

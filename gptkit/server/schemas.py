@@ -281,6 +281,9 @@ class TokenizerInfo(BaseModel):
     chat_template_kind: Literal["chatml", "plain"]
     chat_template_source: str = Field(description="checkpoint (stored with it), chatml / plain (--chat-template), "
                                       "default (ChatML tokens, no stored template) or fallback (no chat tokens)")
+    has_chat_template: bool = Field(description="the checkpoint stores a chat template (it was fine-tuned for chat) "
+                                    "or the operator chose one with --chat-template; false: the template above is a "
+                                    "default the model never saw (the chat page then offers completion mode)")
     model_max_length: int
 
 

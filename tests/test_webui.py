@@ -1,0 +1,307 @@
+"""The chat page as a person uses it: a real headless Chromium (Debian's chromium +
+chromium-driver, driven by selenium) on a real `gptkit serve` subprocess with an API key and
+two tiny models built on the spot:
+
+- `chat`: a chat-template checkpoint overfit to answer every message with REPLY, a text full
+  of HTML (so the page must show model output as text) and Chinese;
+- `plain`: no chat template (the page falls back to completion mode), a 1024-token context
+  and no end-of-text token in its training text, so its replies run long enough to Stop.
+
+Without Chromium the browser tests skip with one line, except under CI=true, where a missing
+browser fails. Set GPTKIT_SCREENSHOTS=DIR to keep the screenshots (the README's come from here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from gptkit.attention import attention_maps
+from gptkit.checkpoint import load_model, save_checkpoint
+from gptkit.config import ModelConfig
+from gptkit.model import GPT
+from gptkit.server.webui import WEB
+from gptkit.tokenizer import BPETokenizer, ChatTemplate, load_tokenizer, render_chat
+
+from test_server import free_port, wait_healthy
+
+KEY = "sk-page-key"
+pytestmark = pytest.mark.slow  # a served model trained on the spot, and a browser
+
+REPLY = '<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2"> <b>很高兴见到你</b>'
+USERS = ["你好", "我有一个梦想", "hello", "what is this?", "写一首诗", "你是谁？", "tell me a story", "谢谢"]
+PLAIN_TEXT = "The quick brown fox jumps over the lazy dog. 我有一个梦想：有一天，这个国家会站起来。\n" * 40
+
+
+def _train(model: GPT, ids: list[int], steps: int, window: int, mask: list[int] | None = None) -> GPT:
+    """Overfit on random windows of ids; with a mask, only tokens where it is 1 are targets."""
+    torch.manual_seed(0)
+    data = torch.tensor(ids)
+    targets = data if mask is None else torch.where(torch.tensor(mask) == 1, data, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        ix = torch.randint(len(data) - window - 1, (8,))
+        x = torch.stack([data[i:i + window] for i in ix])
+        y = torch.stack([targets[i + 1:i + window + 1] for i in ix])
+        loss = model(x, targets=y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> dict[str, Path]:
+    """~10 s on an idle core: `chat` learns to answer REPLY whatever the message, `plain` learns
+    PLAIN_TEXT (which has no end-of-text token, so it keeps going)."""
+    conversations = [[{"role": "user", "content": u}, {"role": "assistant", "content": REPLY}] for u in USERS]
+    tok = BPETokenizer.train([REPLY * 20, PLAIN_TEXT, *USERS * 20], vocab_size=400)
+    tok.chat_template = ChatTemplate()
+    chat_ids, chat_mask = [], []
+    for _ in range(12):
+        for c in conversations:
+            ids, mask = render_chat(tok, c, add_generation_prompt=False)
+            chat_ids, chat_mask = chat_ids + ids, chat_mask + mask
+    torch.manual_seed(0)
+    chat = _train(GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=128, n_layer=2, n_head=2, n_embd=64)),
+                  chat_ids, steps=150, window=64, mask=chat_mask)
+    folder = tmp_path_factory.mktemp("webui")
+    out = {"chat": save_checkpoint(folder / "chat", chat, tok)}
+    tok.chat_template = None
+    torch.manual_seed(0)
+    plain = _train(GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=1024, n_layer=2, n_head=2, n_embd=64)),
+                   tok.encode(PLAIN_TEXT), steps=40, window=128)
+    out["plain"] = save_checkpoint(folder / "plain", plain, tok)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(ckpts, tmp_path_factory) -> str:
+    port = free_port()
+    log = (tmp_path_factory.mktemp("webui-log") / "serve.log").open("w")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GPTKIT_API_KEY": KEY}
+    proc = subprocess.Popen([sys.executable, "-m", "gptkit", "serve", str(ckpts["chat"]), "--name", "chat",
+                             "--model", f"plain={ckpts['plain']}", "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+# ------------------------------------------------------------------------------------ without a browser
+def test_page_files_are_package_data():
+    """Every file the page needs is matched by pyproject's package-data globs (so a wheel has it)."""
+    import tomllib
+
+    globs = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())[
+        "tool"]["setuptools"]["package-data"]["gptkit.server"]
+    files = [f for f in WEB.iterdir() if f.is_file()]
+    assert {f.name for f in files} >= {"index.html", "chat.js", "chat.css"}
+    for f in files:
+        assert any(f.relative_to(WEB.parent).match(g) for g in globs), f"{f.name} is not package data"
+
+
+def test_page_opens_without_the_key_and_the_api_does_not(server):
+    for path in ("/", "/chat"):
+        r = httpx.get(server + path)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+        assert '<script src="/static/chat.js">' in r.text
+    for name in ("chat.js", "chat.css"):
+        assert httpx.get(f"{server}/static/{name}").status_code == 200
+    for f in WEB.iterdir():  # nothing is fetched from outside (no CDN)
+        assert "http://" not in f.read_text() and "https://" not in f.read_text(), f.name
+    assert httpx.post(f"{server}/v1/attention", json={"text": "hi"}).status_code == 401
+    assert httpx.get(f"{server}/static/nothing.js").status_code == 401  # only the page's own files are open
+
+
+def test_tokenizer_info_says_which_models_have_a_chat_template(server):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    has = {m: httpx.get(f"{server}/tokenizer_info", params={"model": m}, headers=auth).json()["has_chat_template"]
+           for m in ("chat", "plain")}
+    assert has == {"chat": True, "plain": False}
+
+
+def test_attention_endpoint_returns_the_models_weights(server, ckpts):
+    text = "我有一个梦想"
+    r = httpx.post(f"{server}/v1/attention", json={"model": "chat", "text": text, "layer": 0},
+                   headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    model, _ = load_model(ckpts["chat"])
+    expected = attention_maps(model.eval(), load_tokenizer(ckpts["chat"]), text)
+    assert body["tokens"] == expected.tokens and body["token_ids"] == expected.token_ids
+    assert (body["n_layer"], body["n_head"], body["layer"]) == (2, 2, 0)
+    np.testing.assert_allclose(np.array(body["weights"]), expected.weights[0], atol=1e-4)
+    bad = httpx.post(f"{server}/v1/attention", json={"model": "chat", "text": text, "layer": 5},
+                     headers={"Authorization": f"Bearer {KEY}"})
+    assert bad.status_code == 400 and "layers 0..1" in bad.json()["error"]["message"]
+
+
+# ------------------------------------------------------------------------------------ in Chromium
+def _browser_missing() -> str | None:
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install -e '.[dev]')"
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        return "Chromium is not installed (apt-get install chromium chromium-driver)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    missing = _browser_missing()
+    if missing:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true needs the browser tests: {missing}")
+        pytest.skip(missing)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="gptkit-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1100,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
+    driver.set_script_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def _wait(driver, condition, timeout: float = 60, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition(driver)
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not reached in {timeout}s; page notice: "
+                         f"{driver.find_element('id', 'notice').text!r}")
+
+
+def _screenshot(driver, tmp_path: Path, name: str) -> Path:
+    path = tmp_path / name
+    driver.save_screenshot(str(path))
+    assert path.stat().st_size > 10_000
+    if os.environ.get("GPTKIT_SCREENSHOTS"):
+        shutil.copy(path, Path(os.environ["GPTKIT_SCREENSHOTS"]) / name)
+    return path
+
+
+def _open(driver, server: str):
+    """Open the page, give it the key when it asks, and pick greedy decoding."""
+    driver.get(server + "/")
+    driver.execute_script("sessionStorage.clear(); localStorage.clear();")
+    driver.get(server + "/chat")
+    by = "css selector"
+    _wait(driver, lambda d: d.find_element(by, "#key-form").is_displayed(), what="the key form")
+    driver.find_element(by, "#key").send_keys(KEY + "\n")
+    _wait(driver, lambda d: len(d.find_elements(by, "#model option")) == 2, what="the model list")
+    driver.find_element(by, "#settings-toggle").click()
+    temperature = driver.find_element(by, "#temperature")
+    temperature.clear()
+    temperature.send_keys("0")
+    driver.find_element(by, "#settings-toggle").click()  # a click elsewhere fires `change`: saved
+
+
+def _last_reply(driver):
+    return driver.find_elements("css selector", ".msg.assistant")[-1]
+
+
+def test_chat_in_chinese_html_as_text_attention_view(browser, server, ckpts, tmp_path):
+    d, by = browser, "css selector"
+    _open(d, server)
+    assert d.find_element(by, "#mode").text == "chat" and not d.find_element(by, "#notice").is_displayed()
+    box = d.find_element(by, "#input")
+    # IME: Enter that confirms a composition candidate must not send
+    box.send_keys("我有")
+    d.execute_script("arguments[0].dispatchEvent(new KeyboardEvent('keydown', "
+                     "{key: 'Enter', isComposing: true, bubbles: true, cancelable: true}))", box)
+    time.sleep(0.3)
+    assert not d.find_elements(by, ".msg") and box.get_attribute("value") == "我有"
+    box.send_keys("一个梦想，你好\n")
+    reply = _wait(d, lambda d: d.find_elements(by, ".msg.assistant[data-finish]"), what="a finished reply")[-1]
+    assert d.find_element(by, ".msg.user .text").text == "我有一个梦想，你好"
+    assert reply.get_attribute("data-finish") in ("stop", "length")
+    text = reply.find_element(by, ".text").get_attribute("textContent")
+    assert text.startswith('<script>window.pwned = 1</script><img src=x onerror="window.pwned')  # HTML as text ...
+    assert not d.find_elements(by, "#messages script, #messages img, #messages b")  # ... never parsed
+    assert d.execute_script("return window.pwned") is None
+    meta = reply.find_element(by, ".meta").text
+    assert "prompt tokens" in meta and "tokens/s" in meta, meta  # the usage chunk arrived
+    # settings survive a reload (localStorage)
+    assert json.loads(d.execute_script("return localStorage.getItem('gptkit.settings')"))["temperature"] == "0"
+
+    reply.find_element(by, "button.copy").click()
+    _wait(d, lambda d: reply.find_element(by, "button.copy").text == "Copied", 5, "the copy confirmation")
+    reply.find_element(by, "button.show-attention").click()
+    panel = _wait(d, lambda d: reply.find_elements(by, ".attention[data-tokens]"), what="the attention map")[0]
+    n_tokens = int(panel.get_attribute("data-tokens"))
+    assert n_tokens == len(load_tokenizer(ckpts["chat"]).encode(text))
+    assert "layer 1 · head 0" in panel.find_element(by, ".caption").text
+    d.set_window_size(1000, 1250)  # tall enough for the whole map
+    d.execute_script("arguments[0].scrollIntoView({block: 'end'})", panel)
+    _screenshot(d, tmp_path, "webui-chat.png")
+    d.set_window_size(1100, 900)
+
+    # a second turn keeps the conversation; New clears it
+    d.find_element(by, "#input").send_keys("谢谢\n")
+    _wait(d, lambda d: len(d.find_elements(by, ".msg.assistant[data-finish]")) == 2, what="the second reply")
+    d.find_element(by, "#new").click()
+    assert not d.find_elements(by, ".msg")
+
+
+def test_completion_mode_stop_and_phone_width(browser, server, tmp_path):
+    d, by = browser, "css selector"
+    _open(d, server)
+    from selenium.webdriver.support.ui import Select
+
+    Select(d.find_element(by, "#model")).select_by_value("plain")
+    _wait(d, lambda d: d.find_element(by, "#mode").text == "completion mode", 10, "completion mode")
+    assert "no chat template" in d.find_element(by, "#notice").text
+    d.find_element(by, "#input").send_keys("The quick brown fox\n")
+    reply = _wait(d, lambda d: d.find_elements(by, ".msg.assistant.streaming"), what="a reply")[-1]
+    _wait(d, lambda d: len(reply.find_element(by, ".text").get_attribute("textContent")) > 20, what="streamed text")
+    d.find_element(by, "#stop").click()
+    _wait(d, lambda d: reply.get_attribute("data-finish"), 10, "the stop")
+    assert reply.get_attribute("data-finish") == "stopped"
+    assert "stopped by you" in reply.find_element(by, ".meta").text
+    shown = reply.find_element(by, ".text").get_attribute("textContent")
+    assert 0 < len(httpx.post(f"{server}/tokenize", json={"model": "plain", "prompt": shown},
+                              headers={"Authorization": f"Bearer {KEY}"}).json()["tokens"]) < 900
+    # the server cancelled the request when the page aborted it
+    health = lambda: httpx.get(f"{server}/health").json()["models"]["plain"]  # noqa: E731
+    _wait(d, lambda d: health()["running"] == 0 and health()["queued"] == 0, 10, "the server-side cancel")
+    time.sleep(0.5)
+    assert reply.find_element(by, ".text").get_attribute("textContent") == shown  # nothing arrives after Stop
+
+    d.set_window_size(390, 844)  # a phone
+    time.sleep(0.3)
+    assert d.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+    for name in ("#send", "#stop", "#input", "#model"):
+        rect = d.find_element(by, name).rect
+        assert rect["x"] >= 0 and rect["x"] + rect["width"] <= 390, name
+    _screenshot(d, tmp_path, "webui-phone.png")
+    d.set_window_size(1100, 900)
