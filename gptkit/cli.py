@@ -18,7 +18,7 @@ from gptkit.config import DEFAULT_TEMPERATURE, FinetuneTrainConfig, GptkitError,
 
 # `gptkit --help` lists the commands in the order of the pipeline, not of this file.
 ORDER = ["demo", "info", "train-tokenizer", "prepare", "pretrain", "generate", "finetune", "merge-lora",
-         "chat", "evaluate", "serve", "keys", "import-hf", "export-hf", "recipe"]
+         "chat", "evaluate", "compare", "probe", "attention", "serve", "keys", "import-hf", "export-hf", "recipe"]
 
 
 class _Commands(typer.core.TyperGroup):
@@ -666,6 +666,53 @@ def evaluate(
     atomic_write_json(out, result)
     typer.echo(format_table(result))
     typer.echo(f"wrote {out}")
+
+
+@app.command()
+def compare(
+    ckpts: Annotated[list[str], typer.Argument(help="checkpoint folders (or Hugging Face GPT-2 folders); "
+                                                   "CKPT@int8 for its weight-only int8 version; NAME=CKPT "
+                                                   "names it in the report")],
+    data: Annotated[Optional[Path], typer.Option(help="raw text, or a prepared folder (its val split is decoded)")] = None,
+    tasks: Annotated[Optional[Path], typer.Option(help="a .jsonl of task records in an `evaluate` format")] = None,
+    task: Annotated[str, typer.Option(help="auto | qa | summarize | translate | classify | code")] = "auto",
+    prompts: Annotated[Optional[Path], typer.Option(help="a text file, one prompt per line")] = None,
+    out: Annotated[Path, typer.Option(help="folder for index.html, report.md, results.json, PNGs")] = Path("report"),
+    max_tokens: Annotated[int, typer.Option(help="longest task answer in tokens")] = 64,
+    limit: Annotated[Optional[int], typer.Option(help="score only the first N task records")] = None,
+    bootstrap: Annotated[int, typer.Option(help="bootstrap resamples")] = 1000,
+    seed: Annotated[int, typer.Option(help="seed for resampling and sampled answers")] = 0,
+) -> None:
+    """Evaluate checkpoints side by side (size, speed, bits/byte, task metrics with bootstrap intervals)."""
+    from gptkit.compare import CompareConfig, compare as run, last_line
+
+    cfg = CompareConfig(data=data, tasks=tasks, task=task, prompts=prompts, out=out, max_tokens=max_tokens,
+                        limit=limit, bootstrap=bootstrap, seed=seed)
+    s = run(ckpts, cfg, log=lambda m: typer.echo(m, err=True))
+    typer.echo((out / "report.md").read_text(encoding="utf-8").split("## Answers")[0].rstrip())
+    typer.echo(f"wrote {out / 'index.html'}, {out / 'report.md'}, {out / 'results.json'}")
+    typer.echo(json.dumps(last_line(s)))
+
+
+probe_app = typer.Typer(cls=_Commands, no_args_is_help=True, help="Probe a model's likelihoods.")
+app.add_typer(probe_app, name="probe")
+
+
+@probe_app.command("bias")
+def probe_bias(
+    ckpt: Annotated[Path, typer.Argument(help="checkpoint folder")],
+    templates: Annotated[Optional[Path], typer.Option(help="your own .jsonl of sentence pairs (default: built-in "
+                                                           "English and Chinese set)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="folder for bias.png, results.json, report.md "
+                                                     "(default CKPT/probe-bias)")] = None,
+    bootstrap: Annotated[int, typer.Option(help="bootstrap resamples")] = 1000,
+) -> None:
+    """Which sentence of each pair (differing only in a group term) the model finds likelier, per category."""
+    from gptkit.probe import format_table, last_line, probe_bias as run
+
+    s = run(ckpt, templates, out or ckpt / "probe-bias", bootstrap=bootstrap)
+    typer.echo(format_table(s))
+    typer.echo(json.dumps(last_line(s), ensure_ascii=False))
 
 
 @app.command()

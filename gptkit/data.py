@@ -33,6 +33,12 @@ def read_meta(data_dir: str | Path) -> dict:
         raise GptkitError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
 
 
+def split_shards(data_dir: str | Path, split: str) -> tuple[dict, list[np.ndarray]]:
+    """meta.json and the memory-mapped token shards of one split ("train" or "val")."""
+    meta = read_meta(data_dir)
+    return meta, TokenShards._open(Path(data_dir), meta, split)
+
+
 class TokenShards:
     def __init__(self, train: list[np.ndarray], val: list[np.ndarray], block_size: int, batch_size: int, *,
                  seed: int = 1337, eval_batches: int = 20, rank: int = 0, world_size: int = 1,

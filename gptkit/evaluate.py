@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -198,10 +199,11 @@ def eos_ids(tokenizer) -> list[int]:
 
 
 def generate_all(model, tokenizer, prompts: list[list[int]], max_tokens: int = 64, stop: list[str] | None = None,
-                 max_batch: int = 32) -> list[str]:
-    """Greedy completions of many prompts through the engine (continuously batched). A prompt
-    too long for the context keeps its end. The caller's model is left untouched: the engine
-    gets a copy with any LoRA adapters merged (it repacks layers in place)."""
+                 max_batch: int = 32, temperature: float = 0.0, seed: int | None = None) -> list[str]:
+    """Completions of many prompts through the engine (continuously batched): greedy, or sampled
+    at `temperature` with prompt i seeded by seed + i (reproducible). A prompt too long for the
+    context keeps its end. The caller's model is left untouched: the engine gets a copy with any
+    LoRA adapters merged (it repacks layers in place)."""
     import copy
 
     from gptkit.engine import Engine, completion_text
@@ -213,9 +215,11 @@ def generate_all(model, tokenizer, prompts: list[list[int]], max_tokens: int = 6
     max_tokens = min(max_tokens, block - 1)
     engine = Engine(model, max_batch=max(1, min(max_batch, len(prompts))), token_bytes=tokenizer.token_bytes,
                     eos_ids=eos_ids(tokenizer), vocab_size=tokenizer.vocab_size)
-    # greedy, not the default temperature: a score must not depend on a sampling seed
-    params = SampleConfig(max_tokens=max_tokens, temperature=0.0, stop=list(stop or []))
-    handles = [engine.submit(p[-(block - max_tokens):], params) for p in prompts]
+    def params(i: int) -> SampleConfig:
+        return SampleConfig(max_tokens=max_tokens, temperature=temperature, stop=list(stop or []),
+                            seed=None if seed is None else seed + i)
+
+    handles = [engine.submit(p[-(block - max_tokens):], params(i)) for i, p in enumerate(prompts)]
     return [completion_text(tokenizer, h.result()[0]) for h in handles]
 
 
@@ -233,7 +237,27 @@ def prompt_and_reference(fmt: str, record: dict, tokenizer) -> tuple[list[int], 
 
 
 # ---------------------------------------------------------------------------- the command
-def _generation_metrics(task: str, preds: list[str], refs: list[str]) -> dict[str, float]:
+@dataclass
+class TaskRun:
+    """One task scored on one model: what `gptkit evaluate` reports, plus the per-example
+    outcomes so `gptkit compare` can resample the examples (bootstrap)."""
+
+    metrics: dict[str, float]
+    examples: list[dict]
+    preds: list[str]
+    refs: list  # reference answers; for code, whether each program passed its tests
+
+    def resample(self, task: str, idx: list[int]) -> dict[str, float]:
+        """The task's metrics on the examples at idx (repeats allowed)."""
+        return task_metrics(task, [self.preds[i] for i in idx], [self.refs[i] for i in idx])
+
+
+def task_metrics(task: str, preds: list[str], refs: list) -> dict[str, float]:
+    """The metrics `gptkit evaluate` reports for a task, from predictions and references."""
+    if task == "classify":
+        return accuracy_f1(preds, refs)
+    if task == "code":
+        return {"pass@1": mean([float(p) for p in refs])}
     if task == "qa":
         return {"exact_match": mean([exact_match(p, r) for p, r in zip(preds, refs)]),
                 "token_f1": mean([token_f1(p, r) for p, r in zip(preds, refs)])}
@@ -249,6 +273,28 @@ def _records(path: str | Path, limit: int | None) -> tuple[str, list]:
     return fmt, records[:limit] if limit else records
 
 
+def run_task(model, tokenizer, cfg: dict, task: str, data: str | Path, *, max_tokens: int = 64,
+             limit: int | None = None, timeout: float = 10.0, log: Callable[[str], None] = lambda m: None) -> TaskRun:
+    """Score a loaded model on a task's .jsonl records (every task but perplexity)."""
+    fmt, records = _records(data, limit)
+    if task == "classify":
+        labels = (cfg.get("extra") or {}).get("labels")
+        if not labels:
+            raise GptkitError(f"{cfg.get('_path', 'checkpoint')}: no classification head "
+                              "(fine-tune with {\"text\", \"label\"} data first)")
+        if fmt != "classify":
+            raise GptkitError(f"{data}: a {fmt} file; --task classify needs {{\"text\", \"label\"}} records")
+        preds = classify(model, tokenizer, [r.data["text"] for r in records], labels)
+        refs = [str(r.data["label"]) for r in records]
+        return TaskRun(task_metrics(task, preds, refs), _examples(records, preds, refs), preds, refs)
+    if task == "code":
+        return _code(model, tokenizer, fmt, records, data, max_tokens, timeout, log)
+    pairs = [prompt_and_reference(fmt, r.data, tokenizer) for r in records]
+    preds = generate_all(model, tokenizer, [p for p, _ in pairs], max_tokens)
+    refs = [r for _, r in pairs]
+    return TaskRun(task_metrics(task, preds, refs), _examples(records, preds, refs), preds, refs)
+
+
 def evaluate(ckpt: str | Path, task: str, data: str | Path, *, max_tokens: int = 64, limit: int | None = None,
              timeout: float = 10.0, log: Callable[[str], None] = lambda m: None) -> dict:
     """Score the checkpoint on one task's data; returns {"task", "data", "n", metrics..., "examples"}."""
@@ -261,29 +307,20 @@ def evaluate(ckpt: str | Path, task: str, data: str | Path, *, max_tokens: int =
     tokenizer = load_tokenizer(ckpt)
     out: dict = {"task": task, "checkpoint": str(ckpt), "data": str(data)}
     if task == "perplexity":
-        path = Path(data)
-        if not path.is_file():
-            raise GptkitError(f"{path}: text file not found")
-        return {**out, **perplexity(model, tokenizer, path.read_text(encoding="utf-8"))}
-    fmt, records = _records(data, limit)
-    if task == "classify":
-        labels = (cfg.get("extra") or {}).get("labels")
-        if not labels:
-            raise GptkitError(f"{ckpt}: no classification head (fine-tune with {{\"text\", \"label\"}} data first)")
-        if fmt != "classify":
-            raise GptkitError(f"{data}: a {fmt} file; --task classify needs {{\"text\", \"label\"}} records")
-        preds = classify(model, tokenizer, [r.data["text"] for r in records], labels)
-        refs = [str(r.data["label"]) for r in records]
-        return {**out, "n": len(refs), **accuracy_f1(preds, refs), "examples": _examples(records, preds, refs)}
-    if task == "code":
-        return {**out, **_code(model, tokenizer, fmt, records, data, max_tokens, timeout, log)}
-    pairs = [prompt_and_reference(fmt, r.data, tokenizer) for r in records]
-    preds = generate_all(model, tokenizer, [p for p, _ in pairs], max_tokens)
-    refs = [r for _, r in pairs]
-    return {**out, "n": len(refs), **_generation_metrics(task, preds, refs), "examples": _examples(records, preds, refs)}
+        return {**out, **perplexity_of_file(model, tokenizer, data)}
+    run = run_task(model, tokenizer, {**cfg, "_path": str(ckpt)}, task, data, max_tokens=max_tokens, limit=limit,
+                   timeout=timeout, log=log)
+    return {**out, "n": len(run.preds), **run.metrics, "examples": run.examples}
 
 
-def _code(model, tokenizer, fmt: str, records: list, data, max_tokens: int, timeout: float, log) -> dict:
+def perplexity_of_file(model, tokenizer, path: str | Path) -> dict[str, float]:
+    path = Path(path)
+    if not path.is_file():
+        raise GptkitError(f"{path}: text file not found")
+    return perplexity(model, tokenizer, path.read_text(encoding="utf-8"))
+
+
+def _code(model, tokenizer, fmt: str, records: list, data, max_tokens: int, timeout: float, log) -> TaskRun:
     if fmt != "code":
         raise GptkitError(f"{data}: a {fmt} file; --task code needs {{\"prompt\", \"tests\"}} records")
     preds = generate_all(model, tokenizer, [tokenizer.encode(r.data["prompt"]) for r in records], max_tokens,
@@ -293,8 +330,8 @@ def _code(model, tokenizer, fmt: str, records: list, data, max_tokens: int, time
         ok, err = run_python(r.data["prompt"] + completion + "\n\n" + r.data["tests"] + "\n", timeout)
         passed.append(ok)
         log(f"{r.where}: " + ("pass" if ok else f"fail ({err.splitlines()[-1] if err else 'exit code'})"))
-    return {"n": len(records), "pass@1": mean([float(p) for p in passed]),
-            "examples": [{"where": r.where, "completion": c, "passed": p} for r, c, p in zip(records[:5], preds, passed)]}
+    examples = [{"where": r.where, "completion": c, "passed": p} for r, c, p in zip(records[:5], preds, passed)]
+    return TaskRun(task_metrics("code", preds, passed), examples, preds, passed)
 
 
 def _examples(records: list, preds: list[str], refs: list[str], n: int = 5) -> list[dict]:

@@ -20,6 +20,7 @@ def model_stats(cfg: ModelConfig) -> dict:
         "params": n,
         "non_embedding_params": n_non_emb,
         "train_flops_per_token": flops,
+        "forward_flops_per_token": flops // 3,  # inference: 2N + 4·L·d·T, a third of training's
         "weights_bytes_fp32": 4 * n,
         "weights_bytes_bf16": 2 * n,
         "grad_bytes_fp32": 4 * n,
