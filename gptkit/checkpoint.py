@@ -28,7 +28,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -48,7 +48,7 @@ TIED = ("lm_head.weight",)  # aliases of wte.weight, not stored
 # Tests that kill a run inside a save set this to a number of seconds to sleep after each file.
 SAVE_PAUSE_ENV = "GPTKIT_TEST_SAVE_PAUSE"
 
-__all__ = ["save_checkpoint", "load_model", "read_config", "load_train_state", "resolve_checkpoint"]
+__all__ = ["save_checkpoint", "load", "load_model", "read_config", "load_train_state", "resolve_checkpoint"]
 
 
 def save_checkpoint(folder: str | os.PathLike, model: torch.nn.Module, tokenizer: Tokenizer | None, *,
@@ -233,3 +233,45 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
         model = getattr(model, "module", None) or getattr(model, "_orig_mod")
     return model
+
+
+# ---------------------------------------------------------------------------- one way to open a checkpoint
+@dataclass
+class CheckpointMeta:
+    """config.json beside the weights, typed: what the commands read from `extra` by hand before."""
+
+    path: Path  # the step folder the checkpoint resolved to
+    step: int = 0
+    train: dict | None = None  # the TrainConfig of the run that wrote it
+    labels: list[str] = field(default_factory=list)  # classification labels (heads["classify"])
+    heads: dict[str, list[int]] = field(default_factory=dict)
+    lora: dict | None = None  # a LoRAConfig dict: the model has (unmerged) LoRA layers
+    base: str | None = None  # an adapter checkpoint's base
+    extra: dict = field(default_factory=dict)  # everything, including fields not listed here
+
+    @property
+    def is_lora(self) -> bool:
+        return bool(self.lora)
+
+    @classmethod
+    def from_config(cls, path: Path, cfg: dict) -> "CheckpointMeta":
+        extra = dict(cfg.get("extra") or {})
+        return cls(path=path, step=int(cfg.get("step", 0)), train=cfg.get("train"),
+                   labels=list(extra.get("labels") or []), heads=dict(extra.get("heads") or {}),
+                   lora=extra.get("lora") or None, base=extra.get("base"), extra=extra)
+
+
+@dataclass
+class Checkpoint:
+    model: GPT  # eval mode, fp32, LoRA layers as stored
+    tokenizer: Tokenizer
+    meta: CheckpointMeta
+
+
+def load(folder: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
+    """Model, tokenizer and typed meta of a run folder, a step folder or a flat checkpoint."""
+    from gptkit.tokenizer import load_tokenizer
+
+    path = resolve_checkpoint(folder, verify_files=False)  # load_model checks the manifest
+    model, cfg = load_model(path, device)
+    return Checkpoint(model, load_tokenizer(path), CheckpointMeta.from_config(path, cfg))

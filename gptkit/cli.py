@@ -214,21 +214,10 @@ def _summary(s: dict, json_out: bool, line: str) -> None:
 # ---------------------------------------------------------------------------- generate / chat
 def _engine_for(ckpt: Path, max_batch: int = 8, quantize: Optional[str] = None, dtype: str = "float32"):
     """Load a checkpoint into the one inference engine; returns (engine, tokenizer)."""
-    import torch
+    from gptkit.inference import open_engine
 
-    from gptkit.checkpoint import load_model
-    from gptkit.engine import Engine
-    from gptkit.tokenizer import IM_END, load_tokenizer
-
-    if dtype not in ("float32", "bfloat16"):
-        _fail(f"--dtype {dtype!r}: expected float32 or bfloat16")
-    model, _ = load_model(ckpt)
-    tokenizer = load_tokenizer(ckpt)
-    eos = [i for t in ("<|endoftext|>", IM_END) if (i := tokenizer.special_id(t)) is not None]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    engine = Engine(model, max_batch=max_batch, token_bytes=tokenizer.token_bytes, eos_ids=eos,
-                    dtype=getattr(torch, dtype), quantize=quantize, device=device, vocab_size=tokenizer.vocab_size)
-    return engine, tokenizer
+    engine, loaded = open_engine(ckpt, max_batch=max_batch, quantize=quantize, dtype=dtype)
+    return engine, loaded.tokenizer
 
 
 @app.command()

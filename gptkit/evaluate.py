@@ -192,29 +192,20 @@ def classify(model, tokenizer, texts: list[str], labels: list[str], batch_size: 
     return [labels[p] for p in preds]
 
 
-def eos_ids(tokenizer) -> list[int]:
-    from gptkit.tokenizer import EOT, IM_END
-
-    return [i for t in (EOT, IM_END) if (i := tokenizer.special_id(t)) is not None]
-
-
 def generate_all(model, tokenizer, prompts: list[list[int]], max_tokens: int = 64, stop: list[str] | None = None,
                  max_batch: int = 32, temperature: float = 0.0, seed: int | None = None) -> list[str]:
     """Completions of many prompts through the engine (continuously batched): greedy, or sampled
     at `temperature` with prompt i seeded by seed + i (reproducible). A prompt too long for the
     context keeps its end. The caller's model is left untouched: the engine gets a copy with any
     LoRA adapters merged (it repacks layers in place)."""
-    import copy
+    from gptkit.engine import completion_text
+    from gptkit.inference import build_engine
 
-    from gptkit.engine import Engine, completion_text
-    from gptkit.lora import merge_lora
-
-    model = copy.deepcopy(model)
-    merge_lora(model)
     block = model.config.block_size
     max_tokens = min(max_tokens, block - 1)
-    engine = Engine(model, max_batch=max(1, min(max_batch, len(prompts))), token_bytes=tokenizer.token_bytes,
-                    eos_ids=eos_ids(tokenizer), vocab_size=tokenizer.vocab_size)
+    engine = build_engine(model, tokenizer, max_batch=max(1, min(max_batch, len(prompts))), keep_model=True,
+                          device=str(next(model.parameters()).device))
+
     def params(i: int) -> SampleConfig:
         return SampleConfig(max_tokens=max_tokens, temperature=temperature, stop=list(stop or []),
                             seed=None if seed is None else seed + i)
