@@ -621,17 +621,16 @@ def merge_lora(
     out: Annotated[Path, typer.Argument(help="folder for the standalone merged checkpoint")],
 ) -> None:
     """Fold LoRA adapters into their layers: a full checkpoint with identical outputs, no base needed."""
-    from gptkit.checkpoint import load_model, save_checkpoint
+    from gptkit.checkpoint import load, save_checkpoint
     from gptkit.lora import merge_lora as merge
-    from gptkit.tokenizer import load_tokenizer
 
-    model, cfg = load_model(ckpt)
-    extra = dict(cfg.get("extra") or {})
-    if not extra.get("lora"):
+    loaded = load(ckpt)
+    if not loaded.meta.is_lora:
         _fail(f"{ckpt}: not a LoRA checkpoint (no extra.lora in config.json)")
+    model = loaded.model
     n = merge(model)
-    extra = {k: v for k, v in extra.items() if k not in ("lora", "base")} | {"merged_from": str(ckpt)}
-    save_checkpoint(out, model, load_tokenizer(ckpt), step=cfg.get("step", 0), extra=extra)
+    extra = {k: v for k, v in loaded.meta.extra.items() if k not in ("lora", "base")} | {"merged_from": str(ckpt)}
+    save_checkpoint(out, model, loaded.tokenizer, step=loaded.meta.step, extra=extra)
     typer.echo(f"merged {n} LoRA layers of {ckpt} into {out} ({_human(model.num_params())} params)")
 
 

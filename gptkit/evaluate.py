@@ -289,13 +289,13 @@ def run_task(model, tokenizer, cfg: dict, task: str, data: str | Path, *, max_to
 def evaluate(ckpt: str | Path, task: str, data: str | Path, *, max_tokens: int = 64, limit: int | None = None,
              timeout: float = 10.0, log: Callable[[str], None] = lambda m: None) -> dict:
     """Score the checkpoint on one task's data; returns {"task", "data", "n", metrics..., "examples"}."""
-    from gptkit.checkpoint import load_model
-    from gptkit.tokenizer import load_tokenizer
+    from gptkit.checkpoint import load
+    from gptkit.inference import default_device
 
     if task not in TASKS:
         raise GptkitError(f"--task {task!r}: expected one of {', '.join(TASKS)}")
-    model, cfg = load_model(ckpt, device="cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_tokenizer(ckpt)
+    loaded = load(ckpt, device=default_device())
+    model, tokenizer, cfg = loaded.model, loaded.tokenizer, {"step": loaded.meta.step, "extra": loaded.meta.extra}
     out: dict = {"task": task, "checkpoint": str(ckpt), "data": str(data)}
     if task == "perplexity":
         return {**out, **perplexity_of_file(model, tokenizer, data)}
