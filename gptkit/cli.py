@@ -111,13 +111,9 @@ def info(
     typer.echo(f"  weights fp32 / bf16   {_gib(stats['weights_bytes_fp32'])} / {_gib(stats['weights_bytes_bf16'])}")
     typer.echo(f"  AdamW state (fp32)    {_gib(stats['adamw_state_bytes'])}  (+ fp32 grads {_gib(stats['grad_bytes_fp32'])})")
     if world_size is not None:
-        typer.echo(f"  training memory per device, {world_size} process(es) (fp32 weights + grads + AdamW; "
-                   "activations not included):")
-        for name, m in stats["per_device"].items():
-            if name != "world_size":
-                typer.echo(f"    {name:<5} {_gib(m['total']):>11}  = weights {_gib(m['weights'])} + grads "
-                           f"{_gib(m['grads'])} + AdamW {_gib(m['adamw'])}"
-                           + (f" + gathered for compute {_gib(m['gathered'])}" if m["gathered"] else ""))
+        from gptkit.stats import format_per_device
+
+        typer.echo(format_per_device(stats["per_device"]))
 
 
 # ---------------------------------------------------------------------------- pretrain

@@ -46,3 +46,19 @@ def per_device_memory(cfg: ModelConfig, world_size: int) -> dict[str, dict[str, 
     ddp = {"weights": 4 * n, "grads": 4 * n, "adamw": 8 * n, "gathered": 0}
     fsdp = {k: -(-v // world_size) for k, v in ddp.items()} | {"gathered": gathered if world_size > 1 else 0}
     return {name: {**d, "total": sum(d.values())} for name, d in (("ddp", ddp), ("fsdp", fsdp))}
+
+
+def format_per_device(mem: dict) -> str:
+    """The lines `gptkit info --world-size N` prints for per_device_memory's figures."""
+    lines = [f"  training memory per device, {mem['world_size']} process(es) (fp32 weights + grads + AdamW; "
+             "activations not included):"]
+    for name in ("ddp", "fsdp"):
+        m = mem[name]
+        lines.append(f"    {name:<5} {_gib(m['total']):>11}  = weights {_gib(m['weights'])} + grads {_gib(m['grads'])} "
+                     f"+ AdamW {_gib(m['adamw'])}" + (f" + gathered for compute {_gib(m['gathered'])}"
+                                                       if m["gathered"] else ""))
+    return "\n".join(lines)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
