@@ -152,7 +152,7 @@ def pretrain(
     stop_at: Annotated[Optional[int], _opt(TrainConfig, "stop_at")] = TrainConfig.stop_at,
     keep: Annotated[int, _opt(TrainConfig, "keep")] = TrainConfig.keep,
 ) -> None:
-    """Pretrain a GPT on prepared token shards. Runs unchanged under torchrun (DDP)."""
+    """Pretrain a GPT on prepared token shards. Runs unchanged under torchrun (DDP or FSDP)."""
     import dataclasses
 
     from gptkit.config import preset as get_preset
@@ -591,7 +591,7 @@ def finetune(
     resume: Annotated[bool, typer.Option(help="continue the run in --out where it stopped")] = False,
     keep: Annotated[int, _opt(FinetuneTrainConfig, "keep")] = FinetuneTrainConfig.keep,
 ) -> None:
-    """Fine-tune a checkpoint (full or LoRA) on chat, completion, classification or text data."""
+    """Fine-tune a checkpoint (full or LoRA) on chat, completion, classification or text data (torchrun: DDP/FSDP)."""
     from gptkit.finetune import DataSpec, FinetuneConfig, finetune as run
     from gptkit.lora import LoRAConfig
 
