@@ -65,12 +65,15 @@ def base(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [[], ["--lora-rank", "4"]], ids=["full", "lora"])
-def test_finetune_two_processes_match_one_process(tmp_path, base, method):
-    data = write_jsonl(tmp_path / "qa.jsonl", QA)
-    single = gptkit("finetune", base, data, "--out", str(tmp_path / "one"), "--batch-size", "4", *method, *FT)
+@pytest.mark.parametrize("method,mixture", [([], False), (["--lora-rank", "4"], False), ([], True)],
+                         ids=["full", "lora", "lm+classify-mixture"])
+def test_finetune_two_processes_match_one_process(tmp_path, base, method, mixture):
+    data = [write_jsonl(tmp_path / "qa.jsonl", QA)]
+    if mixture:  # the classification head sits out the LM batches: DDP must allow unused parameters
+        data.append(write_jsonl(tmp_path / "cls.jsonl", CLS))
+    single = gptkit("finetune", base, *data, "--out", str(tmp_path / "one"), "--batch-size", "4", *method, *FT)
     assert single.returncode == 0, single.stderr
-    two = torchrun("finetune", base, data, "--out", str(tmp_path / "two"), "--batch-size", "2", *method, *FT)
+    two = torchrun("finetune", base, *data, "--out", str(tmp_path / "two"), "--batch-size", "2", *method, *FT)
     assert two.returncode == 0, two.stderr
     assert [line for line in two.stderr.splitlines() if line.startswith("model: ")] == [
         next(line for line in two.stderr.splitlines() if line.startswith("model: "))]  # said once, by rank 0
