@@ -33,7 +33,8 @@ class DemoConfig:
 
 def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
     from gptkit.data import TokenShards
-    from gptkit.engine import Engine, completion_text
+    from gptkit.engine import completion_text
+    from gptkit.inference import build_engine
     from gptkit.model import GPT
     from gptkit.prepare import prepare, stdlib_documents
     from gptkit.tokenizer import BPETokenizer
@@ -66,7 +67,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
         f"(perplexity {before['val_ppl']:.0f} -> {after['val_ppl']:.1f}, bits/byte {after.get('val_bpb', 0):.2f})")
 
     say("4/4 samples (temperature 0.7, top-k 40):")
-    engine = Engine(model.eval(), max_batch=2, token_bytes=tokenizer.token_bytes, eos_ids=[tokenizer.eot_id])
+    engine = build_engine(model.eval(), tokenizer, max_batch=2, device=str(next(model.parameters()).device))
     params = SampleConfig(max_tokens=120, temperature=0.7, top_k=40, seed=cfg.seed)
     samples = []
     for prompt in cfg.prompts:
