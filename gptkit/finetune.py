@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptkit.checkpoint import load_model
+from gptkit.checkpoint import load, load_model
 from gptkit.ckptdir import resume_candidate
 from gptkit.config import GptkitError, TrainConfig
 # Example, encode_lm, parse_object and the heads are imported from here by older callers: kept importable.
@@ -148,8 +148,8 @@ def build_batches(tasks: list[Task], tokenizer: Tokenizer, block_size: int, cfg:
 def prepare_model(base: str | Path, tasks: list[Task], ft: FinetuneConfig) -> tuple[nn.Module, Tokenizer, dict]:
     """Load the base, add chat tokens / a classification head / LoRA as the tasks need;
     returns (model, tokenizer, extra for the checkpoint)."""
-    model, base_cfg = load_model(base)
-    tokenizer = load_tokenizer(base)
+    loaded = load(base)
+    model, tokenizer = loaded.model, loaded.tokenizer
     extra: dict = {}
     added = ensure_chat_tokens(model, tokenizer) if any(t.fmt == "chat" for t in tasks) else []
     if any(t.kind == "classify" for t in tasks):
@@ -157,7 +157,7 @@ def prepare_model(base: str | Path, tasks: list[Task], ft: FinetuneConfig) -> tu
         add_class_head(model, len(labels))
         extra.update(labels=labels, heads={CLASSIFY_HEAD: [model.config.n_embd, len(labels)]})
     if ft.lora is not None:
-        if base_cfg.get("extra", {}).get("lora"):
+        if loaded.meta.is_lora:
             raise GptkitError(f"{base}: already a LoRA checkpoint; run `gptkit merge-lora` on it first")
         apply_lora(model, ft.lora)
         extra.update(lora=ft.lora.to_dict(), base=str(Path(base).resolve()))
