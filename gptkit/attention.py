@@ -172,11 +172,10 @@ def plot(maps: AttentionMaps, out: str | Path, layer: int | None = None, head: i
 def run(ckpt: str | Path, text: str, out: str | Path = "attention.png", layer: int | None = None,
         head: int | None = None, json_out: str | Path | None = None) -> str:
     """`gptkit attention`: load, inspect, draw (and write JSON); returns a one-line summary."""
-    from gptkit.checkpoint import load_model
-    from gptkit.tokenizer import load_tokenizer
+    from gptkit.checkpoint import load
 
-    model, _ = load_model(ckpt)
-    maps = attention_maps(model.eval(), load_tokenizer(ckpt), text)
+    loaded = load(ckpt)
+    maps = attention_maps(loaded.model.eval(), loaded.tokenizer, text)
     layer = maps.check(layer, head)
     png = plot(maps, out, layer, head)
     if json_out is not None:

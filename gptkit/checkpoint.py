@@ -28,7 +28,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -48,17 +48,19 @@ TIED = ("lm_head.weight",)  # aliases of wte.weight, not stored
 # Tests that kill a run inside a save set this to a number of seconds to sleep after each file.
 SAVE_PAUSE_ENV = "GPTKIT_TEST_SAVE_PAUSE"
 
-__all__ = ["save_checkpoint", "load_model", "read_config", "load_train_state", "resolve_checkpoint"]
+__all__ = ["save_checkpoint", "load", "load_model", "read_config", "load_train_state", "resolve_checkpoint"]
 
 
 def save_checkpoint(folder: str | os.PathLike, model: torch.nn.Module, tokenizer: Tokenizer | None, *,
                     step: int = 0, train_config=None, train_state: dict | None = None,
-                    extra: dict | None = None) -> Path:
+                    extra: dict | None = None, weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write model (+ tokenizer, + resume state) as folder/step-N and point folder/latest at it.
-    Returns the step folder. Refuses (GptkitError) to write NaN or inf values."""
+    Returns the step folder. Refuses (GptkitError) to write NaN or inf values. weights, if
+    given, are written instead of model.state_dict() (FSDP gathers them on rank 0 first)."""
     run = Path(folder)
     model = unwrap(model)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in TIED}
+    weights = model.state_dict() if weights is None else weights
+    state = {k: v.detach().contiguous().cpu() for k, v in weights.items() if k not in TIED}
     if extra and extra.get("base"):  # an adapter checkpoint: only what training changed, not the base's copy
         trained = {name for name, p in model.named_parameters() if p.requires_grad}
         state = {k: v for k, v in state.items() if k in trained}
@@ -231,3 +233,45 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
         model = getattr(model, "module", None) or getattr(model, "_orig_mod")
     return model
+
+
+# ---------------------------------------------------------------------------- one way to open a checkpoint
+@dataclass
+class CheckpointMeta:
+    """config.json beside the weights, typed: what the commands read from `extra` by hand before."""
+
+    path: Path  # the step folder the checkpoint resolved to
+    step: int = 0
+    train: dict | None = None  # the TrainConfig of the run that wrote it
+    labels: list[str] = field(default_factory=list)  # classification labels (heads["classify"])
+    heads: dict[str, list[int]] = field(default_factory=dict)
+    lora: dict | None = None  # a LoRAConfig dict: the model has (unmerged) LoRA layers
+    base: str | None = None  # an adapter checkpoint's base
+    extra: dict = field(default_factory=dict)  # everything, including fields not listed here
+
+    @property
+    def is_lora(self) -> bool:
+        return bool(self.lora)
+
+    @classmethod
+    def from_config(cls, path: Path, cfg: dict) -> "CheckpointMeta":
+        extra = dict(cfg.get("extra") or {})
+        return cls(path=path, step=int(cfg.get("step", 0)), train=cfg.get("train"),
+                   labels=list(extra.get("labels") or []), heads=dict(extra.get("heads") or {}),
+                   lora=extra.get("lora") or None, base=extra.get("base"), extra=extra)
+
+
+@dataclass
+class Checkpoint:
+    model: GPT  # eval mode, fp32, LoRA layers as stored
+    tokenizer: Tokenizer
+    meta: CheckpointMeta
+
+
+def load(folder: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
+    """Model, tokenizer and typed meta of a run folder, a step folder or a flat checkpoint."""
+    from gptkit.tokenizer import load_tokenizer
+
+    path = resolve_checkpoint(folder, verify_files=False)  # load_model checks the manifest
+    model, cfg = load_model(path, device)
+    return Checkpoint(model, load_tokenizer(path), CheckpointMeta.from_config(path, cfg))

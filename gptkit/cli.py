@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 import typer.core
 
-from gptkit.config import GptkitError
+from gptkit.config import DEFAULT_TEMPERATURE, FinetuneTrainConfig, GptkitError, TrainConfig
 
 # `gptkit --help` lists the commands in the order of the pipeline, not of this file.
 ORDER = ["demo", "info", "train-tokenizer", "prepare", "pretrain", "generate", "finetune", "merge-lora",
@@ -52,6 +52,20 @@ def _root(
         set_verify_hashes(False)
 
 
+def _opt(cls: type, name: str) -> typer.models.OptionInfo:
+    """An option whose help is declared once, on the config field; its default, after `=` in
+    the signature, is read from the same class (TrainConfig.lr, ...)."""
+    return typer.Option(help=cls.__dataclass_fields__[name].metadata["help"])
+
+
+def _config(cls: type, values: dict, **fixed):
+    """cls built from the command's parameters that are its fields (values: the command's locals())."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names}, **fixed)
+
+
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
@@ -62,11 +76,13 @@ def _fail(message: str) -> None:
 def info(
     preset: Annotated[Optional[str], typer.Option(help="a preset name, e.g. gpt2, gpt3-175b, tiny")] = None,
     ckpt: Annotated[Optional[Path], typer.Option(help="a checkpoint folder instead of a preset")] = None,
+    world_size: Annotated[Optional[int], typer.Option(help="also print training memory per device for this "
+                                                           "many processes, DDP vs FSDP")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Parameter count, training FLOPs per token and memory of a model, without allocating it."""
     from gptkit.config import PRESETS
-    from gptkit.stats import model_stats
+    from gptkit.stats import model_stats, per_device_memory
 
     if (preset is None) == (ckpt is None):
         _fail(f"give exactly one of --preset NAME or --ckpt DIR (presets: {', '.join(PRESETS)})")
@@ -80,6 +96,10 @@ def info(
 
         cfg, name = ModelConfig.from_dict(read_config(ckpt)["model"]), str(ckpt)
     stats = model_stats(cfg)
+    if world_size is not None:
+        if world_size < 1:
+            _fail(f"--world-size {world_size}: must be at least 1")
+        stats["per_device"] = {"world_size": world_size, **per_device_memory(cfg, world_size)}
     if json_out:
         typer.echo(json.dumps({"name": name, **stats}))
         return
@@ -90,13 +110,17 @@ def info(
     typer.echo(f"  training FLOPs/token  {stats['train_flops_per_token']:.3e}  (6N + 12·n_layer·n_embd·context)")
     typer.echo(f"  weights fp32 / bf16   {_gib(stats['weights_bytes_fp32'])} / {_gib(stats['weights_bytes_bf16'])}")
     typer.echo(f"  AdamW state (fp32)    {_gib(stats['adamw_state_bytes'])}  (+ fp32 grads {_gib(stats['grad_bytes_fp32'])})")
+    if world_size is not None:
+        from gptkit.stats import format_per_device
+
+        typer.echo(format_per_device(stats["per_device"]))
 
 
 # ---------------------------------------------------------------------------- pretrain
 @app.command()
 def pretrain(
     data: Annotated[Path, typer.Argument(help="a folder made by `gptkit prepare`")],
-    out: Annotated[Path, typer.Option(help="checkpoint folder to write")] = Path("runs/model"),
+    out: Annotated[Path, _opt(TrainConfig, "out_dir")] = Path(TrainConfig.out_dir),
     preset: Annotated[str, typer.Option(help="model size preset (see `gptkit info`)")] = "tiny",
     n_layer: Annotated[Optional[int], typer.Option(help="override the preset's layers")] = None,
     n_head: Annotated[Optional[int], typer.Option(help="override the preset's heads")] = None,
@@ -104,41 +128,40 @@ def pretrain(
     block_size: Annotated[Optional[int], typer.Option(help="override the preset's context length")] = None,
     dropout: Annotated[float, typer.Option(help="dropout probability")] = 0.0,
     pos_encoding: Annotated[str, typer.Option(help="learned | sinusoidal")] = "learned",
-    max_steps: Annotated[int, typer.Option(help="optimizer steps")] = 1000,
-    batch_size: Annotated[int, typer.Option(help="sequences per micro-batch per process")] = 16,
-    grad_accum: Annotated[int, typer.Option(help="micro-batches per optimizer step")] = 1,
-    lr: Annotated[float, typer.Option(help="peak learning rate")] = 6e-4,
-    min_lr: Annotated[Optional[float], typer.Option(help="final learning rate (default lr/10)")] = None,
-    warmup_steps: Annotated[int, typer.Option(help="linear warmup steps")] = 100,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (matrices only)")] = 0.1,
-    beta2: Annotated[float, typer.Option(help="AdamW beta2")] = 0.95,
-    grad_clip: Annotated[float, typer.Option(help="clip gradient norm (0 = off)")] = 1.0,
-    optimizer: Annotated[str, typer.Option(help="adamw | muon (Muon for the blocks' matrices, AdamW for the rest)")] = "adamw",
-    eval_interval: Annotated[int, typer.Option(help="evaluate and checkpoint every N steps")] = 250,
-    eval_batches: Annotated[int, typer.Option(help="validation batches per evaluation")] = 20,
-    log_interval: Annotated[int, typer.Option(help="write train metrics every N steps")] = 10,
-    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 (autocast)")] = "auto",
-    compile: Annotated[bool, typer.Option(help="torch.compile the model")] = False,
-    seed: Annotated[int, typer.Option(help="random seed")] = 1337,
+    max_steps: Annotated[int, _opt(TrainConfig, "max_steps")] = TrainConfig.max_steps,
+    batch_size: Annotated[int, _opt(TrainConfig, "batch_size")] = TrainConfig.batch_size,
+    grad_accum: Annotated[int, _opt(TrainConfig, "grad_accum")] = TrainConfig.grad_accum,
+    lr: Annotated[float, _opt(TrainConfig, "lr")] = TrainConfig.lr,
+    min_lr: Annotated[Optional[float], _opt(TrainConfig, "min_lr")] = TrainConfig.min_lr,
+    warmup_steps: Annotated[int, _opt(TrainConfig, "warmup_steps")] = TrainConfig.warmup_steps,
+    weight_decay: Annotated[float, _opt(TrainConfig, "weight_decay")] = TrainConfig.weight_decay,
+    beta2: Annotated[float, _opt(TrainConfig, "beta2")] = TrainConfig.beta2,
+    grad_clip: Annotated[float, _opt(TrainConfig, "grad_clip")] = TrainConfig.grad_clip,
+    optimizer: Annotated[str, _opt(TrainConfig, "optimizer")] = TrainConfig.optimizer,
+    eval_interval: Annotated[int, _opt(TrainConfig, "eval_interval")] = TrainConfig.eval_interval,
+    eval_batches: Annotated[int, _opt(TrainConfig, "eval_batches")] = TrainConfig.eval_batches,
+    log_interval: Annotated[int, _opt(TrainConfig, "log_interval")] = TrainConfig.log_interval,
+    dtype: Annotated[str, _opt(TrainConfig, "dtype")] = TrainConfig.dtype,
+    compile: Annotated[bool, _opt(TrainConfig, "compile")] = TrainConfig.compile,
+    strategy: Annotated[str, _opt(TrainConfig, "strategy")] = TrainConfig.strategy,
+    activation_checkpointing: Annotated[bool, _opt(TrainConfig, "activation_checkpointing")] = (
+        TrainConfig.activation_checkpointing),
+    seed: Annotated[int, _opt(TrainConfig, "seed")] = TrainConfig.seed,
     init_from: Annotated[Optional[Path], typer.Option(help="start from this checkpoint's weights")] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in --out exactly where it stopped")] = False,
-    stop_at: Annotated[Optional[int], typer.Option(help="stop (with a checkpoint) after this step; --resume later")] = None,
-    keep: Annotated[int, typer.Option(help="complete checkpoints (step folders) to keep")] = 2,
+    stop_at: Annotated[Optional[int], _opt(TrainConfig, "stop_at")] = TrainConfig.stop_at,
+    keep: Annotated[int, _opt(TrainConfig, "keep")] = TrainConfig.keep,
 ) -> None:
-    """Pretrain a GPT on prepared token shards. Runs unchanged under torchrun (DDP)."""
+    """Pretrain a GPT on prepared token shards. Runs unchanged under torchrun (DDP or FSDP)."""
     import dataclasses
 
-    from gptkit.config import TrainConfig, preset as get_preset
+    from gptkit.config import preset as get_preset
     from gptkit.train import pretrain as run
 
     overrides = {k: v for k, v in dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size).items()
                  if v is not None}
     model_cfg = dataclasses.replace(get_preset(preset), dropout=dropout, pos_encoding=pos_encoding, **overrides)
-    cfg = TrainConfig(out_dir=str(out), max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-                      min_lr=lr / 10 if min_lr is None else min_lr, warmup_steps=warmup_steps,
-                      weight_decay=weight_decay, beta2=beta2, grad_clip=grad_clip, optimizer=optimizer,
-                      eval_interval=eval_interval, eval_batches=eval_batches, log_interval=log_interval, dtype=dtype,
-                      compile=compile, seed=seed, stop_at=stop_at, keep=keep)
+    cfg = _config(TrainConfig, locals(), out_dir=str(out))
     last = run(data, model_cfg, cfg, init_from=str(init_from) if init_from else None, resume=resume,
                log=lambda m: typer.echo(m, err=True))
     if int(__import__("os").environ.get("RANK", "0")) == 0:
@@ -187,21 +210,10 @@ def _summary(s: dict, json_out: bool, line: str) -> None:
 # ---------------------------------------------------------------------------- generate / chat
 def _engine_for(ckpt: Path, max_batch: int = 8, quantize: Optional[str] = None, dtype: str = "float32"):
     """Load a checkpoint into the one inference engine; returns (engine, tokenizer)."""
-    import torch
+    from gptkit.inference import open_engine
 
-    from gptkit.checkpoint import load_model
-    from gptkit.engine import Engine
-    from gptkit.tokenizer import IM_END, load_tokenizer
-
-    if dtype not in ("float32", "bfloat16"):
-        _fail(f"--dtype {dtype!r}: expected float32 or bfloat16")
-    model, _ = load_model(ckpt)
-    tokenizer = load_tokenizer(ckpt)
-    eos = [i for t in ("<|endoftext|>", IM_END) if (i := tokenizer.special_id(t)) is not None]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    engine = Engine(model, max_batch=max_batch, token_bytes=tokenizer.token_bytes, eos_ids=eos,
-                    dtype=getattr(torch, dtype), quantize=quantize, device=device, vocab_size=tokenizer.vocab_size)
-    return engine, tokenizer
+    engine, loaded = open_engine(ckpt, max_batch=max_batch, quantize=quantize, dtype=dtype)
+    return engine, loaded.tokenizer
 
 
 @app.command()
@@ -210,7 +222,7 @@ def generate(
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="prompt text (default: read stdin)")] = None,
     max_tokens: Annotated[Optional[int], typer.Option(
         help="tokens to generate (default: 200, or as many as the context leaves room for)")] = None,
-    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.8,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = DEFAULT_TEMPERATURE,
     top_k: Annotated[int, typer.Option(help="sample from the k most likely tokens (0 = off)")] = 0,
     top_p: Annotated[float, typer.Option(help="nucleus sampling threshold")] = 1.0,
     stop: Annotated[Optional[list[str]], typer.Option(help="stop sequence (repeatable); not included in the output")] = None,
@@ -263,7 +275,7 @@ def chat(
     ckpt: Annotated[Path, typer.Argument(help="a chat-tuned checkpoint folder")],
     system: Annotated[Optional[str], typer.Option(help="system message")] = None,
     max_tokens: Annotated[int, typer.Option(help="longest reply in tokens")] = 256,
-    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.7,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = DEFAULT_TEMPERATURE,
     top_p: Annotated[float, typer.Option(help="nucleus sampling threshold")] = 0.95,
     seed: Annotated[Optional[int], typer.Option(help="random seed")] = None,
 ) -> None:
@@ -553,7 +565,7 @@ def finetune(
     data: Annotated[list[str], typer.Argument(help="data files, each PATH or PATH@WEIGHT (several: a multi-task "
                                                    "mixture). .jsonl with messages | prompt/completion | "
                                                    "text/label | text records, or plain text")],
-    out: Annotated[Path, typer.Option(help="checkpoint folder to write")] = Path("runs/finetune"),
+    out: Annotated[Path, _opt(FinetuneTrainConfig, "out_dir")] = Path(FinetuneTrainConfig.out_dir),
     task: Annotated[str, typer.Option(help="auto | lm | classify: what the data must be")] = "auto",
     val: Annotated[Optional[list[str]], typer.Option(help="a validation file per data file, in order "
                                                           "(default: --val-fraction of each)")] = None,
@@ -563,20 +575,23 @@ def finetune(
     lora_alpha: Annotated[float, typer.Option(help="LoRA alpha (the update is scaled by alpha/rank)")] = 16.0,
     lora_dropout: Annotated[float, typer.Option(help="dropout on the LoRA input")] = 0.0,
     lora_targets: Annotated[str, typer.Option(help="comma-separated layers to adapt")] = "c_attn,c_proj,c_fc",
-    max_steps: Annotated[int, typer.Option(help="optimizer steps")] = 500,
-    batch_size: Annotated[int, typer.Option(help="examples per batch")] = 16,
-    grad_accum: Annotated[int, typer.Option(help="micro-batches per optimizer step")] = 1,
-    lr: Annotated[float, typer.Option(help="peak learning rate")] = 3e-4,
-    warmup_steps: Annotated[int, typer.Option(help="linear warmup steps")] = 20,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (matrices only)")] = 0.0,
-    eval_interval: Annotated[int, typer.Option(help="evaluate and checkpoint every N steps")] = 100,
-    eval_batches: Annotated[int, typer.Option(help="validation batches per task per evaluation")] = 10,
-    seed: Annotated[int, typer.Option(help="random seed")] = 1337,
+    max_steps: Annotated[int, _opt(FinetuneTrainConfig, "max_steps")] = FinetuneTrainConfig.max_steps,
+    batch_size: Annotated[int, _opt(FinetuneTrainConfig, "batch_size")] = FinetuneTrainConfig.batch_size,
+    grad_accum: Annotated[int, _opt(FinetuneTrainConfig, "grad_accum")] = FinetuneTrainConfig.grad_accum,
+    lr: Annotated[float, _opt(FinetuneTrainConfig, "lr")] = FinetuneTrainConfig.lr,
+    warmup_steps: Annotated[int, _opt(FinetuneTrainConfig, "warmup_steps")] = FinetuneTrainConfig.warmup_steps,
+    weight_decay: Annotated[float, _opt(FinetuneTrainConfig, "weight_decay")] = FinetuneTrainConfig.weight_decay,
+    eval_interval: Annotated[int, _opt(FinetuneTrainConfig, "eval_interval")] = FinetuneTrainConfig.eval_interval,
+    eval_batches: Annotated[int, _opt(FinetuneTrainConfig, "eval_batches")] = FinetuneTrainConfig.eval_batches,
+    log_interval: Annotated[int, _opt(FinetuneTrainConfig, "log_interval")] = FinetuneTrainConfig.log_interval,
+    strategy: Annotated[str, _opt(FinetuneTrainConfig, "strategy")] = FinetuneTrainConfig.strategy,
+    activation_checkpointing: Annotated[bool, _opt(FinetuneTrainConfig, "activation_checkpointing")] = (
+        FinetuneTrainConfig.activation_checkpointing),
+    seed: Annotated[int, _opt(FinetuneTrainConfig, "seed")] = FinetuneTrainConfig.seed,
     resume: Annotated[bool, typer.Option(help="continue the run in --out where it stopped")] = False,
-    keep: Annotated[int, typer.Option(help="complete checkpoints (step folders) to keep")] = 2,
+    keep: Annotated[int, _opt(FinetuneTrainConfig, "keep")] = FinetuneTrainConfig.keep,
 ) -> None:
-    """Fine-tune a checkpoint (full or LoRA) on chat, completion, classification or text data."""
-    from gptkit.config import TrainConfig
+    """Fine-tune a checkpoint (full or LoRA) on chat, completion, classification or text data (torchrun: DDP/FSDP)."""
     from gptkit.finetune import DataSpec, FinetuneConfig, finetune as run
     from gptkit.lora import LoRAConfig
 
@@ -587,14 +602,13 @@ def finetune(
         for spec, v in zip(specs, val):
             spec.val = v
     lora = LoRAConfig(lora_rank, lora_alpha, lora_dropout, tuple(lora_targets.split(","))) if lora_rank else None
-    cfg = TrainConfig(out_dir=str(out), max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-                      min_lr=lr / 10, warmup_steps=warmup_steps, weight_decay=weight_decay,
-                      eval_interval=eval_interval, eval_batches=eval_batches, seed=seed, keep=keep)
+    cfg = _config(FinetuneTrainConfig, locals(), out_dir=str(out))
     ft = FinetuneConfig(task=task, lora=lora, val_fraction=val_fraction, skip_bad=skip_bad)
     last = run(base, specs, cfg, ft, resume=resume, log=lambda m: typer.echo(m, err=True))
-    typer.echo(f"done: step {last.get('step')} loss {last.get('loss', float('nan')):.4f}"
-               + (f" val_loss {last['val_loss']:.4f}" if "val_loss" in last else "")
-               + f"; {last['method']}, {last['trainable_params']:,} trained parameters; checkpoint in {out}")
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        typer.echo(f"done: step {last.get('step')} loss {last.get('loss', float('nan')):.4f}"
+                   + (f" val_loss {last['val_loss']:.4f}" if "val_loss" in last else "")
+                   + f"; {last['method']}, {last['trainable_params']:,} trained parameters; checkpoint in {out}")
 
 
 @app.command("merge-lora")
@@ -603,17 +617,16 @@ def merge_lora(
     out: Annotated[Path, typer.Argument(help="folder for the standalone merged checkpoint")],
 ) -> None:
     """Fold LoRA adapters into their layers: a full checkpoint with identical outputs, no base needed."""
-    from gptkit.checkpoint import load_model, save_checkpoint
+    from gptkit.checkpoint import load, save_checkpoint
     from gptkit.lora import merge_lora as merge
-    from gptkit.tokenizer import load_tokenizer
 
-    model, cfg = load_model(ckpt)
-    extra = dict(cfg.get("extra") or {})
-    if not extra.get("lora"):
+    loaded = load(ckpt)
+    if not loaded.meta.is_lora:
         _fail(f"{ckpt}: not a LoRA checkpoint (no extra.lora in config.json)")
+    model = loaded.model
     n = merge(model)
-    extra = {k: v for k, v in extra.items() if k not in ("lora", "base")} | {"merged_from": str(ckpt)}
-    save_checkpoint(out, model, load_tokenizer(ckpt), step=cfg.get("step", 0), extra=extra)
+    extra = {k: v for k, v in loaded.meta.extra.items() if k not in ("lora", "base")} | {"merged_from": str(ckpt)}
+    save_checkpoint(out, model, loaded.tokenizer, step=loaded.meta.step, extra=extra)
     typer.echo(f"merged {n} LoRA layers of {ckpt} into {out} ({_human(model.num_params())} params)")
 
 

@@ -218,7 +218,7 @@ def compare(args: list[str], cfg: CompareConfig, log: Log = lambda m: None) -> d
     from gptkit.bootstrap import paired
     from gptkit.compare_report import write_report
     from gptkit.evaluate import perplexity, run_task
-    from gptkit.finetune import ensure_chat_tokens
+    from gptkit.heads import ensure_chat_tokens
     from gptkit.tokenizer import load_tokenizer
 
     if len(args) < 1:
@@ -269,7 +269,7 @@ def last_line(summary: dict) -> dict:
 
 def _task_name(cfg: CompareConfig) -> tuple[str | None, str | None]:
     """The task to score the --tasks file as, and the file's format."""
-    from gptkit.finetune import read_records
+    from gptkit.sft_data import read_records
 
     if cfg.tasks is None:
         return None, None

@@ -33,7 +33,8 @@ class DemoConfig:
 
 def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
     from gptkit.data import TokenShards
-    from gptkit.engine import Engine, completion_text
+    from gptkit.engine import completion_text
+    from gptkit.inference import build_engine
     from gptkit.model import GPT
     from gptkit.prepare import prepare, stdlib_documents
     from gptkit.tokenizer import BPETokenizer
@@ -59,14 +60,14 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
     say(f"3/4 pretrain: {model.num_params() / 1e6:.1f}M-parameter GPT, {cfg.steps} steps of "
         f"{cfg.batch_size}x{model_cfg.block_size} tokens; val loss before training {before['val_loss']:.3f}")
     train_cfg = TrainConfig(out_dir=str(out / "model"), max_steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                            min_lr=cfg.lr / 10, warmup_steps=min(100, cfg.steps // 10), eval_interval=cfg.steps // 4,
+                            warmup_steps=min(100, cfg.steps // 10), eval_interval=cfg.steps // 4,
                             eval_batches=20, seed=cfg.seed, weight_decay=0.1, beta2=0.99)
     after = train(model, data, train_cfg, tokenizer, log=say)
     say(f"    val loss {before['val_loss']:.3f} -> {after['val_loss']:.3f} "
         f"(perplexity {before['val_ppl']:.0f} -> {after['val_ppl']:.1f}, bits/byte {after.get('val_bpb', 0):.2f})")
 
     say("4/4 samples (temperature 0.7, top-k 40):")
-    engine = Engine(model.eval(), max_batch=2, token_bytes=tokenizer.token_bytes, eos_ids=[tokenizer.eot_id])
+    engine = build_engine(model.eval(), tokenizer, max_batch=2, device=str(next(model.parameters()).device))
     params = SampleConfig(max_tokens=120, temperature=0.7, top_k=40, seed=cfg.seed)
     samples = []
     for prompt in cfg.prompts:

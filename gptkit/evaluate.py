@@ -178,7 +178,8 @@ def perplexity(model, tokenizer, text: str) -> dict[str, float]:
 @torch.no_grad()
 def classify(model, tokenizer, texts: list[str], labels: list[str], batch_size: int = 32) -> list[str]:
     """Predicted label of each text (the classification head on the last token)."""
-    from gptkit.finetune import TaskBatches, class_logits, class_examples, Record
+    from gptkit.heads import class_logits
+    from gptkit.sft_data import Record, TaskBatches, class_examples
 
     records = [Record(f"text {i}", {"text": t, "label": labels[0]}) for i, t in enumerate(texts)]
     examples, _ = class_examples(records, tokenizer, model.config.block_size, labels)
@@ -191,29 +192,20 @@ def classify(model, tokenizer, texts: list[str], labels: list[str], batch_size: 
     return [labels[p] for p in preds]
 
 
-def eos_ids(tokenizer) -> list[int]:
-    from gptkit.tokenizer import EOT, IM_END
-
-    return [i for t in (EOT, IM_END) if (i := tokenizer.special_id(t)) is not None]
-
-
 def generate_all(model, tokenizer, prompts: list[list[int]], max_tokens: int = 64, stop: list[str] | None = None,
                  max_batch: int = 32, temperature: float = 0.0, seed: int | None = None) -> list[str]:
     """Completions of many prompts through the engine (continuously batched): greedy, or sampled
     at `temperature` with prompt i seeded by seed + i (reproducible). A prompt too long for the
     context keeps its end. The caller's model is left untouched: the engine gets a copy with any
     LoRA adapters merged (it repacks layers in place)."""
-    import copy
+    from gptkit.engine import completion_text
+    from gptkit.inference import build_engine
 
-    from gptkit.engine import Engine, completion_text
-    from gptkit.lora import merge_lora
-
-    model = copy.deepcopy(model)
-    merge_lora(model)
     block = model.config.block_size
     max_tokens = min(max_tokens, block - 1)
-    engine = Engine(model, max_batch=max(1, min(max_batch, len(prompts))), token_bytes=tokenizer.token_bytes,
-                    eos_ids=eos_ids(tokenizer), vocab_size=tokenizer.vocab_size)
+    engine = build_engine(model, tokenizer, max_batch=max(1, min(max_batch, len(prompts))), keep_model=True,
+                          device=str(next(model.parameters()).device))
+
     def params(i: int) -> SampleConfig:
         return SampleConfig(max_tokens=max_tokens, temperature=temperature, stop=list(stop or []),
                             seed=None if seed is None else seed + i)
@@ -266,7 +258,7 @@ def task_metrics(task: str, preds: list[str], refs: list) -> dict[str, float]:
 
 
 def _records(path: str | Path, limit: int | None) -> tuple[str, list]:
-    from gptkit.finetune import read_records
+    from gptkit.sft_data import read_records
 
     fmt, records, _ = read_records(path)
     return fmt, records[:limit] if limit else records
@@ -297,13 +289,13 @@ def run_task(model, tokenizer, cfg: dict, task: str, data: str | Path, *, max_to
 def evaluate(ckpt: str | Path, task: str, data: str | Path, *, max_tokens: int = 64, limit: int | None = None,
              timeout: float = 10.0, log: Callable[[str], None] = lambda m: None) -> dict:
     """Score the checkpoint on one task's data; returns {"task", "data", "n", metrics..., "examples"}."""
-    from gptkit.checkpoint import load_model
-    from gptkit.tokenizer import load_tokenizer
+    from gptkit.checkpoint import load
+    from gptkit.inference import default_device
 
     if task not in TASKS:
         raise GptkitError(f"--task {task!r}: expected one of {', '.join(TASKS)}")
-    model, cfg = load_model(ckpt, device="cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_tokenizer(ckpt)
+    loaded = load(ckpt, device=default_device())
+    model, tokenizer, cfg = loaded.model, loaded.tokenizer, {"step": loaded.meta.step, "extra": loaded.meta.extra}
     out: dict = {"task": task, "checkpoint": str(ckpt), "data": str(data)}
     if task == "perplexity":
         return {**out, **perplexity_of_file(model, tokenizer, data)}

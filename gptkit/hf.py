@@ -263,12 +263,11 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike) -> dict:
     """
     from safetensors.torch import save_file
 
-    from gptkit.checkpoint import load_model
+    from gptkit.checkpoint import load
     from gptkit.fileio import atomic_write, atomic_write_json
-    from gptkit.tokenizer import load_tokenizer
 
-    model, _ = load_model(ckpt)
-    tokenizer = load_tokenizer(ckpt)
+    loaded = load(ckpt)
+    model, tokenizer = loaded.model, loaded.tokenizer
     if tokenizer.kind != "bpe":
         raise GptkitError(f"{ckpt}: a {tokenizer.kind!r} tokenizer has no tokenizer.json form; "
                           "only 'bpe' tokenizers export to Hugging Face")

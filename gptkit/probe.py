@@ -53,7 +53,7 @@ def read_templates(path: str | Path) -> list[dict]:
 
 
 def _pair(line: str, where: str) -> dict:
-    from gptkit.finetune import parse_object
+    from gptkit.sft_data import parse_object
 
     try:
         rec = parse_object(line)

@@ -133,7 +133,7 @@ def write_jsonl(path: Path, records: list[dict]) -> str:
 
 # ---------------------------------------------------------------------------- shared steps
 def train_cfg(out: Path, steps: int, scale: Scale, seed: int, lr: float, batch_size: int | None = None) -> TrainConfig:
-    return TrainConfig(out_dir=str(out), max_steps=steps, batch_size=batch_size or scale.batch_size, lr=lr, min_lr=lr / 10,
+    return TrainConfig(out_dir=str(out), max_steps=steps, batch_size=batch_size or scale.batch_size, lr=lr,
                        warmup_steps=max(1, steps // 20), weight_decay=0.0, eval_interval=max(1, steps // 2),
                        eval_batches=4, log_interval=max(1, steps // 10), seed=seed, progress=False)
 
@@ -182,23 +182,21 @@ def arithmetic_and_docs_base(out: Path, scale: Scale, seed: int, log: Log):
 
 
 def sum_exact_match(ckpt: Path, pairs: list[tuple[int, int]], limit: int) -> float:
-    from gptkit.checkpoint import load_model
-    from gptkit.tokenizer import load_tokenizer
+    from gptkit.checkpoint import load
 
-    model, _ = load_model(ckpt)
-    tokenizer = load_tokenizer(ckpt)
+    loaded = load(ckpt)
+    model, tokenizer = loaded.model, loaded.tokenizer
     records = [qa_record(a, b) for a, b in pairs[:limit]]
     preds = generate_all(model, tokenizer, [tokenizer.encode(r["prompt"]) for r in records], max_tokens=5)
     return mean([exact_match(p, r["completion"]) for p, r in zip(preds, records)])
 
 
 def docstring_accuracy(ckpt: Path, test_docs: list[tuple[str, str]]) -> dict[str, float]:
-    from gptkit.checkpoint import load_model
-    from gptkit.tokenizer import load_tokenizer
+    from gptkit.checkpoint import load
 
-    model, cfg = load_model(ckpt)
+    loaded = load(ckpt)
     records = [class_record(m, d) for m, d in test_docs]
-    preds = classify(model, load_tokenizer(ckpt), [r["text"] for r in records], cfg["extra"]["labels"])
+    preds = classify(loaded.model, loaded.tokenizer, [r["text"] for r in records], loaded.meta.labels)
     return accuracy_f1(preds, [r["label"] for r in records])
 
 
@@ -316,12 +314,12 @@ def _docs_base(out: Path, train: dict[str, str], scale: Scale, seed: int, log: L
 
 
 def _rouge_on(ckpt: Path, conversations: list[dict], refs: list[str]) -> float:
-    from gptkit.checkpoint import load_model
-    from gptkit.finetune import ensure_chat_tokens
-    from gptkit.tokenizer import load_tokenizer, render_chat
+    from gptkit.checkpoint import load
+    from gptkit.heads import ensure_chat_tokens
+    from gptkit.tokenizer import render_chat
 
-    model, _ = load_model(ckpt)
-    tokenizer = load_tokenizer(ckpt)
+    loaded = load(ckpt)
+    model, tokenizer = loaded.model, loaded.tokenizer
     ensure_chat_tokens(model, tokenizer)  # the untuned base is prompted the same way, with the same template
     prompts = [render_chat(tokenizer, c["messages"])[0] for c in conversations]
     preds = generate_all(model, tokenizer, prompts, max_tokens=80)

@@ -6,8 +6,8 @@ AdamW with decay on matrices only, warmup + cosine LR, gradient accumulation and
 clipping, autocast, periodic evaluation (loss, perplexity, bits per byte), JSONL metrics,
 a progress bar, a loss-curve PNG, crash-safe checkpoints (gptkit.ckptdir: a new step folder
 per save, the newest `keep` kept), exact resume from the newest intact one, a NaN stop (loss
-and gradient norm) that never saves, and DDP under torchrun (gloo on CPU, nccl on GPU) with no
-code change.
+and gradient norm) that never saves, and DDP or FSDP2 under torchrun (gloo on CPU, nccl on
+GPU; gptkit.parallel) with no code change.
 """
 
 from __future__ import annotations
@@ -15,23 +15,22 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gptkit.checkpoint import load_train_state, save_checkpoint, unwrap
 from gptkit.ckptdir import clean_leftovers, point_latest, prune, resume_candidate, step_folders, step_of
 from gptkit.config import GptkitError, TrainConfig
 from gptkit.fileio import atomic_write_text
 from gptkit.optim import Muon, Optimizers
+from gptkit.parallel import (Dist, close_distributed, full_model_state, grad_sync, init_distributed,  # noqa: F401
+                             load_optimizer_state, optimizer_state, pick_device, processes, wrap)
 
 LossFn = Callable[[torch.nn.Module, tuple], torch.Tensor]
 
@@ -43,38 +42,6 @@ def lm_loss(model: torch.nn.Module, batch: tuple) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- set-up
-@dataclass
-class Dist:
-    """Where this process sits in a torchrun job (rank 0 of 1 when run plainly)."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed() -> Dist:
-    """Join the torchrun job if there is one: gloo on CPU, nccl on GPU."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return Dist()
-    d = Dist(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(d.local_rank)
-        dist.init_process_group(backend=backend)
-    return d
-
-
-def pick_device(dist_info: Dist) -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", dist_info.local_rank)
-    return torch.device("cpu")
-
-
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     """bf16 autocast where it pays: on GPUs that support it. On CPU, fp32 is the default
     because it measured faster for the model sizes a CPU can train (see BENCHMARKS.md)."""
@@ -184,22 +151,24 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig, tokenizer=None, *, los
     device = _device_of(model)
     out_dir = Path(cfg.out_dir)
     torch.manual_seed(cfg.seed + dist_info.rank)
-    optimizer = configure_optimizer(model, cfg, device)
+    amp_dtype = autocast_dtype(cfg, device)
+    amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     if dist_info.master:
         removed = clean_leftovers(out_dir)
         if removed:
             log(f"removed what an interrupted save left in {out_dir}: {', '.join(removed)}")
-    start_step, saved = 0, []
-    if resume:
+    start_step, saved, resume_state = 0, [], None
+    if resume:  # read and checked while the weights are still whole, restored once the optimizer exists
         src = resume if isinstance(resume, Path) else resume_candidate(out_dir, log)
-        start_step = _restore(src, model, optimizer, data, device)
+        resume_state = _read_state(src, model)
+    raw = unwrap(model)
+    wrapped = wrap(raw, cfg, dist_info, amp_dtype)  # before the optimizer: FSDP replaces the parameters
+    optimizer = configure_optimizer(raw, cfg, device)
+    if resume:
+        start_step = _restore(resume_state, raw, optimizer, data)
         saved = _resume_layout(out_dir, src, start_step, dist_info, log)
         log(f"resumed from {src} at step {start_step}")
-    raw = unwrap(model)
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist_info.world_size > 1 else model
-    runner = torch.compile(ddp) if cfg.compile else ddp
-    amp_dtype = autocast_dtype(cfg, device)
-    amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    runner = torch.compile(wrapped) if cfg.compile else wrapped
     bpt = data.bytes_per_token() if hasattr(data, "bytes_per_token") else None
     metrics_path = out_dir / "metrics.jsonl"
     if dist_info.master:
@@ -212,10 +181,12 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig, tokenizer=None, *, los
         atomic_write_text(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
 
     def checkpoint(step: int) -> None:
+        weights = full_model_state(raw)  # under FSDP: gathered on rank 0, with every process taking part
+        opt_state = optimizer_state(raw, optimizer) if dist_info.master or weights is not None else None
         if dist_info.master:
-            state = {"optimizer": optimizer.state_dict(), "data": data.state_dict(), "rng": _rng_state()}
+            state = {"optimizer": opt_state, "data": data.state_dict(), "rng": _rng_state()}
             saved.insert(0, save_checkpoint(out_dir, raw, tokenizer, step=step, train_config=cfg,
-                                            train_state=state, extra=extra))
+                                            train_state=state, extra=extra, weights=weights))
             prune(out_dir, saved[:cfg.keep])
             _plot(history, out_dir / "loss.png")
 
@@ -240,7 +211,7 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig, tokenizer=None, *, los
             batch = _to(data.train_batch(), device)
             tokens_per_step = batch[0].numel() * dist_info.world_size * cfg.grad_accum
             sync = micro == cfg.grad_accum - 1 or dist_info.world_size == 1
-            with (contextlib.nullcontext() if sync else ddp.no_sync()), amp:
+            with grad_sync(wrapped, sync), amp:
                 loss = loss_fn(runner, batch) / cfg.grad_accum
             loss.backward()
             loss_sum += loss.detach()
@@ -251,6 +222,8 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig, tokenizer=None, *, los
             grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
         if dist_info.world_size > 1:  # the logged loss is the global batch's
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, the shards' norms still to be combined
+            grad_norm = grad_norm.full_tensor()
         loss_value, norm_value = loss_sum.item(), float(grad_norm)
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             progress.close()
@@ -291,14 +264,18 @@ def _format_eval(step: int, ev: dict) -> str:
     return f"step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in ev.items())
 
 
-def _restore(src: Path, model: torch.nn.Module, optimizer, data, device) -> int:
-    """Load the optimizer, data and RNG state of checkpoint src; the weights must be src's
-    too (the caller loaded them), and finite."""
+def _read_state(src: Path, model: torch.nn.Module) -> dict:
+    """The optimizer, data and RNG state of checkpoint src; the weights must be src's too (the
+    caller loaded them), and finite."""
     from gptkit.checkpoint import WEIGHTS, check_finite
 
     state = load_train_state(src)
     check_finite(unwrap(model).state_dict().items(), f"{src / WEIGHTS} (as loaded)")
-    optimizer.load_state_dict(state["optimizer"])
+    return state
+
+
+def _restore(state: dict, model: torch.nn.Module, optimizer, data) -> int:
+    load_optimizer_state(model, optimizer, state["optimizer"])
     data.load_state_dict(state["data"])
     _set_rng_state(state["rng"])
     return int(state["step"])
@@ -422,10 +399,9 @@ def pretrain(data_dir: str | Path, model_config, cfg: TrainConfig, *, init_from:
     data = TokenShards.from_dir(data_dir, model.config.block_size, cfg.batch_size, seed=cfg.seed,
                        eval_batches=cfg.eval_batches, rank=dist_info.rank, world_size=dist_info.world_size)
     if dist_info.master:
-        log(f"model: {model.num_params() / 1e6:.2f}M parameters, {dist_info.world_size} process(es) on {device}; "
+        log(f"model: {model.num_params() / 1e6:.2f}M parameters, {processes(dist_info, cfg, device)}; "
             f"train tokens {meta['splits']['train']['tokens']:,}, val {meta['splits']['val']['tokens']:,}")
     try:
         return train(model, data, cfg, tokenizer, resume=resume, dist_info=dist_info, log=log)
     finally:
-        if dist_info.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        close_distributed(dist_info)

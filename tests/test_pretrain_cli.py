@@ -42,7 +42,7 @@ def test_two_ddp_processes_match_one_process(tmp_path, data_dir):
     single = _run([sys.executable, "-m", "gptkit", "pretrain", str(data_dir), "--out", str(tmp_path / "one"),
                    "--batch-size", "8", *ARGS])
     assert single.returncode == 0, single.stderr
-    ddp = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+    ddp = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
                 "-m", "gptkit", "pretrain", str(data_dir), "--out", str(tmp_path / "two"), "--batch-size", "4", *ARGS])
     assert ddp.returncode == 0, ddp.stderr
     assert "2 process(es)" in ddp.stderr

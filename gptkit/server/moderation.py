@@ -75,18 +75,16 @@ def _term_pattern(term: str) -> str:
 
 class Moderator:
     def __init__(self, cfg: ModerationConfig):
-        from gptkit.checkpoint import load_model
-        from gptkit.tokenizer import load_tokenizer
+        from gptkit.checkpoint import load
 
         self.cfg = cfg
         self.model, self.tokenizer, self.labels = None, None, []
         if cfg.ckpt:
-            self.model, ckpt_cfg = load_model(cfg.ckpt)
-            self.labels = list((ckpt_cfg.get("extra") or {}).get("labels") or [])
+            loaded = load(cfg.ckpt)
+            self.model, self.tokenizer, self.labels = loaded.model, loaded.tokenizer, loaded.meta.labels
             if not self.labels:
                 raise GptkitError(f"{cfg.ckpt}: no classification head; fine-tune one with "
                                   "`gptkit finetune BASE data.jsonl --task classify`")
-            self.tokenizer = load_tokenizer(cfg.ckpt)
         terms = read_blocklist(cfg.blocklist) if cfg.blocklist else []
         self.blocklist = re.compile("|".join(_term_pattern(t) for t in terms), re.IGNORECASE) if terms else None
         if self.model is None and self.blocklist is None:

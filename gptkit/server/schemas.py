@@ -11,6 +11,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
+from gptkit.config import DEFAULT_TEMPERATURE
+
 MAX_N = 16  # choices per prompt; the engine's max_batch may be lower (a 400 names it)
 MAX_LOGPROBS = 20
 MAX_SEED = 2**63 - 1 - MAX_N  # each sample is seeded with seed + index
@@ -67,7 +69,7 @@ class SamplingRequest(Request):
     """The fields /v1/completions and /v1/chat/completions share."""
 
     model: Text
-    temperature: float = Field(1.0, ge=0, le=2, description="0 is greedy")
+    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0, le=2, description="0 is greedy")
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="gptkit extension (send it in extra_body); 0 is off")
     n: int = Field(1, ge=1, le=MAX_N)

@@ -1,0 +1,51 @@
+"""One way to open a checkpoint (checkpoint.load, typed meta) and one engine factory."""
+
+from __future__ import annotations
+
+import torch
+
+from gptkit.checkpoint import load, save_checkpoint
+from gptkit.config import ModelConfig, SampleConfig
+from gptkit.engine import Engine
+from gptkit.inference import build_engine, eos_ids, open_engine
+from gptkit.lora import LoRAConfig, LoRALinear, apply_lora, merge_lora
+from gptkit.model import GPT
+from gptkit.tokenizer import EOT, IM_END, CharTokenizer
+
+
+def _lora_classifier(folder):
+    tok = CharTokenizer(sorted(set("abcdefghij ")), [EOT, IM_END])
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32))
+    lora = LoRAConfig(rank=4)
+    apply_lora(model, lora)
+    for layer in model.modules():
+        if isinstance(layer, LoRALinear):  # trained-looking adapters, so merging them changes the weights
+            torch.nn.init.normal_(layer.lora_B, std=0.2)
+    save_checkpoint(folder, model, tok, step=3, extra={"lora": lora.to_dict(), "labels": ["no", "yes"]})
+    return model, tok
+
+
+def test_load_gives_model_tokenizer_and_typed_meta(tmp_path):
+    _lora_classifier(tmp_path / "run")
+    ckpt = load(tmp_path / "run")  # the run folder: its latest step folder
+    assert ckpt.meta.path.name.startswith("step-") and ckpt.meta.step == 3
+    assert ckpt.meta.is_lora and ckpt.meta.labels == ["no", "yes"] and ckpt.meta.base is None
+    assert any(isinstance(m, LoRALinear) for m in ckpt.model.modules())
+    assert eos_ids(ckpt.tokenizer) == [ckpt.tokenizer.special_id(EOT), ckpt.tokenizer.special_id(IM_END)]
+
+
+def test_the_factory_merges_lora_into_a_copy_and_matches_a_merged_model(tmp_path):
+    _lora_classifier(tmp_path / "run")
+    ckpt = load(tmp_path / "run")
+    engine = build_engine(ckpt.model, ckpt.tokenizer, keep_model=True, device="cpu")
+    assert not any(isinstance(m, LoRALinear) for m in engine.model.modules())  # int8 would pack merged layers
+    assert any(isinstance(m, LoRALinear) for m in ckpt.model.modules())  # the caller's model as loaded
+    merged = load(tmp_path / "run").model
+    merge_lora(merged)
+    plain = Engine(merged, token_bytes=ckpt.tokenizer.token_bytes, eos_ids=eos_ids(ckpt.tokenizer))
+    params = SampleConfig(max_tokens=12, temperature=0.0)
+    prompt = ckpt.tokenizer.encode("abc ")
+    assert engine.generate(prompt, params)[0].token_ids == plain.generate(prompt, params)[0].token_ids
+    quantized, _ = open_engine(tmp_path / "run", quantize="int8", device="cpu")
+    assert not any(isinstance(m, LoRALinear) for m in quantized.model.modules())
