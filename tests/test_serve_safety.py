@@ -26,7 +26,7 @@ from gptkit.server.auth import add_key, load_keys
 from gptkit.server.context import RequestRecord
 from gptkit.server.ratelimit import KeyLimits, Window, duration
 from gptkit.tokenizer import EOT, IM_END, IM_START, CharTokenizer
-from test_server import serve_cli, serve_in_thread
+from live_server import serve as serve_in_thread, serve_cli
 
 # The LM is overfit on this text, so greedy output after "The answer is:" contains "idiot",
 # which the blocklist flags.

@@ -6,18 +6,12 @@ leaving mid-stream, a full queue)."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import openai
@@ -30,6 +24,7 @@ from gptkit.config import ModelConfig
 from gptkit.engine import Engine
 from gptkit.model import GPT
 from gptkit.tokenizer import BPETokenizer, load_tokenizer
+from live_server import serve as serve_in_thread, serve_cli
 
 KEY = "sk-test-key"
 # A tiny model overfit on this text continues it greedily, so outputs are predictable; its
@@ -57,26 +52,6 @@ def ckpt(tmp_path_factory) -> Path:
     return save_checkpoint(tmp_path_factory.mktemp("server") / "tiny", model.eval(), tok)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} not healthy after {timeout}s")
-
-
 def wait_until(condition, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -90,39 +65,6 @@ def server(ckpt, tmp_path_factory) -> str:
     with serve_cli([str(ckpt), "--name", "tiny", "--model", f"other={ckpt}", "--max-body", "100000"],
                    tmp_path_factory.mktemp("serve-log") / "serve.log", {"GPTKIT_API_KEY": KEY}) as url:
         yield url
-
-
-@contextmanager
-def serve_cli(args: list[str], log_path: Path, env: dict | None = None) -> Iterator[str]:
-    """`gptkit serve ARGS` on a free port, its output in log_path; yields its URL once healthy."""
-    port = free_port()
-    with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "gptkit", "serve", *args, "--port", str(port)], stdout=log,
-                                stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_healthy(url, proc)
-            yield url
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-
-
-@contextmanager
-def serve_in_thread(app) -> Iterator[str]:
-    """An app on uvicorn in a thread of this process, on a free port; yields its URL."""
-    import uvicorn
-
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{uv.config.port}"
-    try:
-        wait_healthy(url)
-        yield url
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.fixture(scope="session")

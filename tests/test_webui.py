@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +32,7 @@ from gptkit.model import GPT
 from gptkit.server.webui import WEB
 from gptkit.tokenizer import BPETokenizer, ChatTemplate, load_tokenizer, render_chat
 
-from test_server import free_port, wait_healthy
+from live_server import serve_cli
 
 KEY = "sk-page-key"
 pytestmark = pytest.mark.slow  # a served model trained on the spot, and a browser
@@ -88,20 +86,9 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def server(ckpts, tmp_path_factory) -> str:
-    port = free_port()
-    log = (tmp_path_factory.mktemp("webui-log") / "serve.log").open("w")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GPTKIT_API_KEY": KEY}
-    proc = subprocess.Popen([sys.executable, "-m", "gptkit", "serve", str(ckpts["chat"]), "--name", "chat",
-                             "--model", f"plain={ckpts['plain']}", "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, proc)
+    args = [str(ckpts["chat"]), "--name", "chat", "--model", f"plain={ckpts['plain']}"]
+    with serve_cli(args, tmp_path_factory.mktemp("webui-log") / "serve.log", {"GPTKIT_API_KEY": KEY}) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 # ------------------------------------------------------------------------------------ without a browser
