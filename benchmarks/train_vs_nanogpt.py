@@ -215,9 +215,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--nanogpt-iters", type=int, default=None, help="default: 2000 on cpu, 300 on cuda")
-    ap.add_argument("--gptkit-iters", type=int, default=None, help="default: 700 on cpu, as --nanogpt-iters on cuda")
+    ap.add_argument("--gptkit-iters", type=int, default=None, help="default: 750 on cpu, as --nanogpt-iters on cuda")
     ap.add_argument("--gptkit-optimizer", default="muon", choices=["adamw", "muon"])
-    ap.add_argument("--gptkit-lr", type=float, default=None, help="default: 2e-3 on cpu, 6e-4 on cuda")
+    ap.add_argument("--gptkit-lr", type=float, default=None, help="default: 3e-3 on cpu, 6e-4 on cuda")
     ap.add_argument("--snapshot-every", type=int, default=50)
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -225,8 +225,8 @@ def main() -> None:
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.nanogpt_iters = args.nanogpt_iters or (2000 if args.device == "cpu" else 300)
-    args.gptkit_iters = args.gptkit_iters or (700 if args.device == "cpu" else args.nanogpt_iters)
-    args.gptkit_lr = args.gptkit_lr or (2e-3 if args.device == "cpu" else 6e-4)
+    args.gptkit_iters = args.gptkit_iters or (750 if args.device == "cpu" else args.nanogpt_iters)
+    args.gptkit_lr = args.gptkit_lr or (3e-3 if args.device == "cpu" else 6e-4)
     if args.worker:
         return worker(args)
 
