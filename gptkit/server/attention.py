@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 
 from gptkit.attention import attention_maps
 from gptkit.server import schemas as S
+from gptkit.server.errors import APIError
 
 if TYPE_CHECKING:  # app.py imports this module
     from gptkit.server.app import Server
@@ -21,7 +22,9 @@ MAX_TEXT = 20_000  # characters; only the first context's worth of tokens is run
 
 class AttentionRequest(S.Request):
     model: str | None = Field(None, description="a served model (default: the first)")
-    text: str = Field(min_length=1, max_length=MAX_TEXT, description="the text to run through the model")
+    # no maxLength in the schema: the body limit (413) comes first for long texts, so the handler
+    # checks the length itself (400), as the OpenAI routes do for their prompts
+    text: str = Field(min_length=1, description=f"the text to run through the model (at most {MAX_TEXT} characters)")
     layer: int | None = Field(None, description="the layer whose heads are returned (default: the last)")
 
 
@@ -38,12 +41,14 @@ class AttentionResponse(BaseModel):
 
 
 def attention_routes(server: Server) -> APIRouter:
-    router = APIRouter(prefix="/v1", responses={s: {"model": S.ErrorResponse} for s in (400, 401, 404)})
+    router = APIRouter(prefix="/v1", responses={s: {"model": S.ErrorResponse} for s in (400, 401, 404, 413, 429)})
 
     @router.post("/attention", response_model=AttentionResponse,
                  summary="Attention weights of a text (gptkit extension)")
     async def attention(body: AttentionRequest) -> AttentionResponse:
         served = server.model(body.model)
+        if len(body.text) > MAX_TEXT:
+            raise APIError(400, f"text has {len(body.text)} characters; at most {MAX_TEXT}", param="text")
         # a forward on the served weights, off the event loop; the engine's thread only reads them too
         maps = await asyncio.to_thread(attention_maps, served.engine.model, served.tokenizer, body.text)
         layer = maps.check(body.layer)
