@@ -36,8 +36,8 @@ from gptkit.server.attention import attention_routes
 from gptkit.server.audit import AuditLog
 from gptkit.server.auth import ApiKey, KeyAuth, KeyRing, check_model, hash_key, is_open, model_allowed
 from gptkit.server.context import RequestContext, current_request
-from gptkit.server.errors import APIError, error_body, error_response, install_handlers, log
-from gptkit.server.limits import Limits, check_queue
+from gptkit.server.errors import APIError, error_body, install_handlers, log
+from gptkit.server.limits import BodyLimit, Limits, check_queue
 from gptkit.server.metrics import Metrics, RequestMetrics
 from gptkit.server.moderation import Moderator, moderation_routes
 from gptkit.server.ratelimit import WINDOW_S
@@ -466,38 +466,6 @@ async def _chat_chunks(gen: Generation, head: dict,
             yield chunk(i, S.ChatDelta(), ev.finish_reason)
     if body.include_usage:
         yield S.ChatCompletionChunk(**head, choices=[], usage=gen.usage())
-
-
-# ------------------------------------------------------------------------------------ middleware
-class BodyLimit:
-    """ASGI middleware: 413 for a body over max_body bytes, by its Content-Length when sent,
-    else while it is being read."""
-
-    def __init__(self, app, max_body: int):
-        self.app, self.max_body = app, max_body
-
-    def _too_large(self, size: str) -> APIError:
-        return APIError(413, f"request body of {size} bytes is over the limit of {self.max_body} bytes",
-                        code="request_too_large")
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body:
-            e = self._too_large(length.decode())
-            return await error_response(413, e.detail, code=e.code)(scope, receive, send)
-        received = 0
-
-        async def limited() -> dict:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_body:
-                raise self._too_large(f"more than {self.max_body}")
-            return message
-
-        await self.app(scope, limited, send)
 
 
 # ------------------------------------------------------------------------------------ the app

@@ -1,6 +1,6 @@
 """What one request may cost: each limit is a `gptkit serve` option with the default below.
 
-The body size limit (--max-body, BodyLimit in app.py) bounds everything a request can carry;
+The body size limit (--max-body, BodyLimit below) bounds everything a request can carry;
 these bound the work it can ask for. A request over a limit gets a 400 naming the field
 (`param`) and the option that raises the limit; a full queue is a 429 (retry later). The queue
 and the batch count sequences (prompts x n), not requests, so a long prompt list cannot take
@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from gptkit.config import GptkitError
-from gptkit.server.errors import APIError
+from gptkit.server.errors import APIError, error_response
 
 
 @dataclass
@@ -61,3 +61,34 @@ def check_queue(name: str, queued: int, sequences: int, max_queue: int) -> None:
     if queued + sequences > max_queue:
         raise APIError(429, f"model {name!r} has {queued} sequences waiting (--max-queue {max_queue}); "
                        "retry shortly", code="queue_full", headers={"Retry-After": "1"})
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body over max_body bytes, by its Content-Length when sent,
+    else while it is being read."""
+
+    def __init__(self, app, max_body: int):
+        self.app, self.max_body = app, max_body
+
+    def _too_large(self, size: str) -> APIError:
+        return APIError(413, f"request body of {size} bytes is over the limit of {self.max_body} bytes",
+                        code="request_too_large")
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            e = self._too_large(length.decode())
+            return await error_response(413, e.detail, code=e.code)(scope, receive, send)
+        received = 0
+
+        async def limited() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body:
+                raise self._too_large(f"more than {self.max_body}")
+            return message
+
+        await self.app(scope, limited, send)
