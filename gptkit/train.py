@@ -215,10 +215,10 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig, tokenizer=None, *, los
                 loss = loss_fn(runner, batch) / cfg.grad_accum
             loss.backward()
             loss_sum += loss.detach()
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
         if cfg.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        else:
+        else:  # the norm is still needed for the NaN guard
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
             grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
         if dist_info.world_size > 1:  # the logged loss is the global batch's
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
