@@ -58,6 +58,7 @@ class Scale:
     docs_steps: int = 400
     test_size: int = 400
     base_docs: int = 0  # docstrings in the base's pretraining text (the base is for sums; 0 keeps it fast)
+    optimizer: str = TrainConfig.optimizer  # of every training run (LoRA adapters and heads always use AdamW)
 
 
 FULL = Scale()
@@ -135,7 +136,8 @@ def write_jsonl(path: Path, records: list[dict]) -> str:
 def train_cfg(out: Path, steps: int, scale: Scale, seed: int, lr: float, batch_size: int | None = None) -> TrainConfig:
     return TrainConfig(out_dir=str(out), max_steps=steps, batch_size=batch_size or scale.batch_size, lr=lr,
                        warmup_steps=max(1, steps // 20), weight_decay=0.0, eval_interval=max(1, steps // 2),
-                       eval_batches=4, log_interval=max(1, steps // 10), seed=seed, progress=False)
+                       eval_batches=4, log_interval=max(1, steps // 10), seed=seed, progress=False,
+                       optimizer=scale.optimizer)
 
 
 def small_base(out: Path, texts: list[str], scale: Scale, seed: int, log: Log, steps: int,
@@ -331,7 +333,7 @@ RECIPES: dict[str, Callable[..., dict]] = {"arithmetic": arithmetic, "docs": doc
 
 
 def run_recipe(name: str, out: str | Path, *, base: str | None = None, fast: bool = False, seed: int = 1337,
-               log: Log = print) -> dict:
+               optimizer: str = TrainConfig.optimizer, log: Log = print) -> dict:
     """Run one recipe into out/ (fast: the small version); returns its metrics."""
     if name not in RECIPES:
         raise GptkitError(f"unknown recipe {name!r}; expected one of {', '.join(RECIPES)}")
@@ -339,5 +341,6 @@ def run_recipe(name: str, out: str | Path, *, base: str | None = None, fast: boo
 
     t0 = time.perf_counter()
     out = Path(out) / f"{'fast' if fast else 'full'}-seed{seed}"
-    result = RECIPES[name](out, FAST if fast else FULL, seed, log, base=base)
+    scale = dataclasses.replace(FAST if fast else FULL, optimizer=optimizer)
+    result = RECIPES[name](out, scale, seed, log, base=base)
     return {**result, "seconds": round(time.perf_counter() - t0, 1)}

@@ -1,0 +1,39 @@
+"""`make demo`'s pipeline at a tiny size, and how it picks its device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptkit.checkpoint import load
+from gptkit.config import GptkitError, ModelConfig
+from gptkit.demo import GPU_SIZE, DemoConfig, resolve_device, run_demo
+
+
+def test_the_cpu_keeps_the_demo_size_and_a_gpu_gets_the_bigger_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg, device = resolve_device(DemoConfig())
+    assert device.type == "cpu" and cfg.model == DemoConfig().model and cfg.steps == DemoConfig().steps
+    with pytest.raises(GptkitError, match="sees no CUDA GPU"):
+        resolve_device(DemoConfig(device="cuda"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg, device = resolve_device(DemoConfig())
+    assert device.type == "cuda" and cfg.model == GPU_SIZE["model"] and cfg.steps == GPU_SIZE["steps"]
+    cfg, device = resolve_device(DemoConfig(device="cpu"))  # asked for: the CPU size, even with a GPU there
+    assert device.type == "cpu" and cfg.model == DemoConfig().model
+
+
+@pytest.mark.slow
+def test_tiny_demo_runs_every_stage_and_learns(tmp_path):
+    cfg = DemoConfig(out=str(tmp_path / "demo"), vocab_size=512, steps=40, batch_size=8, device="cpu",
+                     model=ModelConfig(vocab_size=512, block_size=32, n_layer=1, n_head=2, n_embd=32, dropout=0.0))
+    lines = []
+    result = run_demo(cfg, say=lines.append)
+    assert result["device"].startswith("cpu")
+    assert result["val_loss_after"] < result["val_loss_before"] - 0.5  # ln(512) = 6.24 at the start
+    assert len(result["samples"]) == len(cfg.prompts)
+    assert all(s.startswith(p) for s, p in zip(result["samples"], cfg.prompts))
+    loaded = load(result["checkpoint"])
+    assert (loaded.model.config.n_layer, loaded.model.config.block_size) == (1, 32)
+    assert loaded.tokenizer.vocab_size == 512
+    assert any(line.startswith("3/4 pretrain on cpu") for line in lines)
