@@ -158,8 +158,9 @@ class TrainConfig:
     beta1: float = option(0.9, "AdamW beta1")
     beta2: float = option(0.95, "AdamW beta2")
     grad_clip: float = option(1.0, "clip gradient norm (0 = off)")
-    optimizer: Literal["adamw", "muon"] = option("adamw", "adamw | muon (Muon for the blocks' matrices, AdamW "
-                                                          "for the rest)")
+    optimizer: Literal["auto", "adamw", "muon"] = option(
+        "auto", "auto | adamw | muon: muon = Muon for the blocks' matrices and AdamW for the rest; auto = muon, "
+                "or adamw under --strategy fsdp")
     muon_lr_scale: float = option(1.0, "Muon's lr relative to lr (AdamW's)")
     muon_momentum: float = option(0.95, "Muon's momentum")
     # evaluation, logging and checkpoints
@@ -189,10 +190,12 @@ class TrainConfig:
             raise GptkitError(f"lr={self.lr} must be positive")
         if self.min_lr is None:
             self.min_lr = self.lr / 10
-        if self.optimizer not in ("adamw", "muon"):
-            raise GptkitError(f"optimizer={self.optimizer!r}: expected 'adamw' or 'muon'")
+        if self.optimizer not in ("auto", "adamw", "muon"):
+            raise GptkitError(f"optimizer={self.optimizer!r}: expected 'auto', 'adamw' or 'muon'")
         if self.strategy not in ("ddp", "fsdp"):
             raise GptkitError(f"strategy={self.strategy!r}: expected 'ddp' or 'fsdp'")
+        if self.optimizer == "auto":  # Muon reaches a loss in fewer steps (BENCHMARKS.md) but needs whole matrices
+            self.optimizer = "adamw" if self.strategy == "fsdp" else "muon"
         if self.optimizer == "muon" and self.strategy == "fsdp":
             raise GptkitError("--optimizer muon does not run with --strategy fsdp (Muon orthogonalizes whole "
                               "matrices, FSDP shards them); use --strategy ddp or --optimizer adamw")

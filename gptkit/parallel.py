@@ -138,8 +138,10 @@ def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict) -> None
 
 
 def processes(dist_info: Dist, cfg: TrainConfig, device: torch.device) -> str:
-    """'2 process(es) on cpu, fsdp' for the start line of a run."""
+    """'2 process(es) on cpu, fsdp, adamw' for the start line of a run."""
     text = f"{dist_info.world_size} process(es) on {device}"
     if dist_info.world_size > 1:
-        return f"{text}, {cfg.strategy}"
-    return text + (" (fsdp shards over several processes: one trains unsharded)" if cfg.strategy == "fsdp" else "")
+        text += f", {cfg.strategy}"
+    return text + f", {cfg.optimizer}" + (" (fsdp shards over several processes: one trains unsharded)"
+                                          if cfg.strategy == "fsdp" and dist_info.world_size == 1 else "")
+

@@ -161,6 +161,7 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig, tokenizer=None, *, los
     if resume:  # read and checked while the weights are still whole, restored once the optimizer exists
         src = resume if isinstance(resume, Path) else resume_candidate(out_dir, log)
         resume_state = _read_state(src, model)
+        _check_same_optimizer(src, cfg)
     raw = unwrap(model)
     wrapped = wrap(raw, cfg, dist_info, amp_dtype)  # before the optimizer: FSDP replaces the parameters
     optimizer = configure_optimizer(raw, cfg, device)
@@ -272,6 +273,16 @@ def _read_state(src: Path, model: torch.nn.Module) -> dict:
     state = load_train_state(src)
     check_finite(unwrap(model).state_dict().items(), f"{src / WEIGHTS} (as loaded)")
     return state
+
+
+def _check_same_optimizer(src: Path, cfg: TrainConfig) -> None:
+    """Resuming needs the optimizer that wrote the state (AdamW before Muon became the default)."""
+    from gptkit.checkpoint import read_config
+
+    saved = (read_config(src).get("train") or {}).get("optimizer", "adamw")  # runs before the option: AdamW
+    if saved != cfg.optimizer:
+        raise GptkitError(f"{src} was trained with --optimizer {saved}; resume it with --optimizer {saved} "
+                          f"(not {cfg.optimizer})")
 
 
 def _restore(state: dict, model: torch.nn.Module, optimizer, data) -> int:

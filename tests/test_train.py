@@ -45,14 +45,17 @@ def _losses(folder) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
-def test_resume_matches_uninterrupted_run(tmp_path, char_data):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_matches_uninterrupted_run(tmp_path, char_data, optimizer):
     tok = char_data[0]
-    train(_model(tok), _data(char_data), _cfg(tmp_path / "a"), tok, log=lambda m: None)
+    train(_model(tok), _data(char_data), _cfg(tmp_path / "a", optimizer=optimizer), tok, log=lambda m: None)
 
-    train(_model(tok), _data(char_data), _cfg(tmp_path / "b", stop_at=13), tok, log=lambda m: None)
+    train(_model(tok), _data(char_data), _cfg(tmp_path / "b", stop_at=13, optimizer=optimizer), tok,
+          log=lambda m: None)
     assert load_train_state(tmp_path / "b")["step"] == 13
     resumed, _ = load_model(tmp_path / "b")
-    train(resumed.train(), _data(char_data), _cfg(tmp_path / "b"), tok, resume=True, log=lambda m: None)
+    train(resumed.train(), _data(char_data), _cfg(tmp_path / "b", optimizer=optimizer), tok, resume=True,
+          log=lambda m: None)
 
     a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
     assert [s for s, _ in a] == list(range(1, 25))
@@ -61,6 +64,20 @@ def test_resume_matches_uninterrupted_run(tmp_path, char_data):
     wb, _ = load_model(tmp_path / "b")
     for (ka, va), (kb, vb) in zip(wa.state_dict().items(), wb.state_dict().items()):
         assert torch.equal(va, vb), ka
+
+
+def test_resuming_with_another_optimizer_is_one_line(tmp_path, char_data):
+    tok = char_data[0]
+    train(_model(tok), _data(char_data), _cfg(tmp_path, stop_at=4, optimizer="adamw"), tok, log=lambda m: None)
+    with pytest.raises(GptkitError, match=r"step-000004 was trained with --optimizer adamw; resume it with "
+                                          r"--optimizer adamw \(not muon\)"):
+        train(_model(tok), _data(char_data), _cfg(tmp_path, optimizer="muon"), tok, resume=True, log=lambda m: None)
+
+
+def test_the_default_optimizer_is_muon_except_under_fsdp():
+    assert TrainConfig().optimizer == "muon"
+    assert TrainConfig(strategy="fsdp").optimizer == "adamw"  # Muon needs whole matrices; FSDP shards them
+    assert TrainConfig(optimizer="adamw").optimizer == "adamw"
 
 
 def test_training_lowers_val_loss_and_writes_artifacts(tmp_path, char_data):
@@ -166,7 +183,7 @@ def test_lr_schedule_warmup_then_cosine():
 
 def test_weight_decay_on_matrices_only():
     model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16))
-    opt = configure_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    opt = configure_optimizer(model, TrainConfig(weight_decay=0.1, optimizer="adamw"), torch.device("cpu"))
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
