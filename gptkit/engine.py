@@ -37,9 +37,10 @@ Conventions
   temperature, top-k/p and penalties): what a plain forward pass gives. With
   params.logprobs = k, each event has the chosen token's logprob and the top k alternatives.
 - Sampling: temperature 0 is greedy; penalties follow OpenAI (logit -= frequency * count +
-  presence * (count > 0), over generated tokens); each sample has its own torch.Generator,
-  seeded with seed + index when a seed is given, so seeded requests are reproducible.
-  Sampling itself is in gptkit/sampling.py.
+  presence * (count > 0), over generated tokens); each sample's randomness is a hash of its
+  seed (seed + index when a seed is given), its step and the token id, so seeded requests are
+  reproducible whatever else runs beside them. All rows are sampled at once by tensor ops
+  (gptkit/sampling.py), with their parameters kept in device tensors per cache row.
 - An error in one request (its prefill, sampling, stop matching or token decoding) fails that
   request alone: iterating its handle raises it, its rows and cache reservation are freed.
   Only a failing batched decode forward fails every request in flight.
@@ -61,7 +62,7 @@ import torch.nn.functional as F
 
 from gptkit.config import GptkitError, SampleConfig
 from gptkit.model import GPT, KVCache
-from gptkit.sampling import sample, top_dicts
+from gptkit.sampling import RowParams, SamplingError, sample_batch, top_dicts
 
 _scheduler_threads: int | None = None  # intra-op threads for scheduler threads; see serial_main_thread
 
@@ -275,13 +276,11 @@ class _Row:
 
     handle: RequestHandle
     index: int
-    generator: torch.Generator
     stops: list[bytes]
     stop_ids: set[int]
     next_token: int = -1  # sampled, not yet fed to the model
     n_out: int = 0  # tokens emitted
     out_bytes: bytearray = field(default_factory=bytearray)  # only kept when there are stop strings
-    counts: torch.Tensor | None = None  # generated-token counts, only with penalties
 
     @property
     def params(self) -> SampleConfig:
@@ -313,6 +312,7 @@ class Engine:
         self.vocab_limit = min(vocab_size or self.config.vocab_size, self.config.vocab_size)
         cache_dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
         self.cache = KVCache.allocate(self.config, max_batch, dtype=cache_dtype, device=self.device)
+        self.sampling = RowParams.allocate(max_batch, self.vocab_limit, device=self.device)  # per cache row
         self._rows: list[_Row] = []
         self._queue: list[RequestHandle] = []
         self._jobs: list[tuple[Future, Callable]] = []  # work for the scheduler thread (prompt_logprobs)
@@ -514,12 +514,11 @@ class Engine:
         logits = self.model(torch.tensor([h.prompt], device=self.device), kv_cache=view, last_only=True)[:, -1]
         for i in range(1, h.n):
             self._copy_row(slot, slot + i)
-        stops = h.stop_bytes
-        stop_ids = self.eos_ids | set(h.params.stop_token_ids)
         for i in range(h.n):
-            g = torch.Generator(device=self.device)
-            g.manual_seed(h.params.seed + i if h.params.seed is not None else self._seeds.getrandbits(63))
-            self._rows.append(_Row(h, i, g, stops, stop_ids))
+            self.sampling.set(slot + i, h.params, h.params.seed + i if h.params.seed is not None
+                              else self._seeds.getrandbits(63))
+        stop_ids = self.eos_ids | set(h.params.stop_token_ids)
+        self._rows.extend(_Row(h, i, h.stop_bytes, stop_ids) for i in range(h.n))
         self._sample_and_emit(logits.expand(h.n, -1), start=slot)
 
     def _decode(self) -> None:
@@ -532,7 +531,12 @@ class Engine:
         """Sample for rows start.. (one logits row each), emit their events, drop finished rows."""
         rows = self._rows[start:]
         logits = logits[:, :self.vocab_limit].float()  # ids the tokenizer cannot decode are never drawn
-        tokens, errors = sample(logits, rows)
+        params = self.sampling.rows(start, start + len(rows))
+        tokens, bad = sample_batch(logits, params)
+        params.advance(tokens)
+        token_list, bad_list = torch.stack([tokens, bad.long()]).tolist()  # the step's one host sync
+        errors = {i: SamplingError("the next-token distribution is not finite (NaN or infinite logits)")
+                  for i, b in enumerate(bad_list) if b}
         k = max((r.params.logprobs or 0) for r in rows)
         want_lp = [r.params.logprobs is not None for r in rows]
         chosen, tops = [None] * len(rows), [None] * len(rows)
@@ -542,7 +546,7 @@ class Engine:
             if k:
                 tops = top_dicts(logp, k)
         finished, failed = [], {}
-        for i, (row, tok) in enumerate(zip(rows, tokens.tolist())):
+        for i, (row, tok) in enumerate(zip(rows, token_list)):
             lp = chosen[i] if want_lp[i] else None
             top = dict(list(tops[i].items())[:row.params.logprobs]) if tops[i] is not None and row.params.logprobs else None
             try:
@@ -562,8 +566,6 @@ class Engine:
             row.handle._emit(Event(row.index, None, finish_reason="stop"))
             return True
         row.next_token, row.n_out = tok, row.n_out + 1
-        if row.counts is not None:
-            row.counts[tok] += 1
         reason, offset = None, None
         if row.stops:
             start = len(row.out_bytes)
@@ -608,6 +610,7 @@ class Engine:
         self.cache.k[:, dst, :, :n] = self.cache.k[:, src, :, :n]
         self.cache.v[:, dst, :, :n] = self.cache.v[:, src, :, :n]
         self.cache.lengths[dst] = n
+        self.sampling.copy_row(src, dst)
 
     def _cancel(self, h: RequestHandle) -> None:
         with self._wake:
