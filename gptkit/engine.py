@@ -62,7 +62,9 @@ import torch.nn.functional as F
 
 from gptkit.config import GptkitError, SampleConfig
 from gptkit.model import GPT, KVCache
+from gptkit.quantize import prepare_model
 from gptkit.sampling import RowParams, SamplingError, sample_batch, top_dicts
+from gptkit.static_decode import StaticDecoder
 
 _scheduler_threads: int | None = None  # intra-op threads for scheduler threads; see serial_main_thread
 
@@ -298,9 +300,12 @@ class Engine:
     def __init__(self, model: GPT, *, max_batch: int = 8, max_cached_tokens: int | None = None,
                  token_bytes: Callable[[int], bytes] | None = None, eos_ids: Sequence[int] = (),
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 quantize: str | None = None, vocab_size: int | None = None):
+                 quantize: str | None = None, vocab_size: int | None = None, static_decode: bool | None = None):
         """vocab_size: how many ids the tokenizer can decode, when fewer than the model's
-        (a vocabulary padded for speed, or an imported model's): the rest are never sampled."""
+        (a vocabulary padded for speed, or an imported model's): the rest are never sampled.
+        static_decode: decode with static shapes (gptkit/static_decode.py), as CUDA graphs on
+        CUDA; None: on for CUDA without quantization, off elsewhere (on CPU the eager step,
+        which attends only over the cached length, is faster)."""
         if max_batch < 1:
             raise GptkitError(f"max_batch={max_batch} must be at least 1")
         self.model = prepare_model(model, device=device, dtype=dtype, quantize=quantize)
@@ -313,6 +318,10 @@ class Engine:
         cache_dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
         self.cache = KVCache.allocate(self.config, max_batch, dtype=cache_dtype, device=self.device)
         self.sampling = RowParams.allocate(max_batch, self.vocab_limit, device=self.device)  # per cache row
+        on_cuda = self.device.type == "cuda"
+        if static_decode is None:
+            static_decode = on_cuda and quantize is None
+        self._static = StaticDecoder(self.model, self.cache, graphs=on_cuda) if static_decode else None
         self._rows: list[_Row] = []
         self._queue: list[RequestHandle] = []
         self._jobs: list[tuple[Future, Callable]] = []  # work for the scheduler thread (prompt_logprobs)
@@ -522,9 +531,12 @@ class Engine:
         self._sample_and_emit(logits.expand(h.n, -1), start=slot)
 
     def _decode(self) -> None:
-        rows = self._rows
-        idx = torch.tensor([[r.next_token] for r in rows], device=self.device)  # (B, 1)
-        logits = self.model(idx, kv_cache=self.cache.rows(0, len(rows)), last_only=True)[:, -1]  # (B, V)
+        tokens = [r.next_token for r in self._rows]
+        if self._static is not None:
+            logits = self._static(tokens)
+        else:
+            idx = torch.tensor(tokens, device=self.device)[:, None]  # (B, 1)
+            logits = self.model(idx, kv_cache=self.cache.rows(0, len(tokens)), last_only=True)[:, -1]  # (B, V)
         self._sample_and_emit(logits, start=0)
 
     def _sample_and_emit(self, logits: torch.Tensor, start: int) -> None:
@@ -634,23 +646,3 @@ class Engine:
                 h.released = True
         for h in handles:
             h._fail(error)
-
-
-# ------------------------------------------------------------------------------------ model set-up
-def prepare_model(model: GPT, *, device=None, dtype: torch.dtype | None = None, quantize: str | None = None) -> GPT:
-    """Put the model in eval mode on device/dtype (in place: no second copy of the weights),
-    optionally with int8 weight-only linear layers; fp32/bf16 linear weights on CPU are
-    prepacked for oneDNN."""
-    from gptkit.quantize import pack_linears, quantize_model
-
-    model.eval()
-    if device is not None:
-        model.to(device)
-    if dtype is not None:
-        model.to(dtype)
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    if quantize is not None:
-        quantize_model(model, quantize)
-    elif on_cpu and model.lm_head.weight.dtype in (torch.float32, torch.bfloat16):
-        pack_linears(model)
-    return model
