@@ -72,7 +72,6 @@ class StaticDecoder:
         self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)  # static inputs
         self.pos = torch.zeros(rows, dtype=torch.long, device=device)
         self._steps: dict[int, Callable[[], torch.Tensor]] = {}  # bucket -> step giving logits (b, 1, V)
-        self._pool = None  # graphs share one memory pool
 
     def __call__(self, tokens: list[int]) -> torch.Tensor:
         """Feed each of the first len(tokens) rows its next token; their logits (B, V)."""
@@ -105,9 +104,10 @@ class StaticDecoder:
                     self._forward(b)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            # each graph its own memory pool: buckets replay in any order, and a decode step's
+            # activations are small (the largest, the logits, is b x vocab)
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 out = self._forward(b)
-            self._pool = graph.pool()
         except Exception as e:  # e.g. an op that cannot be captured: decode eagerly rather than not at all
             warnings.warn(f"CUDA graph capture failed for batch {b}, this bucket runs eagerly: {e}")
             return lambda: self._forward(b)
