@@ -133,8 +133,8 @@ def measure_gptkit(path: Path, dtype: torch.dtype, device: str, prompts: torch.T
     from gptkit.config import SampleConfig
     from gptkit.engine import Engine
 
-    engine = Engine(load_gptkit(path, tiny), max_batch=BATCH, device=device, dtype=dtype, quantize=quantize,
-                    static_decode=static_decode)
+    choice = {} if static_decode is None else {"static_decode": static_decode}  # None: the engine's default
+    engine = Engine(load_gptkit(path, tiny), max_batch=BATCH, device=device, dtype=dtype, quantize=quantize, **choice)
     rows = prompts.tolist()
 
     def generate(batch: int, new: int) -> None:
@@ -179,7 +179,7 @@ def child(args) -> None:
             out = measure_transformers(Path(args.weights), dtype, args.device, prompts,
                                        static=args.impl == "transformers-static", tiny=args.tiny)
         else:
-            static_decode = False if args.impl == "gptkit-eager" else None  # None: the engine's default
+            static_decode = False if args.impl == "gptkit-eager" else None
             out = measure_gptkit(Path(args.weights), dtype, args.device, prompts, args.quantize, static_decode,
                                  tiny=args.tiny)
     print(json.dumps(out))

@@ -7,7 +7,8 @@ stop strings are matched on bytes through `token_bytes`, and `TextStream` at the
 API
 ---
     engine = Engine(model, max_batch=8, max_cached_tokens=None, token_bytes=tok.token_bytes,
-                    eos_ids=[tok.eot_id], device=None, dtype=None, quantize=None)
+                    eos_ids=[tok.eot_id], device=None, dtype=None, quantize=None,
+                    static_decode=None)   # None: static shapes + CUDA graphs on CUDA only
     handle = engine.submit(prompt_ids, SampleConfig(...), n=1)   # thread-safe; GptkitError if invalid
     for event in handle: ...          # blocking; ends after all n samples finished
     async for event in handle.aiter(): ...   # for an asyncio server (starts the scheduler thread)
