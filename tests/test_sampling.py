@@ -71,7 +71,7 @@ def test_filtered_tokens_are_never_drawn_in_a_large_vocabulary():
 def test_greedy_top_k_1_and_tiny_top_p_take_the_argmax_beside_sampled_rows():
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(1))
     configs = [SampleConfig(temperature=0), SampleConfig(temperature=1.0), SampleConfig(top_k=1),
-               SampleConfig(temperature=1.0), SampleConfig(top_p=1e-6), SampleConfig(temperature=1e-45, top_p=1e-46)]
+               SampleConfig(temperature=1.0), SampleConfig(top_p=1e-6), SampleConfig(top_p=1e-46)]  # 0 in float32
     tokens, bad = sample_batch(logits, params_for(configs, list(range(6)), vocab=50))
     argmax = logits.argmax(-1)
     assert not bad.any()
@@ -123,6 +123,8 @@ def test_noise_is_uniform_and_uncorrelated_across_ids_and_steps():
     assert 0 < u.min() and u.max() < 1
     assert abs(u.mean().item() - 0.5) < 0.005
     assert abs(torch.corrcoef(u.T[:8]).fill_diagonal_(0)).max() < 0.1  # ids against ids, over steps
+    high = uniform_noise(torch.tensor([5, 5 + 2**32, 5 - 2**62]), torch.zeros(3, dtype=torch.long), 64)
+    assert not torch.equal(high[0], high[1]) and not torch.equal(high[0], high[2])  # every bit of the seed counts
     counts = torch.histc(u, bins=16, min=0, max=1)
     assert (counts / u.numel() - 1 / 16).abs().max() < 0.005
 
