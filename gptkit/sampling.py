@@ -93,7 +93,7 @@ class RowParams:
         vocab = self.counts.shape[1]
         values = (params.temperature, min(params.top_k, vocab), params.top_p, params.presence_penalty,
                   params.frequency_penalty, (seed + 2**63) % 2**64 - 2**63, 0)
-        for t, v in zip(self._tensors(), values):
+        for t, v in zip(self._tensors()[:-1], values, strict=True):
             t[row] = v
         self.counts[row] = 0
         self.uses[row] = Uses.of(params)
