@@ -11,12 +11,19 @@ The bandwidth limit is measured here too: the read bandwidth of summing a 1 GiB 
 divided by the bytes one decode step must read (every weight except the position table,
 the tied head once). The last line of output is one JSON object with every figure.
 
-    python benchmarks/inference.py [--rounds 2] [--device cpu]
+On CUDA two more cases run beside those: transformers with `cache_implementation="static"`
+(which generate() compiles with CUDA graphs on a GPU: the strongest transformers setting) and
+gptkit's eager decode step (`static_decode=False`), next to gptkit's default there (the static
+step captured as CUDA graphs). `--cases` runs a subset; `--tiny` swaps in a 2-layer GPT-2 shape
+to check the script quickly (its figures mean nothing).
+
+    python benchmarks/inference.py [--rounds 2] [--device cpu|cuda] [--cases gptkit_fp32,...] [--tiny]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -33,36 +40,51 @@ PROMPT, NEW, PREFILL, BATCH = 32, 128, 512, 8
 REPEATS = 3  # per figure inside a child; the best one counts (other processes only ever slow us down)
 CASES = [("transformers", "float32", None), ("gptkit", "float32", None),
          ("transformers", "bfloat16", None), ("gptkit", "bfloat16", None), ("gptkit", "float32", "int8")]
+CUDA_CASES = [("transformers-static", "float32", None), ("gptkit-eager", "float32", None),
+              ("transformers-static", "bfloat16", None), ("gptkit-eager", "bfloat16", None)]
+IMPLS = ("transformers", "transformers-static", "gptkit", "gptkit-eager")
+TINY = dict(n_layer=2, n_head=2, n_embd=64)  # --tiny: GPT-2's vocabulary and context, 2 small layers
+
+
+def gpt2_config(tiny: bool):
+    from transformers import GPT2Config
+
+    return GPT2Config(**TINY) if tiny else GPT2Config()
+
+
+def gptkit_config(tiny: bool):
+    from gptkit.config import preset
+
+    return dataclasses.replace(preset("gpt2"), **TINY) if tiny else preset("gpt2")
 
 
 # ------------------------------------------------------------------------------------ the two models
-def save_random_gpt2(path: Path) -> None:
+def save_random_gpt2(path: Path, tiny: bool = False) -> None:
     from safetensors.torch import save_file
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config())
+    hf = GPT2LMHeadModel(gpt2_config(tiny))
     save_file({k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}, str(path))
 
 
-def load_transformers(path: Path, dtype: torch.dtype, device: str):
+def load_transformers(path: Path, dtype: torch.dtype, device: str, tiny: bool = False):
     from safetensors.torch import load_file
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
-    hf = GPT2LMHeadModel(GPT2Config())
+    hf = GPT2LMHeadModel(gpt2_config(tiny))
     hf.load_state_dict(load_file(str(path)), strict=False)  # the head is tied to wte
     return hf.to(device=device, dtype=dtype).eval()
 
 
-def load_gptkit(path: Path):
+def load_gptkit(path: Path, tiny: bool = False):
     from safetensors.torch import load_file
 
     from gptkit.checkpoint import load_state
-    from gptkit.config import preset
     from gptkit.hf import hf_to_gptkit
     from gptkit.model import GPT
 
-    cfg = preset("gpt2")
+    cfg = gptkit_config(tiny)
     model = GPT(cfg)
     load_state(model, hf_to_gptkit(load_file(str(path)), cfg.n_layer, str(path)), source=str(path))
     return model.eval()
@@ -87,14 +109,18 @@ def decode_rate(generate, batch: int) -> float:
     return batch * (NEW - 1) / (full - first)
 
 
-def measure_transformers(path: Path, dtype: torch.dtype, device: str, prompts: torch.Tensor) -> dict:
-    model = load_transformers(path, dtype, device)
+def measure_transformers(path: Path, dtype: torch.dtype, device: str, prompts: torch.Tensor, static: bool = False,
+                         tiny: bool = False) -> dict:
+    model = load_transformers(path, dtype, device, tiny)
     prompts = prompts.to(device)
+    # a static cache, which generate() compiles on a GPU (mode "reduce-overhead": CUDA graphs);
+    # the first call of each shape compiles, and best_time keeps the best of its repeats
+    cache = {"cache_implementation": "static"} if static else {}
 
     def generate(batch: int, new: int) -> None:
         ids = prompts[:batch]
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                       do_sample=False, pad_token_id=0)
+                       do_sample=False, pad_token_id=0, **cache)
 
     long = torch.randint(0, 50257, (1, PREFILL), generator=torch.Generator().manual_seed(1)).to(device)
     prefill = PREFILL / best_time(lambda: model(long, use_cache=True))
@@ -102,11 +128,13 @@ def measure_transformers(path: Path, dtype: torch.dtype, device: str, prompts: t
             "peak_rss_mib": peak_rss_mib()}
 
 
-def measure_gptkit(path: Path, dtype: torch.dtype, device: str, prompts: torch.Tensor, quantize: str | None) -> dict:
+def measure_gptkit(path: Path, dtype: torch.dtype, device: str, prompts: torch.Tensor, quantize: str | None,
+                   static_decode: bool | None = None, tiny: bool = False) -> dict:
     from gptkit.config import SampleConfig
     from gptkit.engine import Engine
 
-    engine = Engine(load_gptkit(path), max_batch=BATCH, device=device, dtype=dtype, quantize=quantize)
+    choice = {} if static_decode is None else {"static_decode": static_decode}  # None: the engine's default
+    engine = Engine(load_gptkit(path, tiny), max_batch=BATCH, device=device, dtype=dtype, quantize=quantize, **choice)
     rows = prompts.tolist()
 
     def generate(batch: int, new: int) -> None:
@@ -119,7 +147,7 @@ def measure_gptkit(path: Path, dtype: torch.dtype, device: str, prompts: torch.T
     out = {"prefill": prefill, "decode_b1": decode_rate(generate, 1), "decode_b8": decode_rate(generate, BATCH),
            "peak_rss_mib": peak_rss_mib()}
     if quantize:  # after the RSS reading: this loads a second, fp32 model
-        out["ppl_increase_pct"] = perplexity_increase(path, engine.model, device)
+        out["ppl_increase_pct"] = perplexity_increase(path, engine.model, device, tiny)
     return out
 
 
@@ -130,11 +158,11 @@ def generate_one(engine, prompt: list[int]) -> None:
 
 
 @torch.inference_mode()
-def perplexity_increase(path: Path, quantized, device: str) -> float:
+def perplexity_increase(path: Path, quantized, device: str, tiny: bool = False) -> float:
     """Per cent perplexity increase of the quantised model over fp32 on 1024 tokens of held-out
     text (this file's bytes, which are GPT-2 byte tokens)."""
     ids = torch.tensor([list(Path(__file__).read_bytes()[:1025])], device=device)
-    reference = load_gptkit(path).to(device)
+    reference = load_gptkit(path, tiny).to(device)
 
     def ppl(model) -> float:
         return math.exp(model(ids[:, :-1], targets=ids[:, 1:]).item())
@@ -147,10 +175,13 @@ def child(args) -> None:
     prompts = torch.randint(0, 50257, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
     dtype = getattr(torch, args.dtype)
     with torch.inference_mode():
-        if args.impl == "transformers":
-            out = measure_transformers(Path(args.weights), dtype, args.device, prompts)
+        if args.impl.startswith("transformers"):
+            out = measure_transformers(Path(args.weights), dtype, args.device, prompts,
+                                       static=args.impl == "transformers-static", tiny=args.tiny)
         else:
-            out = measure_gptkit(Path(args.weights), dtype, args.device, prompts, args.quantize)
+            static_decode = False if args.impl == "gptkit-eager" else None
+            out = measure_gptkit(Path(args.weights), dtype, args.device, prompts, args.quantize, static_decode,
+                                 tiny=args.tiny)
     print(json.dumps(out))
 
 
@@ -172,20 +203,21 @@ def read_bandwidth(device: str) -> float:
     return x.numel() * 4 / seconds / 1e9
 
 
-def decode_bytes(dtype_bytes: int) -> int:
+def decode_bytes(dtype_bytes: int, tiny: bool = False) -> int:
     """Bytes one decode step reads: every weight but the position table (one row is read)."""
-    from gptkit.config import preset
     from gptkit.model import GPT
 
     with torch.device("meta"):
-        model = GPT(preset("gpt2"))
+        model = GPT(gptkit_config(tiny))
     return (model.num_params() - model.wpe.weight.numel()) * dtype_bytes
 
 
-def run_case(weights: Path, impl: str, dtype: str, quantize: str | None, device: str) -> dict:
+def run_case(weights: Path, impl: str, dtype: str, quantize: str | None, device: str, tiny: bool) -> dict:
     cmd = [sys.executable, __file__, "--child", impl, "--dtype", dtype, "--weights", str(weights), "--device", device]
     if quantize:
         cmd += ["--quantize", quantize]
+    if tiny:
+        cmd += ["--tiny"]
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -198,7 +230,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds; each figure is the best")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--child", choices=["transformers", "gptkit"], help=argparse.SUPPRESS)
+    ap.add_argument("--cases", default=None, help="comma-separated case names to run, e.g. transformers_fp32,gptkit_fp32 "
+                    "(default: all for the device)")
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer GPT-2 shape: checks the script, not the speed")
+    ap.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     ap.add_argument("--weights", help=argparse.SUPPRESS)
     ap.add_argument("--quantize", default=None, help=argparse.SUPPRESS)
@@ -207,44 +242,63 @@ def main() -> None:
         args.impl = args.child
         return child(args)
 
+    cases = CASES + (CUDA_CASES if args.device.startswith("cuda") else [])
+    if args.cases:
+        wanted = args.cases.split(",")
+        unknown = set(wanted) - {name(*c) for c in CASES + CUDA_CASES}
+        if unknown:
+            ap.error(f"unknown case(s) {', '.join(sorted(unknown))}: expected names from "
+                     f"{', '.join(name(*c) for c in CASES + CUDA_CASES)}")
+        cases = [c for c in CASES + CUDA_CASES if name(*c) in wanted]
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "gpt2-random.safetensors"
-        save_random_gpt2(weights)
+        save_random_gpt2(weights, args.tiny)
         bandwidth = read_bandwidth(args.device)
         for r in range(args.rounds):
-            for impl, dtype, quantize in CASES:
+            for impl, dtype, quantize in cases:
                 key = name(impl, dtype, quantize)
-                got = run_case(weights, impl, dtype, quantize, args.device)
+                got = run_case(weights, impl, dtype, quantize, args.device, args.tiny)
                 print(f"round {r + 1} {key}: " + ", ".join(f"{k} {v:.1f}" for k, v in got.items()), flush=True)
                 best = results.setdefault(key, got)
                 for k, v in got.items():  # best of rounds: highest speed, lowest memory
                     best[k] = min(best[k], v) if k in ("peak_rss_mib", "ppl_increase_pct") else max(best[k], v)
     bandwidth = max(bandwidth, read_bandwidth(args.device))
     print_table(results)
-    print(json.dumps(summary(results, bandwidth, args.device)))
+    print(json.dumps(summary(results, bandwidth, args.device, args.tiny)))
 
 
-def summary(results: dict[str, dict], bandwidth: float, device: str) -> dict:
-    limit = {d: bandwidth * 1e9 / decode_bytes(b) for d, b in (("fp32", 4), ("bf16", 2), ("int8", 1))}
-    out = {"device": device, "threads": torch.get_num_threads(), "read_bandwidth_gb_s": round(bandwidth, 1),
+def summary(results: dict[str, dict], bandwidth: float, device: str, tiny: bool = False) -> dict:
+    """Every figure, and the ratios whose two cases ran (--cases may leave some out)."""
+    limit = {d: bandwidth * 1e9 / decode_bytes(b, tiny) for d, b in (("fp32", 4), ("bf16", 2), ("int8", 1))}
+    out = {"device": device, "tiny": tiny, "threads": torch.get_num_threads(), "read_bandwidth_gb_s": round(bandwidth, 1),
            **{f"bandwidth_limit_{d}_tok_s": round(v, 1) for d, v in limit.items()}}
     for key, figures in results.items():
         out.update({f"{k}_{key}": round(v, 1) for k, v in figures.items()})
+
+    def ratio(label: str, a: str, b: str, figures=("prefill", "decode_b1", "decode_b8")) -> None:
+        if a in results and b in results:
+            out.update({f"{fig}_{label}": round(results[a][fig] / results[b][fig], 2) for fig in figures})
+
     for d in ("fp32", "bf16"):
-        for fig in ("prefill", "decode_b1", "decode_b8"):
-            out[f"{fig}_{d}_ratio"] = round(results[f"gptkit_{d}"][fig] / results[f"transformers_{d}"][fig], 2)
-        out[f"decode_b1_{d}_frac_of_limit"] = round(results[f"gptkit_{d}"]["decode_b1"] / limit[d], 2)
-    out["int8_decode_b1_speedup_vs_fp32"] = round(results["gptkit_int8"]["decode_b1"] / results["gptkit_fp32"]["decode_b1"], 2)
-    out["int8_ppl_increase_pct"] = round(results["gptkit_int8"]["ppl_increase_pct"], 3)
+        ratio(f"{d}_ratio", f"gptkit_{d}", f"transformers_{d}")
+        ratio(f"{d}_ratio_vs_static", f"gptkit_{d}", f"transformers-static_{d}", ("decode_b1", "decode_b8"))
+        ratio(f"{d}_speedup_vs_eager_step", f"gptkit_{d}", f"gptkit-eager_{d}", ("decode_b1", "decode_b8"))
+        if f"gptkit_{d}" in results:
+            out[f"decode_b1_{d}_frac_of_limit"] = round(results[f"gptkit_{d}"]["decode_b1"] / limit[d], 2)
+    if "gptkit_int8" in results:
+        if "gptkit_fp32" in results:
+            out["int8_decode_b1_speedup_vs_fp32"] = round(results["gptkit_int8"]["decode_b1"]
+                                                          / results["gptkit_fp32"]["decode_b1"], 2)
+        out["int8_ppl_increase_pct"] = round(results["gptkit_int8"]["ppl_increase_pct"], 3)
     return out
 
 
 def print_table(results: dict[str, dict]) -> None:
-    print(f"\n| {'model':<20} | prefill tok/s | decode b1 tok/s | decode b8 tok/s | peak RSS MiB |")
-    print(f"|{'-' * 22}|---------------|-----------------|-----------------|--------------|")
+    print(f"\n| {'model':<25} | prefill tok/s | decode b1 tok/s | decode b8 tok/s | peak RSS MiB |")
+    print(f"|{'-' * 27}|---------------|-----------------|-----------------|--------------|")
     for key, f in results.items():
-        print(f"| {key:<20} | {f['prefill']:13.0f} | {f['decode_b1']:15.1f} | {f['decode_b8']:15.1f} "
+        print(f"| {key:<25} | {f['prefill']:13.0f} | {f['decode_b1']:15.1f} | {f['decode_b8']:15.1f} "
               f"| {f['peak_rss_mib']:12.0f} |")
 
 

@@ -7,7 +7,8 @@ stop strings are matched on bytes through `token_bytes`, and `TextStream` at the
 API
 ---
     engine = Engine(model, max_batch=8, max_cached_tokens=None, token_bytes=tok.token_bytes,
-                    eos_ids=[tok.eot_id], device=None, dtype=None, quantize=None)
+                    eos_ids=[tok.eot_id], device=None, dtype=None, quantize=None,
+                    static_decode=None)   # None: static shapes + CUDA graphs on CUDA only
     handle = engine.submit(prompt_ids, SampleConfig(...), n=1)   # thread-safe; GptkitError if invalid
     for event in handle: ...          # blocking; ends after all n samples finished
     async for event in handle.aiter(): ...   # for an asyncio server (starts the scheduler thread)
@@ -37,9 +38,10 @@ Conventions
   temperature, top-k/p and penalties): what a plain forward pass gives. With
   params.logprobs = k, each event has the chosen token's logprob and the top k alternatives.
 - Sampling: temperature 0 is greedy; penalties follow OpenAI (logit -= frequency * count +
-  presence * (count > 0), over generated tokens); each sample has its own torch.Generator,
-  seeded with seed + index when a seed is given, so seeded requests are reproducible.
-  Sampling itself is in gptkit/sampling.py.
+  presence * (count > 0), over generated tokens); each sample's randomness is a hash of its
+  seed (seed + index when a seed is given), its step and the token id, so seeded requests are
+  reproducible whatever else runs beside them. All rows are sampled at once by tensor ops
+  (gptkit/sampling.py), with their parameters kept in device tensors per cache row.
 - An error in one request (its prefill, sampling, stop matching or token decoding) fails that
   request alone: iterating its handle raises it, its rows and cache reservation are freed.
   Only a failing batched decode forward fails every request in flight.
@@ -61,7 +63,9 @@ import torch.nn.functional as F
 
 from gptkit.config import GptkitError, SampleConfig
 from gptkit.model import GPT, KVCache
-from gptkit.sampling import sample, top_dicts
+from gptkit.quantize import prepare_model
+from gptkit.sampling import RowParams, SamplingError, sample_batch, top_dicts
+from gptkit.static_decode import StaticDecoder
 
 _scheduler_threads: int | None = None  # intra-op threads for scheduler threads; see serial_main_thread
 
@@ -275,13 +279,11 @@ class _Row:
 
     handle: RequestHandle
     index: int
-    generator: torch.Generator
     stops: list[bytes]
     stop_ids: set[int]
     next_token: int = -1  # sampled, not yet fed to the model
     n_out: int = 0  # tokens emitted
     out_bytes: bytearray = field(default_factory=bytearray)  # only kept when there are stop strings
-    counts: torch.Tensor | None = None  # generated-token counts, only with penalties
 
     @property
     def params(self) -> SampleConfig:
@@ -299,9 +301,12 @@ class Engine:
     def __init__(self, model: GPT, *, max_batch: int = 8, max_cached_tokens: int | None = None,
                  token_bytes: Callable[[int], bytes] | None = None, eos_ids: Sequence[int] = (),
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 quantize: str | None = None, vocab_size: int | None = None):
+                 quantize: str | None = None, vocab_size: int | None = None, static_decode: bool | None = None):
         """vocab_size: how many ids the tokenizer can decode, when fewer than the model's
-        (a vocabulary padded for speed, or an imported model's): the rest are never sampled."""
+        (a vocabulary padded for speed, or an imported model's): the rest are never sampled.
+        static_decode: decode with static shapes (gptkit/static_decode.py), as CUDA graphs on
+        CUDA; None: on for CUDA without quantization, off elsewhere (on CPU the eager step,
+        which attends only over the cached length, is faster)."""
         if max_batch < 1:
             raise GptkitError(f"max_batch={max_batch} must be at least 1")
         self.model = prepare_model(model, device=device, dtype=dtype, quantize=quantize)
@@ -313,6 +318,11 @@ class Engine:
         self.vocab_limit = min(vocab_size or self.config.vocab_size, self.config.vocab_size)
         cache_dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
         self.cache = KVCache.allocate(self.config, max_batch, dtype=cache_dtype, device=self.device)
+        self.sampling = RowParams.allocate(max_batch, self.vocab_limit, device=self.device)  # per cache row
+        on_cuda = self.device.type == "cuda"
+        if static_decode is None:
+            static_decode = on_cuda and quantize is None
+        self._static = StaticDecoder(self.model, self.cache, graphs=on_cuda) if static_decode else None
         self._rows: list[_Row] = []
         self._queue: list[RequestHandle] = []
         self._jobs: list[tuple[Future, Callable]] = []  # work for the scheduler thread (prompt_logprobs)
@@ -514,25 +524,32 @@ class Engine:
         logits = self.model(torch.tensor([h.prompt], device=self.device), kv_cache=view, last_only=True)[:, -1]
         for i in range(1, h.n):
             self._copy_row(slot, slot + i)
-        stops = h.stop_bytes
-        stop_ids = self.eos_ids | set(h.params.stop_token_ids)
         for i in range(h.n):
-            g = torch.Generator(device=self.device)
-            g.manual_seed(h.params.seed + i if h.params.seed is not None else self._seeds.getrandbits(63))
-            self._rows.append(_Row(h, i, g, stops, stop_ids))
+            self.sampling.set(slot + i, h.params, h.params.seed + i if h.params.seed is not None
+                              else self._seeds.getrandbits(63))
+        stop_ids = self.eos_ids | set(h.params.stop_token_ids)
+        self._rows.extend(_Row(h, i, h.stop_bytes, stop_ids) for i in range(h.n))
         self._sample_and_emit(logits.expand(h.n, -1), start=slot)
 
     def _decode(self) -> None:
-        rows = self._rows
-        idx = torch.tensor([[r.next_token] for r in rows], device=self.device)  # (B, 1)
-        logits = self.model(idx, kv_cache=self.cache.rows(0, len(rows)), last_only=True)[:, -1]  # (B, V)
+        tokens = [r.next_token for r in self._rows]
+        if self._static is not None:
+            logits = self._static(tokens)
+        else:
+            idx = torch.tensor(tokens, device=self.device)[:, None]  # (B, 1)
+            logits = self.model(idx, kv_cache=self.cache.rows(0, len(tokens)), last_only=True)[:, -1]  # (B, V)
         self._sample_and_emit(logits, start=0)
 
     def _sample_and_emit(self, logits: torch.Tensor, start: int) -> None:
         """Sample for rows start.. (one logits row each), emit their events, drop finished rows."""
         rows = self._rows[start:]
         logits = logits[:, :self.vocab_limit].float()  # ids the tokenizer cannot decode are never drawn
-        tokens, errors = sample(logits, rows)
+        params = self.sampling.rows(start, start + len(rows))
+        tokens, bad = sample_batch(logits, params)
+        params.advance(tokens)
+        token_list, bad_list = torch.stack([tokens, bad.long()]).tolist()  # the step's one host sync
+        errors = {i: SamplingError("the next-token distribution is not finite (NaN or infinite logits)")
+                  for i, b in enumerate(bad_list) if b}
         k = max((r.params.logprobs or 0) for r in rows)
         want_lp = [r.params.logprobs is not None for r in rows]
         chosen, tops = [None] * len(rows), [None] * len(rows)
@@ -542,7 +559,7 @@ class Engine:
             if k:
                 tops = top_dicts(logp, k)
         finished, failed = [], {}
-        for i, (row, tok) in enumerate(zip(rows, tokens.tolist())):
+        for i, (row, tok) in enumerate(zip(rows, token_list)):
             lp = chosen[i] if want_lp[i] else None
             top = dict(list(tops[i].items())[:row.params.logprobs]) if tops[i] is not None and row.params.logprobs else None
             try:
@@ -562,8 +579,6 @@ class Engine:
             row.handle._emit(Event(row.index, None, finish_reason="stop"))
             return True
         row.next_token, row.n_out = tok, row.n_out + 1
-        if row.counts is not None:
-            row.counts[tok] += 1
         reason, offset = None, None
         if row.stops:
             start = len(row.out_bytes)
@@ -608,6 +623,7 @@ class Engine:
         self.cache.k[:, dst, :, :n] = self.cache.k[:, src, :, :n]
         self.cache.v[:, dst, :, :n] = self.cache.v[:, src, :, :n]
         self.cache.lengths[dst] = n
+        self.sampling.copy_row(src, dst)
 
     def _cancel(self, h: RequestHandle) -> None:
         with self._wake:
@@ -631,23 +647,3 @@ class Engine:
                 h.released = True
         for h in handles:
             h._fail(error)
-
-
-# ------------------------------------------------------------------------------------ model set-up
-def prepare_model(model: GPT, *, device=None, dtype: torch.dtype | None = None, quantize: str | None = None) -> GPT:
-    """Put the model in eval mode on device/dtype (in place: no second copy of the weights),
-    optionally with int8 weight-only linear layers; fp32/bf16 linear weights on CPU are
-    prepacked for oneDNN."""
-    from gptkit.quantize import pack_linears, quantize_model
-
-    model.eval()
-    if device is not None:
-        model.to(device)
-    if dtype is not None:
-        model.to(dtype)
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    if quantize is not None:
-        quantize_model(model, quantize)
-    elif on_cpu and model.lm_head.weight.dtype in (torch.float32, torch.bfloat16):
-        pack_linears(model)
-    return model

@@ -99,3 +99,22 @@ def _replace_linears(model: nn.Module, make) -> nn.Module:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, make(linear))
     return model
+
+
+# ------------------------------------------------------------------------------------ model set-up
+def prepare_model(model: nn.Module, *, device=None, dtype: torch.dtype | None = None,
+                  quantize: str | None = None) -> nn.Module:
+    """Put the model in eval mode on device/dtype (in place: no second copy of the weights),
+    optionally with int8 weight-only linear layers; fp32/bf16 linear weights on CPU are
+    prepacked for oneDNN."""
+    model.eval()
+    if device is not None:
+        model.to(device)
+    if dtype is not None:
+        model.to(dtype)
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if quantize is not None:
+        quantize_model(model, quantize)
+    elif on_cpu and model.lm_head.weight.dtype in (torch.float32, torch.bfloat16):
+        pack_linears(model)
+    return model

@@ -166,6 +166,20 @@ def test_seeded_sampling_is_reproducible(model, tok):
     assert other[0].token_ids != a[0].token_ids
 
 
+def test_a_seeded_request_samples_the_same_beside_other_requests(model, tok):
+    """Its tokens depend on its seed alone: not on the rows around it, nor on when it joined."""
+    p = prompts(tok)
+    params = SampleConfig(max_tokens=15, temperature=1.5, top_p=0.9, seed=11)
+    [alone] = engine(model).generate(p[1], params)
+    eng = engine(model, max_batch=4)
+    others = [eng.submit(p[0], SampleConfig(max_tokens=20, temperature=0.7)), eng.submit(p[2], greedy(5))]
+    eng.step()
+    eng.step()
+    beside = eng.submit(p[1], params)
+    assert beside.result()[0].token_ids == alone.token_ids
+    assert all(len(h.result()[0].token_ids) for h in others)
+
+
 def test_ids_beyond_the_tokenizer_are_never_sampled(model, tok):
     """A model vocabulary wider than the tokenizer's (padded, or an imported model's): the engine
     samples only ids the tokenizer can decode, at any temperature."""
