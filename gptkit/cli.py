@@ -449,6 +449,7 @@ def finetune(
     lr: Annotated[float, _opt(FinetuneTrainConfig, "lr")] = FinetuneTrainConfig.lr,
     warmup_steps: Annotated[int, _opt(FinetuneTrainConfig, "warmup_steps")] = FinetuneTrainConfig.warmup_steps,
     weight_decay: Annotated[float, _opt(FinetuneTrainConfig, "weight_decay")] = FinetuneTrainConfig.weight_decay,
+    optimizer: Annotated[str, _opt(FinetuneTrainConfig, "optimizer")] = FinetuneTrainConfig.optimizer,
     eval_interval: Annotated[int, _opt(FinetuneTrainConfig, "eval_interval")] = FinetuneTrainConfig.eval_interval,
     eval_batches: Annotated[int, _opt(FinetuneTrainConfig, "eval_batches")] = FinetuneTrainConfig.eval_batches,
     log_interval: Annotated[int, _opt(FinetuneTrainConfig, "log_interval")] = FinetuneTrainConfig.log_interval,

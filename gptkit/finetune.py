@@ -7,6 +7,7 @@ Several files make a multi-task mixture sampled with weights, with one validatio
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,6 +194,8 @@ def finetune(base: str | Path, specs: list[DataSpec], cfg: TrainConfig, ft: Fine
     ft = ft or FinetuneConfig()
     if not specs:
         raise GptkitError("no data files given")
+    if ft.lora and cfg.optimizer == "muon":  # adapters and heads are not hidden matrices: all of it is AdamW's
+        cfg = dataclasses.replace(cfg, optimizer="adamw")
     dist_info = init_distributed()
     log = log if dist_info.master else (lambda _: None)  # one process speaks for the job
     try:

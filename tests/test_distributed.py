@@ -77,7 +77,8 @@ def test_finetune_two_processes_match_one_process(tmp_path, base, method, mixtur
     assert two.returncode == 0, two.stderr
     assert [line for line in two.stderr.splitlines() if line.startswith("model: ")] == [
         next(line for line in two.stderr.splitlines() if line.startswith("model: "))]  # said once, by rank 0
-    assert "2 process(es) on cpu, ddp" in two.stderr and "1 process(es) on cpu" in single.stderr
+    optimizer = "adamw" if method else "muon"  # LoRA adapters are AdamW's, whatever --optimizer says
+    assert f"2 process(es) on cpu, ddp, {optimizer}" in two.stderr and f"1 process(es) on cpu, {optimizer}" in single.stderr
     assert two.stdout.count("done: step 6") == 1
     assert_same_run(tmp_path / "one", tmp_path / "two")
     assert_same_weights(tmp_path / "one", tmp_path / "two")
