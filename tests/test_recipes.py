@@ -30,21 +30,23 @@ def test_data_splits_hold_out_what_they_score():
 def test_arithmetic_fast(out):
     m = run_recipe("arithmetic", out, fast=True, log=lambda s: None)
     assert m["base_exact_match"] < 0.1  # the base has seen "a+b=c", never the question
-    assert m["full_exact_match"] >= 0.4  # 0.78-0.90 measured (the full recipe: 0.98)
-    assert m["lora_exact_match"] >= 0.05 and m["lora_trainable_fraction"] <= 0.08  # 0.15-0.18; tiny model: 6% at rank 4
+    # measured over seeds 1337, 1, 2 (Muon, one thread): full 0.95-1.0, LoRA 0.225-0.475 (the full recipe:
+    # 0.9975-1.0 and 0.9925-1.0, BENCHMARKS.md)
+    assert m["full_exact_match"] >= 0.8
+    assert m["lora_exact_match"] >= 0.1 and m["lora_trainable_fraction"] <= 0.08  # tiny model: 6% at rank 4
 
 
 def test_classify_fast(out):
     m = run_recipe("classify", out, fast=True, log=lambda s: None)
-    assert m["accuracy"] >= m["majority_baseline"] + 0.05  # 0.51-0.53 vs 0.41 measured
+    assert m["accuracy"] >= m["majority_baseline"] + 0.1  # +0.20 to +0.33 measured over three seeds
 
 
 def test_multitask_fast_from_the_cli(out):
     r = CliRunner().invoke(app, ["recipe", "multitask", "--fast", "--out", str(out)])
     assert r.exit_code == 0, r.output
     m = json.loads(r.output.strip().splitlines()[-1])  # the last line is the metrics
-    assert m["exact_match"] >= 0.25  # 0.50-0.75 measured (1 or 2 threads); single task 0.78-0.90
-    assert m["accuracy"] >= m["majority_baseline"] + 0.05
+    assert m["exact_match"] >= 0.8  # 0.95-1.0 measured over three seeds, as the single task
+    assert m["accuracy"] >= m["majority_baseline"] + 0.1  # +0.26 to +0.33 measured
 
 
 def test_docs_fast_runs_end_to_end(out):
