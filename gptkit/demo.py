@@ -79,13 +79,13 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
     model = GPT(model_cfg).to(device)
     data = TokenShards.from_dir(out / "data", model_cfg.block_size, cfg.batch_size, seed=cfg.seed, eval_batches=20)
     before = evaluate(model, data, lm_loss, contextlib.nullcontext(), _single(), data.bytes_per_token())
-    say(f"3/4 pretrain on {_device_name(device)}: {model.num_params() / 1e6:.1f}M-parameter GPT, {cfg.steps} steps "
-        f"of {cfg.batch_size}x{model_cfg.block_size} tokens, {cfg.optimizer}; val loss before training "
-        f"{before['val_loss']:.3f}")
     train_cfg = TrainConfig(out_dir=str(out / "model"), max_steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                             warmup_steps=min(100, cfg.steps // 10), eval_interval=cfg.steps // 4,
                             eval_batches=20, seed=cfg.seed, weight_decay=0.1, beta2=0.99,
                             optimizer=cfg.optimizer)
+    say(f"3/4 pretrain on {_device_name(device)}: {model.num_params() / 1e6:.1f}M-parameter GPT, {cfg.steps} steps "
+        f"of {cfg.batch_size}x{model_cfg.block_size} tokens, {train_cfg.optimizer}; val loss before training "
+        f"{before['val_loss']:.3f}")
     after = train(model, data, train_cfg, tokenizer, log=say)
     say(f"    val loss {before['val_loss']:.3f} -> {after['val_loss']:.3f} "
         f"(perplexity {before['val_ppl']:.0f} -> {after['val_ppl']:.1f}, bits/byte {after.get('val_bpb', 0):.2f})")

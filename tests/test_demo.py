@@ -36,4 +36,4 @@ def test_tiny_demo_runs_every_stage_and_learns(tmp_path):
     loaded = load(result["checkpoint"])
     assert (loaded.model.config.n_layer, loaded.model.config.block_size) == (1, 32)
     assert loaded.tokenizer.vocab_size == 512
-    assert any(line.startswith("3/4 pretrain on cpu") for line in lines)
+    assert any(line.startswith("3/4 pretrain on cpu") and ", muon; " in line for line in lines)
