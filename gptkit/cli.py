@@ -412,7 +412,7 @@ def prepare(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="where the tokenizer, data and checkpoint go")] = Path("runs/demo"),
-    steps: Annotated[Optional[int], typer.Option(help="training steps (default: 500 on a CPU, about 4 minutes on "
+    steps: Annotated[Optional[int], typer.Option(help="training steps (default: 500 on a CPU, 4-10 minutes on "
                                                       "2 cores; 2000 of a bigger model on a GPU)")] = None,
     optimizer: Annotated[str, _opt(TrainConfig, "optimizer")] = TrainConfig.optimizer,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda (auto: a GPU when there is one)")] = "auto",
