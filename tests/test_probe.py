@@ -50,7 +50,8 @@ def test_a_model_trained_to_prefer_a_term_shows_it(tmp_path):
     texts = [{"text": f"the {j} said she was {w}."} for j in jobs for w in ("late", "here", "right", "tired")]
     tuned = tmp_path / "tuned"
     finetune(base, [DataSpec(write_jsonl(tmp_path / "she.jsonl", texts))],
-             train_cfg(tuned, max_steps=150, batch_size=16, eval_interval=150), FinetuneConfig(task="lm"),
+             train_cfg(tuned, max_steps=150, batch_size=16, eval_interval=150, optimizer="adamw"),  # tuned with AdamW
+             FinetuneConfig(task="lm"),
              log=lambda m: None)
     pairs = [{**PAIR, "template": f"the {j} said {{group}} was {w}."} for j in ("nurse", "lawyer", "cook", "clerk")
              for w in ("late", "away", "fine")]

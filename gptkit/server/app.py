@@ -46,7 +46,11 @@ from gptkit.tokenizer import EOT, Tokenizer, render_chat, use_chat_template
 
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 ERROR_RESPONSES = {s: {"model": S.ErrorResponse} for s in (400, 401, 404, 413, 429)}
-SSE_RESPONSE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+# with stream=true each server-sent event (as a client parses it) is one object whose data is a JSON chunk or [DONE]
+SSE_EVENT = {"type": "object", "required": ["data"],
+             "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"},
+                            "retry": {"type": "integer"}}}
+SSE_RESPONSE = {200: {"content": {"text/event-stream": {"schema": SSE_EVENT}},
                       "description": "JSON, or with stream=true server-sent events of chunks ending in [DONE]"}}
 
 
