@@ -33,7 +33,7 @@ class DemoConfig:
     device: str = "auto"  # auto: a CUDA GPU when there is one, at GPU_SIZE; else the CPU at the sizes above
 
 
-# What the demo becomes on a GPU: ~8x the parameters, 4x the steps of 4x the tokens, in bf16
+# What the demo becomes on a GPU: ~6x the parameters (15.9M), 4x the steps of 4x the tokens, in bf16
 # (chosen for a few minutes on one data-centre GPU; not yet timed on one).
 GPU_SIZE = dict(model=ModelConfig(vocab_size=4096, block_size=256, n_layer=8, n_head=8, n_embd=384, dropout=0.0),
                 steps=2000, batch_size=64)
@@ -107,8 +107,8 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
         f"  .venv/bin/gptkit serve {ckpt}            # OpenAI-compatible API on 127.0.0.1:8000\n"
         f"  .venv/bin/gptkit recipe docs             # chat-tune it on stdlib docstrings\n"
         f"  .venv/bin/gptkit export-hf {ckpt} runs/demo/hf   # load it with transformers")
-    return {"device": _device_name(device), "val_loss_before": before["val_loss"], "val_loss_after": after["val_loss"], "samples": samples,
-            "checkpoint": str(ckpt), "minutes": (time.perf_counter() - t0) / 60}
+    return {"device": _device_name(device), "val_loss_before": before["val_loss"], "val_loss_after": after["val_loss"],
+            "samples": samples, "checkpoint": str(ckpt), "minutes": (time.perf_counter() - t0) / 60}
 
 
 def _device_name(device: torch.device) -> str:
