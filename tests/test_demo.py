@@ -32,7 +32,6 @@ def test_tiny_demo_runs_every_stage_and_learns(tmp_path):
     assert result["device"].startswith("cpu")
     assert result["val_loss_after"] < result["val_loss_before"] - 0.5  # ln(512) = 6.24 at the start
     assert len(result["samples"]) == len(cfg.prompts)
-    assert all(s.startswith(p) for s, p in zip(result["samples"], cfg.prompts))
     loaded = load(result["checkpoint"])
     assert (loaded.model.config.n_layer, loaded.model.config.block_size) == (1, 32)
     assert loaded.tokenizer.vocab_size == 512
