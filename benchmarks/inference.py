@@ -80,9 +80,9 @@ def load_transformers(path: Path, dtype: torch.dtype, device: str, tiny: bool = 
 def load_gptkit(path: Path, tiny: bool = False):
     from safetensors.torch import load_file
 
-    from gptkit.checkpoint import load_state
-    from gptkit.hf import hf_to_gptkit
-    from gptkit.model import GPT
+    from gptkit.checkpoint.format import load_state
+    from gptkit.checkpoint.hf import hf_to_gptkit
+    from gptkit.model.gpt import GPT
 
     cfg = gptkit_config(tiny)
     model = GPT(cfg)
@@ -131,7 +131,7 @@ def measure_transformers(path: Path, dtype: torch.dtype, device: str, prompts: t
 def measure_gptkit(path: Path, dtype: torch.dtype, device: str, prompts: torch.Tensor, quantize: str | None,
                    static_decode: bool | None = None, tiny: bool = False) -> dict:
     from gptkit.config import SampleConfig
-    from gptkit.engine import Engine
+    from gptkit.inference.engine import Engine
 
     choice = {} if static_decode is None else {"static_decode": static_decode}  # None: the engine's default
     engine = Engine(load_gptkit(path, tiny), max_batch=BATCH, device=device, dtype=dtype, quantize=quantize, **choice)
@@ -205,7 +205,7 @@ def read_bandwidth(device: str) -> float:
 
 def decode_bytes(dtype_bytes: int, tiny: bool = False) -> int:
     """Bytes one decode step reads: every weight but the position table (one row is read)."""
-    from gptkit.model import GPT
+    from gptkit.model.gpt import GPT
 
     with torch.device("meta"):
         model = GPT(gptkit_config(tiny))

@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from train_shakespeare_char import whole_val_loss  # noqa: E402
 
 from gptkit.config import ModelConfig, TrainConfig  # noqa: E402
-from gptkit.data import TokenShards  # noqa: E402
-from gptkit.model import GPT  # noqa: E402
-from gptkit.train import train  # noqa: E402
+from gptkit.data.shards import TokenShards  # noqa: E402
+from gptkit.model.gpt import GPT  # noqa: E402
+from gptkit.training.loop import train  # noqa: E402
 
 
 def main() -> None:

@@ -28,8 +28,8 @@ import time
 import torch
 
 from gptkit.config import SampleConfig, preset
-from gptkit.engine import Engine, serial_main_thread
-from gptkit.model import GPT
+from gptkit.inference.engine import Engine, serial_main_thread
+from gptkit.model.gpt import GPT
 
 PROMPT, NEW = 32, 128
 CLIENTS = {"cpu": (1, 4, 16), "cuda": (1, 16, 64, 256)}

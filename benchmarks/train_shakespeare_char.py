@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from gptkit.config import ModelConfig, TrainConfig
-from gptkit.data import TokenShards
-from gptkit.model import GPT
-from gptkit.tokenizer import CharTokenizer
-from gptkit.train import train
+from gptkit.data.shards import TokenShards
+from gptkit.model.gpt import GPT
+from gptkit.text.tokenizer import CharTokenizer
+from gptkit.training.loop import train
 
 
 def main() -> None:

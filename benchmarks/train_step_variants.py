@@ -18,7 +18,7 @@ import time
 import torch
 
 from gptkit.config import ModelConfig
-from gptkit.model import GPT
+from gptkit.model.gpt import GPT
 
 BASE = dict(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False)
 VARIANTS = {

@@ -115,7 +115,7 @@ def nanogpt_loss(nano_dir: Path, out: Path, val: np.ndarray, device: str) -> flo
 
 def gptkit_losses(out: Path, val: np.ndarray, device: str, start: float) -> list[dict]:
     """Each snapshot's time since process start and whole-split loss."""
-    from gptkit.model import GPT
+    from gptkit.model.gpt import GPT
     from gptkit.config import ModelConfig
 
     saved = torch.load(out / "snapshots.pt", map_location=device, weights_only=True)
@@ -132,9 +132,9 @@ def gptkit_losses(out: Path, val: np.ndarray, device: str, start: float) -> list
 def worker(args) -> None:
     """Train gptkit on train.bin / val.bin and keep timed weight snapshots."""
     from gptkit.config import ModelConfig, TrainConfig, preset
-    from gptkit.data import TokenShards
-    from gptkit.model import GPT
-    from gptkit.train import train
+    from gptkit.data.shards import TokenShards
+    from gptkit.model.gpt import GPT
+    from gptkit.training.loop import train
 
     bins = Path(args.bins)
     train_ids = np.memmap(bins / "train.bin", dtype=np.uint16, mode="r")
@@ -179,7 +179,7 @@ def prepare(args, nano: Path) -> Path:
         subprocess.run([sys.executable, str(bins / "prepare.py")], check=True, stdout=subprocess.DEVNULL)
         return bins
     # GPU: the standard library through gptkit's BPE (32k) and prepare; nanoGPT reads the same ids.
-    from gptkit.data import read_meta
+    from gptkit.data.shards import read_meta
 
     bins = nano / "data" / "stdlib"
     bins.mkdir(parents=True)

@@ -12,9 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
-
-class GptkitError(Exception):
-    """A user mistake (bad file, field or value). The CLI prints it as one line and exits 2."""
+from gptkit.errors import GptkitError
 
 
 @dataclass
@@ -138,7 +136,7 @@ def preset(name: str) -> ModelConfig:
 
 
 def option(default, help: str):
-    """A config field and its help text, declared once: the CLI reads both (gptkit.cli)."""
+    """A config field and its help text, declared once: the CLI reads both (gptkit.cli.commands)."""
     return field(default=default, metadata={"help": help})
 
 
@@ -174,7 +172,7 @@ class TrainConfig:
     # speed
     dtype: Literal["auto", "float32", "bfloat16"] = option("auto", "auto | float32 | bfloat16 (autocast)")
     compile: bool = option(False, "torch.compile the model")
-    # several processes (torchrun): see gptkit.parallel
+    # several processes (torchrun): see gptkit.training.distributed
     strategy: Literal["ddp", "fsdp"] = option("ddp", "ddp | fsdp: how several torchrun processes share the model "
                                                      "(fsdp shards weights, grads and AdamW state)")
     activation_checkpointing: bool = option(False, "recompute block activations in the backward pass (less "

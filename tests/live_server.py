@@ -17,9 +17,9 @@ import httpx
 import torch
 
 from gptkit.config import ModelConfig
-from gptkit.engine import Engine
-from gptkit.model import GPT
-from gptkit.tokenizer import EOT, BPETokenizer, CharTokenizer, Tokenizer
+from gptkit.inference.engine import Engine
+from gptkit.model.gpt import GPT
+from gptkit.text.tokenizer import EOT, BPETokenizer, CharTokenizer, Tokenizer
 
 TEXT = ("The quick brown fox jumps over the lazy dog. 我有一个梦想。\n"
         "def add(a, b):\n    return a + b\n") * 20

@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 
 from gptkit import attention as A
 from gptkit.cli import app
-from gptkit.checkpoint import save_checkpoint
+from gptkit.checkpoint.format import save_checkpoint
 from gptkit.config import ModelConfig
-from gptkit.model import GPT
-from gptkit.tokenizer import BPETokenizer
+from gptkit.model.gpt import GPT
+from gptkit.text.tokenizer import BPETokenizer
 
 DREAM = "我有一个梦想"
 
@@ -55,8 +55,8 @@ def test_command_writes_the_models_weights(ckpt, tmp_path):
     assert w.shape == (2, 3, 18, 18) and data["tokens"][:3] == ["我¹", "我²", "我³"]
     np.testing.assert_allclose(w.sum(-1), 1, atol=1e-3)  # rounded to 4 decimals
     assert np.triu(w, 1).max() == 0  # causal
-    from gptkit.checkpoint import load_model
-    from gptkit.tokenizer import load_tokenizer
+    from gptkit.checkpoint.format import load_model
+    from gptkit.text.tokenizer import load_tokenizer
 
     model, _ = load_model(ckpt)
     with torch.no_grad():
@@ -77,7 +77,7 @@ def test_one_head_and_errors(ckpt, tmp_path):
 
 
 def test_long_text_keeps_the_first_context(ckpt, byte_tok):
-    from gptkit.checkpoint import load_model
+    from gptkit.checkpoint.format import load_model
 
     model, _ = load_model(ckpt)
     maps = A.attention_maps(model.eval(), byte_tok, "a + b " * 40)
@@ -85,7 +85,7 @@ def test_long_text_keeps_the_first_context(ckpt, byte_tok):
 
 
 def test_cjk_font_or_a_one_line_hint(ckpt, byte_tok, tmp_path, monkeypatch, capsys):
-    from gptkit.checkpoint import load_model
+    from gptkit.checkpoint.format import load_model
 
     model, _ = load_model(ckpt)
     maps = A.attention_maps(model.eval(), byte_tok, DREAM)

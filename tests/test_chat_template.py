@@ -12,11 +12,12 @@ import openai
 import pytest
 import torch
 
-from gptkit.checkpoint import load_model, save_checkpoint
-from gptkit.config import GptkitError, ModelConfig
-from gptkit.engine import Engine
-from gptkit.model import GPT
-from gptkit.tokenizer import EOT, ChatTemplate, CharTokenizer, load_tokenizer, render_chat, use_chat_template
+from gptkit.checkpoint.format import load_model, save_checkpoint
+from gptkit.errors import GptkitError
+from gptkit.config import ModelConfig
+from gptkit.inference.engine import Engine
+from gptkit.model.gpt import GPT
+from gptkit.text.tokenizer import EOT, ChatTemplate, CharTokenizer, load_tokenizer, render_chat, use_chat_template
 from live_server import bpe_tokenizer, plain_tokenizer, serve
 
 # A model overfit on a plain-text conversation: asked "hello", it answers " hi there" and then

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import gptkit.evaluate as ev
-from gptkit.bootstrap import paired
+import gptkit.evaluation.evaluate as ev
+from gptkit.evaluation.bootstrap import paired
 from gptkit.cli import app
-from gptkit.compare import CompareConfig, compare
-from gptkit.config import GptkitError
-from gptkit.prepare import prepare
-from gptkit.tokenizer import CharTokenizer
+from gptkit.evaluation.compare import CompareConfig, compare
+from gptkit.errors import GptkitError
+from gptkit.data.prepare import prepare
+from gptkit.text.tokenizer import CharTokenizer
 from test_finetune import QA, make_base, write_jsonl
 
 TEXT = "what is 1+2? 3. what is 2+2? 4.\nthe quick brown fox jumps over the lazy dog.\n" * 6

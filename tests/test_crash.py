@@ -20,15 +20,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from gptkit.checkpoint import SAVE_PAUSE_ENV, load_model, load_train_state
-from gptkit.ckptdir import LATEST, is_checkpoint, resolve_checkpoint, resume_candidate, set_verify_hashes
-from gptkit.config import GptkitError, ModelConfig, TrainConfig
-from gptkit.data import TokenShards
-from gptkit.model import GPT
-from gptkit.tokenizer import CharTokenizer
-from gptkit.train import train
+from gptkit.checkpoint.format import SAVE_PAUSE_ENV, load_model, load_train_state
+from gptkit.checkpoint.rundir import LATEST, is_checkpoint, resolve_checkpoint, resume_candidate, set_verify_hashes
+from gptkit.errors import GptkitError
+from gptkit.config import ModelConfig, TrainConfig
+from gptkit.data.shards import TokenShards
+from gptkit.model.gpt import GPT
+from gptkit.text.tokenizer import CharTokenizer
+from gptkit.training.loop import train
 
-import gptkit.train
+import gptkit.training.loop
 
 STEPS, EVAL = 24, 4
 TIMING = ("tokens_per_s", "elapsed_s")  # differ between runs by nature
@@ -56,7 +57,7 @@ def _child(text: str, out: Path, resume: bool, pause: float) -> None:
         torch.set_num_threads(1)
         # loss.png is drawn after each save and is not under test here: at ~1 s a drawing on a
         # loaded 2-core machine it would be most of the test's time
-        gptkit.train._plot = lambda history, path: None
+        gptkit.training.loop._plot = lambda history, path: None
         model, data, cfg, tok, src = _setup(text, out, resume)
         train(model, data, cfg, tok, resume=src, log=lambda m: None)
     except BaseException:
@@ -261,7 +262,7 @@ def _flat(reference: Path, dest: Path) -> Path:
     ("train_state.pt", "half", "train_state.pt: cannot read"),
 ])
 def test_damaged_flat_checkpoint_files_are_one_line_errors(tmp_path, reference, name, content, expected):
-    from gptkit.tokenizer import load_tokenizer
+    from gptkit.text.tokenizer import load_tokenizer
 
     ckpt = _flat(reference, tmp_path / "flat")
     path = ckpt / name

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptkit.checkpoint import load
-from gptkit.config import GptkitError, ModelConfig
-from gptkit.demo import GPU_SIZE, DemoConfig, resolve_device, run_demo
+from gptkit.checkpoint.format import load
+from gptkit.errors import GptkitError
+from gptkit.config import ModelConfig
+from gptkit.recipes.demo import GPU_SIZE, DemoConfig, resolve_device, run_demo
 
 
 def test_the_cpu_keeps_the_demo_size_and_a_gpu_gets_the_bigger_one(monkeypatch):

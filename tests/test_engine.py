@@ -12,10 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptkit.config import GptkitError, ModelConfig, SampleConfig
-from gptkit.engine import Engine, Event, TextStream, completion_text
-from gptkit.model import GPT
-from gptkit.tokenizer import CharTokenizer
+from gptkit.errors import GptkitError
+from gptkit.config import ModelConfig, SampleConfig
+from gptkit.inference.engine import Engine, Event, TextStream, completion_text
+from gptkit.model.gpt import GPT
+from gptkit.text.tokenizer import CharTokenizer
 
 TEXT = "the quick brown fox jumps over the lazy dog. "
 
@@ -278,8 +279,8 @@ def test_serial_main_thread_keeps_the_scheduler_threads_count():
 
     code = ("import torch\n"
             "from gptkit.config import ModelConfig\n"
-            "from gptkit.engine import Engine, serial_main_thread\n"
-            "from gptkit.model import GPT\n"
+            "from gptkit.inference.engine import Engine, serial_main_thread\n"
+            "from gptkit.model.gpt import GPT\n"
             "serial_main_thread()\n"
             "e = Engine(GPT(ModelConfig(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8)))\n"
             "e.start()\n"

@@ -10,10 +10,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import gptkit.evaluate as ev
-from gptkit.checkpoint import load_model
+import gptkit.evaluation.evaluate as ev
+from gptkit.checkpoint.format import load_model
 from gptkit.cli import app
-from gptkit.tokenizer import load_tokenizer
+from gptkit.text.tokenizer import load_tokenizer
 from test_finetune import CLS, QA, make_base, train_cfg, write_jsonl
 
 
@@ -104,7 +104,7 @@ def test_evaluate_command_prints_a_table_and_writes_json(tmp_path, ckpt):
 
 
 def test_classify_and_summarize_tasks_score_what_the_model_predicts(tmp_path, ckpt, monkeypatch):
-    from gptkit.finetune import DataSpec, FinetuneConfig, finetune
+    from gptkit.training.finetune import DataSpec, FinetuneConfig, finetune
 
     out = tmp_path / "cls"
     finetune(ckpt, [DataSpec(write_jsonl(tmp_path / "c.jsonl", CLS))], train_cfg(out, max_steps=2),

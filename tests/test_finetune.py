@@ -11,15 +11,17 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from gptkit.checkpoint import load_model, resolve_checkpoint, save_checkpoint
+from gptkit.checkpoint.format import load_model, resolve_checkpoint, save_checkpoint
 from gptkit.cli import app
-from gptkit.config import GptkitError, ModelConfig, TrainConfig
-from gptkit.finetune import (DataSpec, Example, FinetuneConfig, TaskBatches, class_logits, encode_lm,
-                             ensure_chat_tokens, finetune, read_records)
-from gptkit.evaluate import generate_all
-from gptkit.lora import LoRAConfig, LoRALinear, apply_lora, merge_lora
-from gptkit.model import GPT
-from gptkit.tokenizer import EOT, IM_END, IM_START, CharTokenizer, load_tokenizer, render_chat
+from gptkit.errors import GptkitError
+from gptkit.config import ModelConfig, TrainConfig
+from gptkit.data.records import Example, TaskBatches, encode_lm, read_records
+from gptkit.model.heads import class_logits
+from gptkit.training.finetune import DataSpec, FinetuneConfig, ensure_chat_tokens, finetune
+from gptkit.evaluation.evaluate import generate_all
+from gptkit.model.lora import LoRAConfig, LoRALinear, apply_lora, merge_lora
+from gptkit.model.gpt import GPT
+from gptkit.text.tokenizer import EOT, IM_END, IM_START, CharTokenizer, load_tokenizer, render_chat
 
 CHARS = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789 +=?.,:\n'ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
 
@@ -84,7 +86,7 @@ def test_a_bad_record_names_file_and_line(tmp_path, good, bad, message):
 def test_plain_text_is_cut_into_windows_that_cover_every_token(tmp_path, base):
     text = "the quick brown fox " * 20
     (tmp_path / "t.txt").write_text(text)
-    from gptkit.finetune import lm_examples
+    from gptkit.data.records import lm_examples
 
     tok = load_tokenizer(base)
     fmt, records, _ = read_records(tmp_path / "t.txt")
@@ -138,7 +140,7 @@ def test_chat_command_keeps_history_and_handles_reset_system_exit(tmp_path):
     """`gptkit chat`: each reply is the engine's greedy answer to the whole conversation so far,
     rendered with the stored template; /reset forgets the turns, /system sets the system message."""
     from gptkit.config import SampleConfig
-    from gptkit.engine import Engine, completion_text
+    from gptkit.inference.engine import Engine, completion_text
 
     folder = make_base(tmp_path / "b", specials=[EOT], block_size=256)
     out = tmp_path / "chat"
@@ -192,7 +194,7 @@ def test_right_padding_changes_nothing_for_real_tokens(base):
 # ---------------------------------------------------------------------------- classification
 def test_class_head_reads_the_last_real_token(base):
     model, _ = load_model(base)
-    from gptkit.finetune import add_class_head
+    from gptkit.model.heads import add_class_head
 
     add_class_head(model, 3)
     examples = [Example([5, 6, 7, 8], label=0), Example([9, 10], label=2)]
@@ -270,7 +272,7 @@ def test_mixture_logs_per_task_val_loss_and_follows_weights(tmp_path, base):
     finetune(base, specs, train_cfg(out), log=lambda m: None)
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
     assert {"val_loss/qa", "val_loss/cls", "val_loss"} <= set(evals[-1])
-    from gptkit.finetune import FinetuneConfig as FC, build_batches, load_tasks
+    from gptkit.training.finetune import FinetuneConfig as FC, build_batches, load_tasks
 
     tasks = load_tasks(specs, FC())
     data, _ = build_batches(tasks, load_tokenizer(base), 48, train_cfg(out, batch_size=2), ["app", "moo", "zeb"], False)

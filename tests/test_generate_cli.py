@@ -7,12 +7,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from gptkit.checkpoint import save_checkpoint
+from gptkit.checkpoint.format import save_checkpoint
 from gptkit.cli import app
 from gptkit.config import ModelConfig, SampleConfig
-from gptkit.engine import Engine, completion_text
-from gptkit.model import GPT
-from gptkit.tokenizer import CharTokenizer
+from gptkit.inference.engine import Engine, completion_text
+from gptkit.model.gpt import GPT
+from gptkit.text.tokenizer import CharTokenizer
 
 TEXT = "the quick brown fox jumps over the lazy dog. 我有一个梦想。"
 

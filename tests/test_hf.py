@@ -15,11 +15,12 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
-from gptkit.checkpoint import load_model, save_checkpoint  # noqa: E402
-from gptkit.config import GptkitError, ModelConfig  # noqa: E402
-from gptkit.hf import export_hf, import_hf  # noqa: E402
-from gptkit.model import GPT, KVCache  # noqa: E402
-from gptkit.tokenizer import BPETokenizer, CharTokenizer  # noqa: E402
+from gptkit.checkpoint.format import load_model, save_checkpoint  # noqa: E402
+from gptkit.errors import GptkitError  # noqa: E402
+from gptkit.config import ModelConfig  # noqa: E402
+from gptkit.checkpoint.hf import export_hf, import_hf  # noqa: E402
+from gptkit.model.gpt import GPT, KVCache  # noqa: E402
+from gptkit.text.tokenizer import BPETokenizer, CharTokenizer  # noqa: E402
 
 TOL = 1e-4
 VOCAB = 1000
@@ -118,7 +119,7 @@ def test_greedy_generation_matches_transformers(imported, hf_model):
 
 
 def test_greedy_generation_through_engine_matches_transformers(imported, hf_model):
-    engine_mod = pytest.importorskip("gptkit.engine")
+    engine_mod = pytest.importorskip("gptkit.inference.engine")
     from gptkit.config import SampleConfig
 
     prompt = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(3))
@@ -131,7 +132,7 @@ def test_greedy_generation_through_engine_matches_transformers(imported, hf_mode
 
 
 def test_import_keeps_the_tokenizer(imported, bpe):
-    from gptkit.tokenizer import load_tokenizer
+    from gptkit.text.tokenizer import load_tokenizer
 
     assert load_tokenizer(imported[1]).encode(MIXED) == bpe.encode(MIXED)
 

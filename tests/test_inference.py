@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from gptkit.checkpoint import load, save_checkpoint
+from gptkit.checkpoint.format import load, save_checkpoint
 from gptkit.config import ModelConfig, SampleConfig
-from gptkit.engine import Engine
-from gptkit.inference import build_engine, eos_ids, open_engine
-from gptkit.lora import LoRAConfig, LoRALinear, apply_lora, merge_lora
-from gptkit.model import GPT
-from gptkit.tokenizer import EOT, IM_END, CharTokenizer
+from gptkit.inference.engine import Engine
+from gptkit.inference.factory import build_engine, eos_ids, open_engine
+from gptkit.model.lora import LoRAConfig, LoRALinear, apply_lora, merge_lora
+from gptkit.model.gpt import GPT
+from gptkit.text.tokenizer import EOT, IM_END, CharTokenizer
 
 
 def _lora_classifier(folder):

@@ -12,8 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from gptkit.config import GptkitError, SampleConfig
-from gptkit.sampling import SamplingError
+from gptkit.errors import GptkitError
+from gptkit.config import SampleConfig
+from gptkit.inference.sampling import SamplingError
 from live_server import bpe_tokenizer, serve, tiny_engine
 
 

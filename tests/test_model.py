@@ -9,9 +9,10 @@ import torch
 from typer.testing import CliRunner
 
 from gptkit.cli import app
-from gptkit.config import PRESETS, GptkitError, ModelConfig
-from gptkit.model import GPT, KVCache, sinusoidal_positions
-from gptkit.stats import model_stats
+from gptkit.config import PRESETS, ModelConfig
+from gptkit.errors import GptkitError
+from gptkit.model.gpt import GPT, KVCache, sinusoidal_positions
+from gptkit.model.size import model_stats
 
 TINY = ModelConfig(vocab_size=97, block_size=24, n_layer=2, n_head=4, n_embd=32)
 

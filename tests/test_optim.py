@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from gptkit.checkpoint import load_model
+from gptkit.checkpoint.format import load_model
 from gptkit.config import ModelConfig, TrainConfig
-from gptkit.data import TokenShards
-from gptkit.model import GPT
-from gptkit.optim import Muon, Optimizers, orthogonalize
-from gptkit.tokenizer import CharTokenizer
-from gptkit.train import configure_optimizer, train
+from gptkit.data.shards import TokenShards
+from gptkit.model.gpt import GPT
+from gptkit.training.optim import Muon, Optimizers, orthogonalize
+from gptkit.text.tokenizer import CharTokenizer
+from gptkit.training.loop import configure_optimizer, train
 
 
 def test_orthogonalize_flattens_the_spectrum():

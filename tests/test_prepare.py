@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 
 from gptkit import prepare as prep
 from gptkit.cli import app
-from gptkit.config import GptkitError
-from gptkit.data import TokenShards
-from gptkit.textchunks import chunk_bounds
-from gptkit.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
+from gptkit.errors import GptkitError
+from gptkit.data.shards import TokenShards
+from gptkit.text.chunks import chunk_bounds
+from gptkit.text.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
 
 LINES = ["def f(x):\n", "    return x * 2  # 我有一个梦想\n", "\n", "The quick brown fox 👍🏽 jumps.\n", "\t\t  \n"]
 

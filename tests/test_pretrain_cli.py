@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from gptkit.prepare import prepare
-from gptkit.tokenizer import BPETokenizer
+from gptkit.data.prepare import prepare
+from gptkit.text.tokenizer import BPETokenizer
 
 ARGS = ["--preset", "tiny", "--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--block-size", "32",
         "--max-steps", "12", "--lr", "3e-3", "--warmup-steps", "2", "--eval-interval", "6", "--eval-batches", "2", "--log-interval", "1"]

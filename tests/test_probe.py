@@ -9,12 +9,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from gptkit.checkpoint import load_model
+from gptkit.checkpoint.format import load_model
 from gptkit.cli import app
-from gptkit.config import GptkitError
-from gptkit.finetune import DataSpec, FinetuneConfig, finetune
-from gptkit.probe import builtin_templates, probe_bias, read_templates
-from gptkit.tokenizer import load_tokenizer
+from gptkit.errors import GptkitError
+from gptkit.training.finetune import DataSpec, FinetuneConfig, finetune
+from gptkit.evaluation.probe import builtin_templates, probe_bias, read_templates
+from gptkit.text.tokenizer import load_tokenizer
 from test_finetune import make_base, train_cfg, write_jsonl
 
 PAIR = {"category": "gender", "lang": "en", "template": "the doctor said {group} was late.", "stereotyped": "she",

@@ -9,9 +9,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from gptkit.checkpoint import resolve_checkpoint
+from gptkit.checkpoint.format import resolve_checkpoint
 from gptkit.cli import app
-from gptkit.recipes import first_sentence, run_recipe, sums
+from gptkit.recipes.finetune import first_sentence, run_recipe, sums
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gptkit.config import SampleConfig
-from gptkit.sampling import RowParams, sample_batch, uniform_noise
+from gptkit.inference.sampling import RowParams, sample_batch, uniform_noise
 
 V = 8
 LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])  # distinct: no ties at any cut

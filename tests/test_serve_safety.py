@@ -16,16 +16,17 @@ import openai
 import pytest
 import torch
 
-from gptkit import moderation_data
-from gptkit.checkpoint import save_checkpoint
-from gptkit.config import GptkitError, ModelConfig, TrainConfig
-from gptkit.finetune import DataSpec, FinetuneConfig, finetune
-from gptkit.model import GPT
+from gptkit.recipes import moderation_data
+from gptkit.checkpoint.format import save_checkpoint
+from gptkit.errors import GptkitError
+from gptkit.config import ModelConfig, TrainConfig
+from gptkit.training.finetune import DataSpec, FinetuneConfig, finetune
+from gptkit.model.gpt import GPT
 from gptkit.server.audit import AuditLog
 from gptkit.server.auth import add_key, load_keys
 from gptkit.server.context import RequestRecord
 from gptkit.server.ratelimit import KeyLimits, Window, duration
-from gptkit.tokenizer import EOT, IM_END, IM_START, CharTokenizer
+from gptkit.text.tokenizer import EOT, IM_END, IM_START, CharTokenizer
 from live_server import serve as serve_in_thread, serve_cli
 
 # The LM is overfit on this text, so greedy output after "The answer is:" contains "idiot",
@@ -244,11 +245,11 @@ def test_window_counts_wait_and_reset():
 def limited(setup):
     """In-process server whose rate-limit window is 2 s; keys: `rpm` 2 requests per window,
     `tpm` 5 tokens per window, `one` 1 request at a time; public /metrics; an audit log with text."""
-    from gptkit.engine import Engine
-    from gptkit.checkpoint import load_model
+    from gptkit.inference.engine import Engine
+    from gptkit.checkpoint.format import load_model
     from gptkit.server import ServedModel, ServerConfig, create_app
     from gptkit.server.auth import ApiKey, hash_key
-    from gptkit.tokenizer import load_tokenizer
+    from gptkit.text.tokenizer import load_tokenizer
 
     model, _ = load_model(setup["lm"])
     tok = load_tokenizer(setup["lm"])

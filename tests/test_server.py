@@ -19,11 +19,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptkit.checkpoint import load_model, save_checkpoint
+from gptkit.checkpoint.format import load_model, save_checkpoint
 from gptkit.config import ModelConfig
-from gptkit.engine import Engine
-from gptkit.model import GPT
-from gptkit.tokenizer import BPETokenizer, load_tokenizer
+from gptkit.inference.engine import Engine
+from gptkit.model.gpt import GPT
+from gptkit.text.tokenizer import BPETokenizer, load_tokenizer
 from live_server import serve as serve_in_thread, serve_cli
 
 KEY = "sk-test-key"
@@ -291,7 +291,7 @@ def test_tokenize_detokenize_tokenizer_info(server, ckpt):
 
 def test_chat_template_jinja_renders_like_render_chat(server, ckpt):
     jinja2 = pytest.importorskip("jinja2")
-    from gptkit.tokenizer import render_chat
+    from gptkit.text.tokenizer import render_chat
 
     tok = load_tokenizer(ckpt)
     template = httpx.get(f"{server}/tokenizer_info", headers=auth()).json()["chat_template"]

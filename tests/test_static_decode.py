@@ -11,12 +11,12 @@ import dataclasses
 import pytest
 import torch
 
-from gptkit.checkpoint import load_state
+from gptkit.checkpoint.format import load_state
 from gptkit.config import SampleConfig, preset
-from gptkit.engine import Engine
-from gptkit.hf import hf_to_gptkit
-from gptkit.model import GPT
-from gptkit.static_decode import bucket
+from gptkit.inference.engine import Engine
+from gptkit.checkpoint.hf import hf_to_gptkit
+from gptkit.model.gpt import GPT
+from gptkit.inference.static_decode import bucket
 
 transformers = pytest.importorskip("transformers")
 

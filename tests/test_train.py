@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from gptkit.checkpoint import load_model, load_train_state, save_checkpoint
-from gptkit.config import GptkitError, ModelConfig, TrainConfig
-from gptkit.data import TokenShards
-from gptkit.model import GPT
-from gptkit.tokenizer import CharTokenizer, load_tokenizer
-from gptkit.train import configure_optimizer, lr_at, train
+from gptkit.checkpoint.format import load_model, load_train_state, save_checkpoint
+from gptkit.errors import GptkitError
+from gptkit.config import ModelConfig, TrainConfig
+from gptkit.data.shards import TokenShards
+from gptkit.model.gpt import GPT
+from gptkit.text.tokenizer import CharTokenizer, load_tokenizer
+from gptkit.training.loop import configure_optimizer, lr_at, train
 
 
 @pytest.fixture(scope="module")

@@ -25,12 +25,12 @@ import numpy as np
 import pytest
 import torch
 
-from gptkit.attention import attention_maps
-from gptkit.checkpoint import load_model, save_checkpoint
+from gptkit.evaluation.attention import attention_maps
+from gptkit.checkpoint.format import load_model, save_checkpoint
 from gptkit.config import ModelConfig
-from gptkit.model import GPT
+from gptkit.model.gpt import GPT
 from gptkit.server.webui import WEB
-from gptkit.tokenizer import BPETokenizer, ChatTemplate, load_tokenizer, render_chat
+from gptkit.text.tokenizer import BPETokenizer, ChatTemplate, load_tokenizer, render_chat
 
 from live_server import serve_cli
 

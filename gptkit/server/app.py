@@ -30,7 +30,7 @@ from pydantic import BaseModel
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gptkit.config import SampleConfig
-from gptkit.engine import Engine, Event, RequestHandle, TextStream
+from gptkit.inference.engine import Engine, Event, RequestHandle, TextStream
 from gptkit.server import schemas as S
 from gptkit.server.attention import attention_routes
 from gptkit.server.audit import AuditLog
@@ -42,7 +42,7 @@ from gptkit.server.metrics import Metrics, RequestMetrics
 from gptkit.server.moderation import Moderator, moderation_routes
 from gptkit.server.ratelimit import WINDOW_S
 from gptkit.server.webui import mount_page
-from gptkit.tokenizer import EOT, Tokenizer, render_chat, use_chat_template
+from gptkit.text.tokenizer import EOT, Tokenizer, render_chat, use_chat_template
 
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 ERROR_RESPONSES = {s: {"model": S.ErrorResponse} for s in (400, 401, 404, 413, 429)}

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from gptkit.attention import attention_maps
+from gptkit.evaluation.attention import attention_maps
 from gptkit.server import schemas as S
 from gptkit.server.errors import APIError
 

@@ -25,7 +25,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptkit.config import GptkitError
+from gptkit.errors import GptkitError
 from gptkit.server.context import current_request
 from gptkit.server.errors import APIError, error_response
 from gptkit.server.ratelimit import KeyLimiter, KeyLimits, RateLimited, WINDOW_S, retry_headers

@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from gptkit.config import GptkitError
+from gptkit.errors import GptkitError
 
 log = logging.getLogger("gptkit.server")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from gptkit.config import GptkitError
+from gptkit.errors import GptkitError
 from gptkit.server.errors import APIError, error_response
 
 

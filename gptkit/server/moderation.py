@@ -28,8 +28,8 @@ import torch
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
-from gptkit.config import GptkitError
-from gptkit.engine import Event
+from gptkit.errors import GptkitError
+from gptkit.inference.engine import Event
 from gptkit.server.context import current_request
 from gptkit.server.errors import APIError
 
@@ -75,7 +75,7 @@ def _term_pattern(term: str) -> str:
 
 class Moderator:
     def __init__(self, cfg: ModerationConfig):
-        from gptkit.checkpoint import load
+        from gptkit.checkpoint.format import load
 
         self.cfg = cfg
         self.model, self.tokenizer, self.labels = None, None, []

@@ -1,0 +1,51 @@
+"""One engine factory for every command that generates: generate, chat, serve and evaluate.
+
+It owns what each used to decide on its own: the device (the GPU when there is one), the
+dtype, the ids that end a generation (<|endoftext|> and <|im_end|>), the vocabulary limit
+(ids the tokenizer can decode), LoRA (merged before the engine packs the weights, so int8
+quantizes the merged layers instead of leaving LoRA layers in float) and quantization.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+
+from gptkit.checkpoint.format import Checkpoint, load
+from gptkit.errors import GptkitError
+from gptkit.inference.engine import Engine
+from gptkit.text.tokenizer import EOT, IM_END, Tokenizer
+
+DTYPES = ("float32", "bfloat16")
+
+
+def eos_ids(tokenizer: Tokenizer) -> list[int]:
+    """The special tokens that end a generation, where the tokenizer has them."""
+    return [i for t in (EOT, IM_END) if (i := tokenizer.special_id(t)) is not None]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_engine(model: torch.nn.Module, tokenizer: Tokenizer, *, max_batch: int = 8, quantize: str | None = None,
+                 dtype: str = "float32", device: str | None = None, keep_model: bool = False) -> Engine:
+    """The engine for a loaded model. The engine packs (and may quantize) the layers in place:
+    with keep_model the caller's model is left as it was and the engine gets a copy."""
+    from gptkit.model.lora import merge_lora
+
+    if dtype not in DTYPES:
+        raise GptkitError(f"--dtype {dtype!r}: expected {' or '.join(DTYPES)}")
+    model = copy.deepcopy(model) if keep_model else model
+    merge_lora(model)  # a no-op without LoRA layers
+    return Engine(model, max_batch=max_batch, token_bytes=tokenizer.token_bytes, eos_ids=eos_ids(tokenizer),
+                  dtype=getattr(torch, dtype), quantize=quantize, device=device or default_device(),
+                  vocab_size=tokenizer.vocab_size)
+
+
+def open_engine(folder: str | os.PathLike, **kw) -> tuple[Engine, Checkpoint]:
+    """Load a checkpoint (any folder `checkpoint.load` takes) into the engine."""
+    ckpt = load(folder)
+    return build_engine(ckpt.model, ckpt.tokenizer, **kw), ckpt

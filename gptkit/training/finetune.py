@@ -1,0 +1,240 @@
+"""Fine-tuning: the data files (gptkit.data.records) and a base checkpoint, adapted as the tasks need
+(gptkit.model.heads, gptkit.model.lora), through the one trainer.
+
+Several files make a multi-task mixture sampled with weights, with one validation loss per task
+(`val_loss/<task>`). Classification trains a head on the last real token (gptkit.model.heads).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gptkit.checkpoint.format import load, load_model
+from gptkit.checkpoint.rundir import resume_candidate
+from gptkit.errors import GptkitError
+from gptkit.config import TrainConfig
+from gptkit.model.heads import CLASSIFY_HEAD, add_class_head, class_logits, resize_vocab
+from gptkit.model.lora import LoRAConfig, apply_lora, mark_trainable
+from gptkit.data.records import Mixture, Record, TaskBatches, class_examples, lm_examples, read_records
+from gptkit.text.tokenizer import EOT, IM_END, IM_START, ChatTemplate
+from gptkit.text.tokenizer import Tokenizer, load_tokenizer
+
+
+def ensure_chat_tokens(model: nn.Module, tokenizer: Tokenizer) -> list[str]:
+    """Give the tokenizer the ChatML tokens and a stored template; grow the embedding when the
+    vocabulary outgrows it. Returns the tokens that were added."""
+    missing = [t for t in (EOT, IM_START, IM_END) if tokenizer.special_id(t) is None]
+    if missing:
+        tokenizer.add_special_tokens(missing)
+    tokenizer.chat_template = tokenizer.chat_template or ChatTemplate()
+    if tokenizer.vocab_size > model.config.vocab_size:
+        resize_vocab(model, tokenizer.vocab_size)
+    return missing
+
+
+# ---------------------------------------------------------------------------- losses
+def finetune_loss(model: nn.Module, batch: tuple) -> torch.Tensor:
+    """The trainer's loss for a fine-tuning batch of either kind (scaled by the process's share
+    of the global batch under torchrun, see TaskBatches)."""
+    share = 1.0
+    if isinstance(batch[-1], float):
+        *batch, share = batch
+    if len(batch) == 3:  # (x, last, labels): classification
+        x, last, labels = batch
+        return F.cross_entropy(class_logits(model, x, last).float(), labels) * share
+    x, y = batch
+    return model(x, targets=y) * share
+
+
+# ---------------------------------------------------------------------------- the run
+@dataclass
+class DataSpec:
+    """One task of a run: a training file, its sampling weight, and optionally a val file."""
+
+    path: str
+    weight: float = 1.0
+    val: str | None = None
+    name: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> "DataSpec":
+        """PATH or PATH@WEIGHT."""
+        path, _, weight = spec.rpartition("@") if "@" in spec else (spec, "", "1")
+        try:
+            return cls(path, float(weight))
+        except ValueError:
+            raise GptkitError(f"data {spec!r}: weight {weight!r} is not a number (expected PATH or PATH@WEIGHT)") from None
+
+
+@dataclass
+class FinetuneConfig:
+    task: str = "auto"  # auto | lm | classify: what the data must be
+    lora: LoRAConfig | None = None  # None: full fine-tuning
+    val_fraction: float = 0.05  # of a file's records, when it has no val file
+    skip_bad: bool = False
+    labels: list[str] = field(default_factory=list)  # default: sorted labels of the data
+
+
+@dataclass
+class Task:
+    name: str
+    fmt: str
+    train: list[Record]
+    val: list[Record]
+    weight: float
+    skipped: int
+
+    @property
+    def kind(self) -> str:
+        return "classify" if self.fmt == "classify" else "lm"
+
+
+def load_tasks(specs: list[DataSpec], ft: FinetuneConfig) -> list[Task]:
+    """Read every file; split off validation records (seeded) where no val file is given."""
+    tasks, names = [], set()
+    for spec in specs:
+        fmt, records, skipped = read_records(spec.path, ft.skip_bad)
+        if spec.val:
+            vfmt, val, vskipped = read_records(spec.val, ft.skip_bad)
+            if vfmt != fmt:
+                raise GptkitError(f"{spec.val}: a {vfmt} file as validation for the {fmt} file {spec.path}")
+            skipped += vskipped
+        else:
+            records, val = _split(records, ft.val_fraction)
+        name = spec.name or Path(spec.path).stem
+        while name in names:
+            name += "_"
+        names.add(name)
+        tasks.append(Task(name, fmt, records, val, spec.weight, skipped))
+    code = next((t for t in tasks if t.fmt == "code"), None)
+    if code is not None:
+        raise GptkitError(f"{code.train[0].where}: prompt/tests records are for `gptkit evaluate --task code`; "
+                          "train on prompt/completion records")
+    kinds = {t.kind for t in tasks}
+    if ft.task != "auto" and kinds != {ft.task}:
+        raise GptkitError(f"--task {ft.task}: the data is {', '.join(f'{t.name} ({t.fmt})' for t in tasks)}")
+    if sum(t.kind == "classify" for t in tasks) > 1:
+        raise GptkitError("one classification file per run (its labels define the head)")
+    return tasks
+
+
+def _split(records: list[Record], fraction: float) -> tuple[list[Record], list[Record]]:
+    if len(records) < 2 or fraction <= 0:
+        return records, []
+    order = list(range(len(records)))
+    random.Random(0).shuffle(order)
+    n_val = min(len(records) - 1, max(1, round(fraction * len(records))))
+    return [records[i] for i in sorted(order[n_val:])], [records[i] for i in sorted(order[:n_val])]
+
+
+def build_batches(tasks: list[Task], tokenizer: Tokenizer, block_size: int, cfg: TrainConfig,
+                  labels: list[str], skip_bad: bool, rank: int = 0,
+                  world_size: int = 1) -> tuple[TaskBatches | Mixture, dict]:
+    """The trainer's data object (one task, or a mixture) and per-task counts; under torchrun
+    each process's share of every batch."""
+    batches, stats = {}, {}
+    for t in tasks:
+        if t.kind == "classify":
+            train, s = class_examples(t.train, tokenizer, block_size, labels)
+            val, vs = class_examples(t.val, tokenizer, block_size, labels)
+        else:
+            train, s = lm_examples(t.fmt, t.train, tokenizer, block_size, skip_bad)
+            val, vs = lm_examples(t.fmt, t.val, tokenizer, block_size, skip_bad)
+        stats[t.name] = {"format": t.fmt, "train": len(train), "val": len(val), "weight": t.weight,
+                         "skipped": t.skipped + s["skipped"] + vs["skipped"],
+                         "truncated": s["truncated"] + vs["truncated"]}
+        batches[t.name] = TaskBatches(t.kind, train, val, cfg.batch_size, tokenizer.eot_id, seed=cfg.seed,
+                                      eval_batches=cfg.eval_batches, rank=rank, world_size=world_size)
+    if len(batches) == 1:
+        return next(iter(batches.values())), stats
+    return Mixture(batches, {t.name: t.weight for t in tasks}, seed=cfg.seed), stats
+
+
+def prepare_model(base: str | Path, tasks: list[Task], ft: FinetuneConfig) -> tuple[nn.Module, Tokenizer, dict]:
+    """Load the base, add chat tokens / a classification head / LoRA as the tasks need;
+    returns (model, tokenizer, extra for the checkpoint)."""
+    loaded = load(base)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    extra: dict = {}
+    added = ensure_chat_tokens(model, tokenizer) if any(t.fmt == "chat" for t in tasks) else []
+    if any(t.kind == "classify" for t in tasks):
+        labels = ft.labels or _labels(next(t for t in tasks if t.kind == "classify"))
+        add_class_head(model, len(labels))
+        extra.update(labels=labels, heads={CLASSIFY_HEAD: [model.config.n_embd, len(labels)]})
+    if ft.lora is not None:
+        if loaded.meta.is_lora:
+            raise GptkitError(f"{base}: already a LoRA checkpoint; run `gptkit merge-lora` on it first")
+        apply_lora(model, ft.lora)
+        extra.update(lora=ft.lora.to_dict(), base=str(Path(base).resolve()))
+    extra["added_tokens"] = added
+    _freeze_for_lora(model, extra)
+    return model.train(), tokenizer, extra
+
+
+def _freeze_for_lora(model: nn.Module, extra: dict) -> None:
+    """With LoRA, train only adapters and heads, plus the embedding when tokens were added
+    (their new rows must be learned, so wte is trained and saved too)."""
+    if extra.get("lora"):
+        mark_trainable(model, also=("heads.", "wte.") if extra["added_tokens"] else ("heads.",))
+
+
+def _labels(task: Task) -> list[str]:
+    return sorted({str(r.data["label"]) for r in task.train + task.val})
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def finetune(base: str | Path, specs: list[DataSpec], cfg: TrainConfig, ft: FinetuneConfig | None = None, *,
+             resume: bool | Path = False, log: Callable[[str], None] = print) -> dict:
+    """Fine-tune the checkpoint `base` on the data files; the result goes to cfg.out_dir.
+    Returns the trainer's last metrics plus a summary of the data and parameters."""
+    from gptkit.training.distributed import close_distributed, init_distributed, pick_device, processes
+    from gptkit.training.loop import train
+
+    ft = ft or FinetuneConfig()
+    if not specs:
+        raise GptkitError("no data files given")
+    if ft.lora and cfg.optimizer == "muon":  # adapters and heads are not hidden matrices: all of it is AdamW's
+        cfg = dataclasses.replace(cfg, optimizer="adamw")
+    dist_info = init_distributed()
+    log = log if dist_info.master else (lambda _: None)  # one process speaks for the job
+    try:
+        tasks = load_tasks(specs, ft)
+        torch.manual_seed(cfg.seed)  # new weights (LoRA, heads) the same in every process and every rerun
+        model, tokenizer, extra = prepare_model(base, tasks, ft)
+        if resume:  # the run's newest intact checkpoint, with the structure prepare_model just built
+            resume = resume_candidate(cfg.out_dir, log)
+            model, _ = load_model(resume)
+            _freeze_for_lora(model, extra)
+            tokenizer = load_tokenizer(resume)
+        device = pick_device(dist_info)
+        model.to(device).train()
+        data, stats = build_batches(tasks, tokenizer, model.config.block_size, cfg, extra.get("labels", []),
+                                    ft.skip_bad, dist_info.rank, dist_info.world_size)
+        trainable, total = count_params(model)
+        summary = {"base": str(base), "tasks": stats, "trainable_params": trainable, "total_params": total,
+                   "method": "lora" if ft.lora else "full"}
+        extra["finetune"] = summary
+        log(f"model: {total / 1e6:.2f}M parameters, {processes(dist_info, cfg, device)}")
+        for name, s in stats.items():
+            log(f"task {name}: {s['format']}, {s['train']} train / {s['val']} val examples, weight {s['weight']}, "
+                f"{s['skipped']} skipped as bad, {s['truncated']} truncated to the context")
+        log(f"{summary['method']} fine-tuning: {trainable:,} of {total:,} parameters trained "
+            f"({100 * trainable / total:.2f}%)")
+        last = train(model, data, cfg, tokenizer, loss_fn=finetune_loss, resume=resume, extra=extra,
+                     dist_info=dist_info, log=log)
+    finally:
+        close_distributed(dist_info)
+    return {**last, **summary}
