@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from gptkit import attention as A
+from gptkit.evaluation import attention as A
 from gptkit.cli import app
 from gptkit.checkpoint.format import save_checkpoint
 from gptkit.config import ModelConfig

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from gptkit import prepare as prep
+from gptkit.data import prepare as prep
 from gptkit.cli import app
 from gptkit.errors import GptkitError
 from gptkit.data.shards import TokenShards
