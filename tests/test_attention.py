@@ -11,6 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from gptkit.checkpoint.open import open_checkpoint, open_tokenizer
 from gptkit.evaluation import attention as A
 from gptkit.cli import app
 from gptkit.checkpoint.format import save_checkpoint
@@ -55,12 +56,10 @@ def test_command_writes_the_models_weights(ckpt, tmp_path):
     assert w.shape == (2, 3, 18, 18) and data["tokens"][:3] == ["我¹", "我²", "我³"]
     np.testing.assert_allclose(w.sum(-1), 1, atol=1e-3)  # rounded to 4 decimals
     assert np.triu(w, 1).max() == 0  # causal
-    from gptkit.checkpoint.format import load_model
-    from gptkit.text.tokenizer import load_tokenizer
 
-    model, _ = load_model(ckpt)
+    model = open_checkpoint(ckpt).model
     with torch.no_grad():
-        _, maps = model.attention_maps(torch.tensor([load_tokenizer(ckpt).encode(DREAM)]))
+        _, maps = model.attention_maps(torch.tensor([open_tokenizer(ckpt).encode(DREAM)]))
     np.testing.assert_allclose(w, maps[:, 0].numpy(), atol=1e-4)
 
 
@@ -77,17 +76,13 @@ def test_one_head_and_errors(ckpt, tmp_path):
 
 
 def test_long_text_keeps_the_first_context(ckpt, byte_tok):
-    from gptkit.checkpoint.format import load_model
-
-    model, _ = load_model(ckpt)
+    model = open_checkpoint(ckpt).model
     maps = A.attention_maps(model.eval(), byte_tok, "a + b " * 40)
     assert maps.truncated and len(maps.token_ids) == 32 and maps.weights.shape == (2, 3, 32, 32)
 
 
 def test_cjk_font_or_a_one_line_hint(ckpt, byte_tok, tmp_path, monkeypatch, capsys):
-    from gptkit.checkpoint.format import load_model
-
-    model, _ = load_model(ckpt)
+    model = open_checkpoint(ckpt).model
     maps = A.attention_maps(model.eval(), byte_tok, DREAM)
     monkeypatch.setattr(A, "cjk_font", lambda: None)
     with warnings.catch_warnings():

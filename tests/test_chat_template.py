@@ -12,12 +12,13 @@ import openai
 import pytest
 import torch
 
-from gptkit.checkpoint.format import load_model, save_checkpoint
+from gptkit.checkpoint.open import open_checkpoint, open_tokenizer
+from gptkit.checkpoint.format import save_checkpoint
 from gptkit.errors import GptkitError
 from gptkit.config import ModelConfig
 from gptkit.inference.engine import Engine
 from gptkit.model.gpt import GPT
-from gptkit.text.tokenizer import EOT, ChatTemplate, CharTokenizer, load_tokenizer, render_chat, use_chat_template
+from gptkit.text.tokenizer import EOT, ChatTemplate, CharTokenizer, render_chat, use_chat_template
 from live_server import bpe_tokenizer, plain_tokenizer, serve
 
 # A model overfit on a plain-text conversation: asked "hello", it answers " hi there" and then
@@ -73,8 +74,8 @@ def test_which_template_is_used():
 def test_server_chats_with_a_model_without_chat_tokens(plain_ckpt):
     from gptkit.server import ServedModel, create_app
 
-    model, _ = load_model(plain_ckpt)
-    tok = load_tokenizer(plain_ckpt)
+    model = open_checkpoint(plain_ckpt).model
+    tok = open_tokenizer(plain_ckpt)
     engine = Engine(model, max_batch=2, token_bytes=tok.token_bytes, eos_ids=[tok.eot_id])
     with serve(create_app([ServedModel("plain", engine, tok)])) as url:
         info = httpx.get(f"{url}/tokenizer_info").json()

@@ -20,7 +20,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from gptkit.checkpoint.format import SAVE_PAUSE_ENV, load_model, load_train_state
+from gptkit.checkpoint.open import open_checkpoint, open_tokenizer
+from gptkit.checkpoint.format import SAVE_PAUSE_ENV, load_train_state
 from gptkit.checkpoint.rundir import LATEST, is_checkpoint, resolve_checkpoint, resume_candidate, set_verify_hashes
 from gptkit.errors import GptkitError
 from gptkit.config import ModelConfig, TrainConfig
@@ -44,7 +45,7 @@ def _setup(text: str, out: Path, resume: bool):
                       eval_batches=2, log_interval=1, progress=False, keep=2)
     if resume:
         src = resume_candidate(out, lambda m: None)
-        model = load_model(src)[0].train()
+        model = open_checkpoint(src).model.train()
         return model, data, cfg, tok, src
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.1))
@@ -93,7 +94,7 @@ def _history(out: Path) -> list[dict]:
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_model(out)[0].state_dict()
+    return open_checkpoint(out).model.state_dict()
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +140,8 @@ def test_sigkill_anywhere_then_resume_matches_uninterrupted_run(tmp_path, sample
             # what is left loads, and is at least as new as what was there before the kill
             after = resolve_checkpoint(out)
             assert before is None or after.name >= before.name, (kind, n)
-            load_model(out)
-            load_train_state(out)
+            open_checkpoint(out)
+            load_train_state(resolve_checkpoint(out))
         survived += 1
     p = _start(sample_text, out, resume=is_checkpoint(out))
     p.join(120)
@@ -184,7 +185,7 @@ def test_every_damaged_file_is_detected_named_and_skipped_on_resume(tmp_path, re
             damage(run / newest.name / name)
             tried += 1
             with pytest.raises(GptkitError) as e:
-                load_model(run)
+                open_checkpoint(run)
             message = str(e.value)
             assert f"{run / newest.name / name}:" in message and "\n" not in message, message
             assert f"newest intact checkpoint is {run / older.name}" in message
@@ -218,10 +219,10 @@ def test_hash_checks_can_be_skipped_but_sizes_are_always_checked(tmp_path, refer
     weights = run / f"step-{STEPS:06d}" / "model.safetensors"
     set_verify_hashes(False)
     try:
-        load_model(run)
+        open_checkpoint(run)
         weights.write_bytes(weights.read_bytes()[:-1])
         with pytest.raises(GptkitError, match="model.safetensors: damaged"):
-            load_model(run)
+            open_checkpoint(run)
     finally:
         set_verify_hashes(True)
 
@@ -262,8 +263,6 @@ def _flat(reference: Path, dest: Path) -> Path:
     ("train_state.pt", "half", "train_state.pt: cannot read"),
 ])
 def test_damaged_flat_checkpoint_files_are_one_line_errors(tmp_path, reference, name, content, expected):
-    from gptkit.text.tokenizer import load_tokenizer
-
     ckpt = _flat(reference, tmp_path / "flat")
     path = ckpt / name
     if content is None:
@@ -275,9 +274,9 @@ def test_damaged_flat_checkpoint_files_are_one_line_errors(tmp_path, reference, 
     else:
         path.write_bytes(content)
     with pytest.raises(GptkitError) as e:
-        load_model(ckpt)
-        load_tokenizer(ckpt)
-        load_train_state(ckpt)
+        open_checkpoint(ckpt)
+        open_tokenizer(ckpt)
+        load_train_state(resolve_checkpoint(ckpt))
     assert expected in str(e.value) and "\n" not in str(e.value)
 
 

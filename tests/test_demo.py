@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptkit.checkpoint.format import load
+from gptkit.checkpoint.open import open_checkpoint
 from gptkit.errors import GptkitError
 from gptkit.config import ModelConfig
 from gptkit.recipes.demo import GPU_SIZE, DemoConfig, resolve_device, run_demo
@@ -33,7 +33,7 @@ def test_tiny_demo_runs_every_stage_and_learns(tmp_path):
     assert result["device"].startswith("cpu")
     assert result["val_loss_after"] < result["val_loss_before"] - 0.5  # ln(512) = 6.24 at the start
     assert len(result["samples"]) == len(cfg.prompts)
-    loaded = load(result["checkpoint"])
+    loaded = open_checkpoint(result["checkpoint"])
     assert (loaded.model.config.n_layer, loaded.model.config.block_size) == (1, 32)
     assert loaded.tokenizer.vocab_size == 512
     assert any(line.startswith("3/4 pretrain on cpu") and ", muon; " in line for line in lines)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from gptkit.checkpoint.format import WEIGHTS, resolve_checkpoint
+from gptkit.checkpoint.rundir import resolve_checkpoint
+from gptkit.checkpoint.format import WEIGHTS
 
 from test_finetune import make_base, write_jsonl
 from test_pretrain_cli import ARGS, _losses, _run, data_dir  # noqa: F401 (data_dir is a fixture)

@@ -11,9 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 import gptkit.evaluation.evaluate as ev
-from gptkit.checkpoint.format import load_model
+from gptkit.checkpoint.open import open_checkpoint, open_tokenizer
 from gptkit.cli import app
-from gptkit.text.tokenizer import load_tokenizer
 from test_finetune import CLS, QA, make_base, train_cfg, write_jsonl
 
 
@@ -77,8 +76,8 @@ def ckpt(tmp_path_factory):
 
 
 def test_perplexity_and_bpb_match_a_plain_forward(ckpt):
-    model, _ = load_model(ckpt)
-    tok = load_tokenizer(ckpt)
+    model = open_checkpoint(ckpt).model
+    tok = open_tokenizer(ckpt)
     text = "the quick brown fox jumps over the lazy dog, twice over"  # longer than one 16-token window
     got = ev.perplexity(model, tok, text)
     ids = torch.tensor(tok.encode(text))
@@ -111,8 +110,8 @@ def test_classify_and_summarize_tasks_score_what_the_model_predicts(tmp_path, ck
              FinetuneConfig(task="classify"), log=lambda m: None)
     data = write_jsonl(tmp_path / "test.jsonl", CLS[:6])
     result = ev.evaluate(out, "classify", data)
-    model, cfg = load_model(out)
-    preds = ev.classify(model, load_tokenizer(out), [r["text"] for r in CLS[:6]], cfg["extra"]["labels"])
+    model, cfg = (loaded := open_checkpoint(out)).model, loaded.meta
+    preds = ev.classify(model, open_tokenizer(out), [r["text"] for r in CLS[:6]], cfg.extra["labels"])
     assert result["accuracy"] == ev.accuracy_f1(preds, [r["label"] for r in CLS[:6]])["accuracy"]
     monkeypatch.setattr(ev, "generate_all", lambda model, tok, prompts, *a, **k: ["the cat sat"] * len(prompts))
     summ = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "x", "completion": "the cat sat down"}])

@@ -11,7 +11,9 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from gptkit.checkpoint.format import load_model, resolve_checkpoint, save_checkpoint
+from gptkit.checkpoint.open import open_checkpoint, open_tokenizer
+from gptkit.checkpoint.rundir import resolve_checkpoint
+from gptkit.checkpoint.format import save_checkpoint
 from gptkit.cli import app
 from gptkit.errors import GptkitError
 from gptkit.config import ModelConfig, TrainConfig
@@ -21,7 +23,7 @@ from gptkit.training.finetune import DataSpec, FinetuneConfig, ensure_chat_token
 from gptkit.evaluation.evaluate import generate_all
 from gptkit.model.lora import LoRAConfig, LoRALinear, apply_lora, merge_lora
 from gptkit.model.gpt import GPT
-from gptkit.text.tokenizer import EOT, IM_END, IM_START, CharTokenizer, load_tokenizer, render_chat
+from gptkit.text.tokenizer import EOT, IM_END, IM_START, CharTokenizer, render_chat
 
 CHARS = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789 +=?.,:\n'ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
 
@@ -88,7 +90,7 @@ def test_plain_text_is_cut_into_windows_that_cover_every_token(tmp_path, base):
     (tmp_path / "t.txt").write_text(text)
     from gptkit.data.records import lm_examples
 
-    tok = load_tokenizer(base)
+    tok = open_tokenizer(base)
     fmt, records, _ = read_records(tmp_path / "t.txt")
     examples, _ = lm_examples(fmt, records, tok, 48, False)
     assert all(len(e.ids) <= 48 for e in examples)
@@ -106,8 +108,8 @@ def test_cli_reports_a_bad_record_in_one_line(tmp_path, base):
 # ---------------------------------------------------------------------------- chat
 def test_chat_tokens_are_added_and_the_tied_embedding_grows(tmp_path):
     folder = make_base(tmp_path / "b", specials=[EOT])
-    model, _ = load_model(folder)
-    tok = load_tokenizer(folder)
+    model = open_checkpoint(folder).model
+    tok = open_tokenizer(folder)
     old = model.wte.weight.detach().clone()
     assert ensure_chat_tokens(model, tok) == [IM_START, IM_END]
     V = tok.vocab_size
@@ -122,9 +124,9 @@ def test_chat_finetune_stores_the_template_and_renders_as_chat_and_serve(tmp_pat
     folder = make_base(tmp_path / "b", specials=[EOT])  # no chat tokens yet
     out = tmp_path / "chat"
     finetune(folder, [DataSpec(write_jsonl(tmp_path / "c.jsonl", CHAT))], train_cfg(out), log=lambda m: None)
-    tok = load_tokenizer(out)
+    tok = open_tokenizer(out)
     assert tok.chat_template is not None and tok.special_id(IM_START) is not None
-    model, _ = load_model(out)
+    model = open_checkpoint(out).model
     assert model.config.vocab_size == tok.vocab_size
     msgs = CHAT[0]["messages"]
     ids, mask = encode_lm("chat", CHAT[0], tok)
@@ -145,8 +147,8 @@ def test_chat_command_keeps_history_and_handles_reset_system_exit(tmp_path):
     folder = make_base(tmp_path / "b", specials=[EOT], block_size=256)
     out = tmp_path / "chat"
     finetune(folder, [DataSpec(write_jsonl(tmp_path / "c.jsonl", CHAT))], train_cfg(out), log=lambda m: None)
-    model, _ = load_model(out)
-    tok = load_tokenizer(out)
+    model = open_checkpoint(out).model
+    tok = open_tokenizer(out)
     with torch.no_grad():  # larger weights than a few steps give: replies that depend on the whole prompt
         for p in model.parameters():
             if p.dim() == 2:
@@ -175,8 +177,8 @@ def test_chat_command_keeps_history_and_handles_reset_system_exit(tmp_path):
 
 # ---------------------------------------------------------------------------- padding
 def test_right_padding_changes_nothing_for_real_tokens(base):
-    model, _ = load_model(base)
-    tok = load_tokenizer(base)
+    model = open_checkpoint(base).model
+    tok = open_tokenizer(base)
     examples = [Example(tok.encode("hello world"), tok.encode("ello world!")),
                 Example(tok.encode("hi"), [-100, tok.encode("!")[0]])]
     x, y = TaskBatches("lm", examples, [], 2, tok.eot_id).collate(examples)
@@ -193,7 +195,7 @@ def test_right_padding_changes_nothing_for_real_tokens(base):
 
 # ---------------------------------------------------------------------------- classification
 def test_class_head_reads_the_last_real_token(base):
-    model, _ = load_model(base)
+    model = open_checkpoint(base).model
     from gptkit.model.heads import add_class_head
 
     add_class_head(model, 3)
@@ -213,8 +215,8 @@ def test_classify_checkpoint_keeps_head_and_labels(tmp_path, base):
     assert last["val_loss"] < 1.0  # from ln(3) = 1.10 at the start
     keys = load_file(str(resolve_checkpoint(out) / "model.safetensors"))
     assert {"heads.classify.weight", "heads.classify.bias"} <= set(keys)
-    model, cfg = load_model(out)
-    assert cfg["extra"]["labels"] == ["app", "moo", "zeb"]
+    model, cfg = (loaded := open_checkpoint(out)).model, loaded.meta
+    assert cfg.extra["labels"] == ["app", "moo", "zeb"]
     assert model.heads["classify"].weight.shape == (3, 32)
 
 
@@ -226,7 +228,7 @@ def test_task_mismatch_is_a_user_error(tmp_path, base):
 
 # ---------------------------------------------------------------------------- LoRA
 def test_lora_starts_as_the_base_and_merges_exactly(base):
-    model, _ = load_model(base)
+    model = open_checkpoint(base).model
     x = torch.randint(0, model.config.vocab_size, (2, 9))
     before = model(x)
     assert apply_lora(model, LoRAConfig(rank=4, alpha=8)) == 2 * 4  # per layer: c_attn, attn c_proj, c_fc, mlp c_proj
@@ -245,20 +247,20 @@ def test_lora_trains_and_saves_only_adapters_and_merge_lora_matches(tmp_path, ba
     assert 0 < last["trainable_params"] < 0.2 * last["total_params"]
     saved = load_file(str(resolve_checkpoint(out) / "model.safetensors"))
     assert saved and all(".lora_A" in k or ".lora_B" in k for k in saved)
-    base_model, _ = load_model(base)
-    tuned, cfg = load_model(out)
-    assert cfg["extra"]["base"] and cfg["extra"]["lora"]["rank"] == 2
+    base_model = open_checkpoint(base).model
+    tuned, cfg = (loaded := open_checkpoint(out)).model, loaded.meta
+    assert cfg.extra["base"] and cfg.extra["lora"]["rank"] == 2
     base_state = base_model.state_dict()
     assert all(torch.equal(v, base_state[k]) for k, v in tuned.state_dict().items() if "lora_" not in k)
     x = torch.randint(0, tuned.config.vocab_size, (2, 12))
     assert not torch.allclose(tuned(x), base_model(x))  # the adapters learned something
     r = CliRunner().invoke(app, ["merge-lora", str(out), str(tmp_path / "merged")])
     assert r.exit_code == 0, r.output
-    merged, mcfg = load_model(tmp_path / "merged")
-    assert "lora" not in mcfg["extra"] and "base" not in mcfg["extra"]
+    merged, mcfg = (loaded := open_checkpoint(tmp_path / "merged")).model, loaded.meta
+    assert "lora" not in mcfg.extra and "base" not in mcfg.extra
     assert not any("lora" in k for k in load_file(str(resolve_checkpoint(tmp_path / "merged") / "model.safetensors")))
     assert torch.allclose(merged(x), tuned(x), atol=1e-5)
-    tok = load_tokenizer(out)
+    tok = open_tokenizer(out)
     prompts = [tok.encode(q["prompt"]) for q in QA[:4]]
     assert generate_all(tuned, tok, prompts, 6) == generate_all(merged, tok, prompts, 6)
     assert any(isinstance(m, LoRALinear) for m in tuned.modules())  # generation left the model as it was
@@ -275,6 +277,6 @@ def test_mixture_logs_per_task_val_loss_and_follows_weights(tmp_path, base):
     from gptkit.training.finetune import FinetuneConfig as FC, build_batches, load_tasks
 
     tasks = load_tasks(specs, FC())
-    data, _ = build_batches(tasks, load_tokenizer(base), 48, train_cfg(out, batch_size=2), ["app", "moo", "zeb"], False)
+    data, _ = build_batches(tasks, open_tokenizer(base), 48, train_cfg(out, batch_size=2), ["app", "moo", "zeb"], False)
     kinds = [len(data.train_batch()) for _ in range(400)]  # (x, y) for LM, (x, last, labels) for classify
     assert 0.68 < kinds.count(2) / 400 < 0.82  # weight 3:1 -> 0.75

@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
-from gptkit.checkpoint.format import load_model, save_checkpoint  # noqa: E402
+from gptkit.checkpoint.open import open_checkpoint, open_tokenizer  # noqa: E402
+from gptkit.checkpoint.format import save_checkpoint  # noqa: E402
 from gptkit.errors import GptkitError  # noqa: E402
 from gptkit.config import ModelConfig  # noqa: E402
 from gptkit.checkpoint.hf import export_hf, import_hf  # noqa: E402
@@ -61,7 +62,7 @@ def hf_dir(tmp_path_factory, hf_model, bpe) -> Path:
 def imported(tmp_path_factory, hf_dir) -> tuple[GPT, Path]:
     out = tmp_path_factory.mktemp("ckpt")
     import_hf(hf_dir, out)
-    return load_model(out)[0], out
+    return open_checkpoint(out).model, out
 
 
 def hf_logits(model, idx: torch.Tensor) -> torch.Tensor:
@@ -132,9 +133,7 @@ def test_greedy_generation_through_engine_matches_transformers(imported, hf_mode
 
 
 def test_import_keeps_the_tokenizer(imported, bpe):
-    from gptkit.text.tokenizer import load_tokenizer
-
-    assert load_tokenizer(imported[1]).encode(MIXED) == bpe.encode(MIXED)
+    assert open_tokenizer(imported[1]).encode(MIXED) == bpe.encode(MIXED)
 
 
 def test_import_pytorch_model_bin_with_head_and_mask_buffers(tmp_path, hf_dir, hf_model, bpe):
@@ -150,7 +149,7 @@ def test_import_pytorch_model_bin_with_head_and_mask_buffers(tmp_path, hf_dir, h
     bpe.tok.save(str(src / "tokenizer.json"))
     import_hf(src, tmp_path / "ckpt")
     idx = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(4))
-    assert max_diff(gptkit_logits(load_model(tmp_path / "ckpt")[0], idx), hf_logits(hf_model, idx)) <= TOL
+    assert max_diff(gptkit_logits(open_checkpoint(tmp_path / "ckpt").model, idx), hf_logits(hf_model, idx)) <= TOL
 
 
 def _copy_with_weights(tmp_path: Path, hf_dir: Path, edit) -> Path:
@@ -168,7 +167,7 @@ def test_import_bare_gpt2model_keys(tmp_path, hf_dir, hf_model):
     src = _copy_with_weights(tmp_path, hf_dir, lambda s: {k.removeprefix("transformer."): v for k, v in s.items()})
     import_hf(src, tmp_path / "ckpt")
     idx = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(8))
-    assert max_diff(gptkit_logits(load_model(tmp_path / "ckpt")[0], idx), hf_logits(hf_model, idx)) <= TOL
+    assert max_diff(gptkit_logits(open_checkpoint(tmp_path / "ckpt").model, idx), hf_logits(hf_model, idx)) <= TOL
 
 
 def test_import_names_a_missing_key(tmp_path, hf_dir):
@@ -235,7 +234,7 @@ def test_export_native_model_loads_in_transformers_with_equal_logits(tmp_path, b
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["activation_function"] == hf_name
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert type(reloaded).__name__ == "GPT2LMHeadModel"
-    model = load_model(ckpt)[0]
+    model = open_checkpoint(ckpt).model
     idx = torch.randint(0, model.config.vocab_size, (3, 64), generator=torch.Generator().manual_seed(7))
     diff = max_diff(hf_logits(reloaded, idx), gptkit_logits(model, idx))
     print(f"export native ({activation}): max abs logit diff {diff:.2e}")
@@ -251,7 +250,7 @@ def test_import_exact_gelu_model_matches_transformers(tmp_path, hf_dir):
     cfg = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**cfg, "activation_function": "gelu"}))
     import_hf(src, tmp_path / "out")
-    model = load_model(tmp_path / "out")[0]
+    model = open_checkpoint(tmp_path / "out").model
     assert model.config.activation == "gelu"
     reference = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
     idx = torch.randint(0, VOCAB, (2, 128), generator=torch.Generator().manual_seed(8))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from gptkit.checkpoint.format import load, save_checkpoint
+from gptkit.checkpoint.open import open_checkpoint
+from gptkit.checkpoint.format import save_checkpoint
 from gptkit.config import ModelConfig, SampleConfig
 from gptkit.inference.engine import Engine
 from gptkit.inference.factory import build_engine, eos_ids, open_engine
@@ -28,7 +29,7 @@ def _lora_classifier(folder):
 
 def test_load_gives_model_tokenizer_and_typed_meta(tmp_path):
     _lora_classifier(tmp_path / "run")
-    ckpt = load(tmp_path / "run")  # the run folder: its latest step folder
+    ckpt = open_checkpoint(tmp_path / "run")  # the run folder: its latest step folder
     assert ckpt.meta.path.name.startswith("step-") and ckpt.meta.step == 3
     assert ckpt.meta.is_lora and ckpt.meta.labels == ["no", "yes"] and ckpt.meta.base is None
     assert any(isinstance(m, LoRALinear) for m in ckpt.model.modules())
@@ -37,11 +38,11 @@ def test_load_gives_model_tokenizer_and_typed_meta(tmp_path):
 
 def test_the_factory_merges_lora_into_a_copy_and_matches_a_merged_model(tmp_path):
     _lora_classifier(tmp_path / "run")
-    ckpt = load(tmp_path / "run")
+    ckpt = open_checkpoint(tmp_path / "run")
     engine = build_engine(ckpt.model, ckpt.tokenizer, keep_model=True, device="cpu")
     assert not any(isinstance(m, LoRALinear) for m in engine.model.modules())  # int8 would pack merged layers
     assert any(isinstance(m, LoRALinear) for m in ckpt.model.modules())  # the caller's model as loaded
-    merged = load(tmp_path / "run").model
+    merged = open_checkpoint(tmp_path / "run").model
     merge_lora(merged)
     plain = Engine(merged, token_bytes=ckpt.tokenizer.token_bytes, eos_ids=eos_ids(ckpt.tokenizer))
     params = SampleConfig(max_tokens=12, temperature=0.0)

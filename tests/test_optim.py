@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from gptkit.checkpoint.format import load_model
+from gptkit.checkpoint.open import open_checkpoint
 from gptkit.config import ModelConfig, TrainConfig
 from gptkit.data.shards import TokenShards
 from gptkit.model.gpt import GPT
@@ -79,9 +79,9 @@ def test_muon_trains_and_resumes_exactly(tmp_path, sample_text):
     assert vals[-1] < vals[0] and last["val_loss"] == vals[-1]
 
     _run(tmp_path / "b", split, stop_at=13)
-    resumed, _ = load_model(tmp_path / "b")
+    resumed = open_checkpoint(tmp_path / "b").model
     _run(tmp_path / "b", split, model=resumed.train(), resume=True)
-    wa, _ = load_model(tmp_path / "a")
-    wb, _ = load_model(tmp_path / "b")
+    wa = open_checkpoint(tmp_path / "a").model
+    wb = open_checkpoint(tmp_path / "b").model
     for (k, va), (_, vb) in zip(wa.state_dict().items(), wb.state_dict().items()):
         assert torch.equal(va, vb), k

@@ -9,12 +9,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from gptkit.checkpoint.format import load_model
+from gptkit.checkpoint.open import open_checkpoint, open_tokenizer
 from gptkit.cli import app
 from gptkit.errors import GptkitError
 from gptkit.training.finetune import DataSpec, FinetuneConfig, finetune
 from gptkit.evaluation.probe import builtin_templates, probe_bias, read_templates
-from gptkit.text.tokenizer import load_tokenizer
 from test_finetune import make_base, train_cfg, write_jsonl
 
 PAIR = {"category": "gender", "lang": "en", "template": "the doctor said {group} was late.", "stereotyped": "she",
@@ -67,8 +66,8 @@ def test_a_model_trained_to_prefer_a_term_shows_it(tmp_path):
 
     # the gap is the difference of the two sentences' total log-probs from a plain forward pass
     result = json.loads((tmp_path / "p" / "results.json").read_text())
-    model, _ = load_model(tuned)
-    tok = load_tokenizer(tuned)
+    model = open_checkpoint(tuned).model
+    tok = open_tokenizer(tuned)
 
     def logprob(text: str) -> float:
         ids = torch.tensor([tok.eot_id] + tok.encode(text))

@@ -9,7 +9,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from gptkit.checkpoint.format import resolve_checkpoint
+from gptkit.checkpoint.rundir import resolve_checkpoint
 from gptkit.cli import app
 from gptkit.recipes.finetune import first_sentence, run_recipe, sums
 

@@ -16,6 +16,7 @@ import openai
 import pytest
 import torch
 
+from gptkit.checkpoint.open import open_checkpoint, open_tokenizer
 from gptkit.recipes import moderation_data
 from gptkit.checkpoint.format import save_checkpoint
 from gptkit.errors import GptkitError
@@ -246,13 +247,11 @@ def limited(setup):
     """In-process server whose rate-limit window is 2 s; keys: `rpm` 2 requests per window,
     `tpm` 5 tokens per window, `one` 1 request at a time; public /metrics; an audit log with text."""
     from gptkit.inference.engine import Engine
-    from gptkit.checkpoint.format import load_model
     from gptkit.server import ServedModel, ServerConfig, create_app
     from gptkit.server.auth import ApiKey, hash_key
-    from gptkit.text.tokenizer import load_tokenizer
 
-    model, _ = load_model(setup["lm"])
-    tok = load_tokenizer(setup["lm"])
+    model = open_checkpoint(setup["lm"]).model
+    tok = open_tokenizer(setup["lm"])
     engine = Engine(model, max_batch=2, token_bytes=tok.token_bytes, eos_ids=())
     keys = [ApiKey("rpm", hash_key("k-rpm"), limits=KeyLimits(requests_per_minute=2)),
             ApiKey("tpm", hash_key("k-tpm"), limits=KeyLimits(tokens_per_minute=5)),

@@ -19,11 +19,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptkit.checkpoint.format import load_model, save_checkpoint
+from gptkit.checkpoint.open import open_checkpoint, open_tokenizer
+from gptkit.checkpoint.format import save_checkpoint
 from gptkit.config import ModelConfig
 from gptkit.inference.engine import Engine
 from gptkit.model.gpt import GPT
-from gptkit.text.tokenizer import BPETokenizer, load_tokenizer
+from gptkit.text.tokenizer import BPETokenizer
 from live_server import serve as serve_in_thread, serve_cli
 
 KEY = "sk-test-key"
@@ -85,8 +86,8 @@ def gated(ckpt):
     engine only steps while `gate` is set."""
     from gptkit.server import ServedModel, ServerConfig, create_app
 
-    model, _ = load_model(ckpt)
-    tok = load_tokenizer(ckpt)
+    model = open_checkpoint(ckpt).model
+    tok = open_tokenizer(ckpt)
     engine = Engine(model, max_batch=2, token_bytes=tok.token_bytes, eos_ids=())
     gate, step = threading.Event(), engine.step
     gate.set()
@@ -156,13 +157,13 @@ def test_completion_seed_reproducible(client):
 
 @torch.no_grad()
 def forward_logprobs(ckpt: Path, ids: list[int]) -> torch.Tensor:
-    model, _ = load_model(ckpt)
+    model = open_checkpoint(ckpt).model
     return F.log_softmax(model(torch.tensor([ids]))[0].float(), dim=-1)  # (T, V)
 
 
 def test_loglikelihood_request_matches_forward_pass(client, ckpt):
     """lm-evaluation-harness's exact request: len(prompt) + 1 aligned entries, a plain forward's numbers."""
-    tok = load_tokenizer(ckpt)
+    tok = open_tokenizer(ckpt)
     prompts = [tok.encode("The quick brown fox jumps"), tok.encode("我有一个梦")]
     r = client.completions.create(model="tiny", prompt=prompts, temperature=0, max_tokens=1, logprobs=1,
                                   seed=1234, echo=True)
@@ -278,7 +279,7 @@ def test_http_level_errors_and_the_server_keeps_serving(server):
 
 # ------------------------------------------------------------------------------------ tokenizer endpoints
 def test_tokenize_detokenize_tokenizer_info(server, ckpt):
-    tok = load_tokenizer(ckpt)
+    tok = open_tokenizer(ckpt)
     r = httpx.post(f"{server}/tokenize", json={"prompt": "我有一个梦想", "add_special_tokens": False},
                    headers=auth())
     assert r.json()["tokens"] == tok.encode("我有一个梦想") and r.json()["max_model_len"] == CONTEXT
@@ -293,7 +294,7 @@ def test_chat_template_jinja_renders_like_render_chat(server, ckpt):
     jinja2 = pytest.importorskip("jinja2")
     from gptkit.text.tokenizer import render_chat
 
-    tok = load_tokenizer(ckpt)
+    tok = open_tokenizer(ckpt)
     template = httpx.get(f"{server}/tokenizer_info", headers=auth()).json()["chat_template"]
     text = jinja2.Template(template).render(messages=MESSAGES, add_generation_prompt=True)
     assert tok.encode(text) == render_chat(tok, MESSAGES)[0]

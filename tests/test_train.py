@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from gptkit.checkpoint.format import load_model, load_train_state, save_checkpoint
+from gptkit.checkpoint.open import open_checkpoint, open_tokenizer
+from gptkit.checkpoint.rundir import resolve_checkpoint
+from gptkit.checkpoint.format import load_train_state, save_checkpoint
 from gptkit.errors import GptkitError
 from gptkit.config import ModelConfig, TrainConfig
 from gptkit.data.shards import TokenShards
 from gptkit.model.gpt import GPT
-from gptkit.text.tokenizer import CharTokenizer, load_tokenizer
+from gptkit.text.tokenizer import CharTokenizer
 from gptkit.training.loop import configure_optimizer, lr_at, train
 
 
@@ -53,16 +55,16 @@ def test_resume_matches_uninterrupted_run(tmp_path, char_data, optimizer):
 
     train(_model(tok), _data(char_data), _cfg(tmp_path / "b", stop_at=13, optimizer=optimizer), tok,
           log=lambda m: None)
-    assert load_train_state(tmp_path / "b")["step"] == 13
-    resumed, _ = load_model(tmp_path / "b")
+    assert load_train_state(resolve_checkpoint(tmp_path / "b"))["step"] == 13
+    resumed = open_checkpoint(tmp_path / "b").model
     train(resumed.train(), _data(char_data), _cfg(tmp_path / "b", optimizer=optimizer), tok, resume=True,
           log=lambda m: None)
 
     a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
     assert [s for s, _ in a] == list(range(1, 25))
     assert a == b  # bit-identical losses at every step, dropout included
-    wa, _ = load_model(tmp_path / "a")
-    wb, _ = load_model(tmp_path / "b")
+    wa = open_checkpoint(tmp_path / "a").model
+    wb = open_checkpoint(tmp_path / "b").model
     for (ka, va), (kb, vb) in zip(wa.state_dict().items(), wb.state_dict().items()):
         assert torch.equal(va, vb), ka
 
@@ -109,8 +111,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, char_data):
 
     with pytest.raises(GptkitError, match=r"loss became nan at step 11.*last good checkpoint"):
         train(model, _data(char_data), _cfg(tmp_path, eval_interval=5), tok, loss_fn=poisoned, log=lambda m: None)
-    good, cfg = load_model(tmp_path)
-    assert cfg["step"] == 10
+    good, cfg = (loaded := open_checkpoint(tmp_path)).model, loaded.meta
+    assert cfg.step == 10
     assert all(torch.isfinite(p).all() for p in good.parameters())
 
 
@@ -127,24 +129,24 @@ def test_flat_checkpoint_from_before_the_run_layout_still_loads(tmp_path, char_d
     tok = char_data[0]
     model = _model(tok)
     _flat_checkpoint(tmp_path / "old", model, tok, step=5)
-    loaded, cfg = load_model(tmp_path / "old")
-    assert cfg["step"] == 5
+    loaded, cfg = (loaded := open_checkpoint(tmp_path / "old")).model, loaded.meta
+    assert cfg.step == 5
     for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), k
     # a crash in the middle of an old-style save is still detected
     _flat_checkpoint(tmp_path / "next", model, tok, step=6)
     (tmp_path / "old" / "model.safetensors").write_bytes((tmp_path / "next" / "model.safetensors").read_bytes())
     with pytest.raises(GptkitError, match="weights are from step 6 but config.json says step 5"):
-        load_model(tmp_path / "old")
+        open_checkpoint(tmp_path / "old")
 
 
 def test_run_folder_and_step_folder_both_load(tmp_path, char_data):
     tok = char_data[0]
     train(_model(tok), _data(char_data), _cfg(tmp_path, max_steps=16, keep=3), tok, log=lambda m: None)
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000008", "step-000016"]
-    assert load_model(tmp_path)[1]["step"] == 16
-    assert load_model(tmp_path / "step-000008")[1]["step"] == 8
-    assert load_tokenizer(tmp_path).vocab_size == tok.vocab_size
+    assert open_checkpoint(tmp_path).meta.step == 16
+    assert open_checkpoint(tmp_path / "step-000008").meta.step == 8
+    assert open_tokenizer(tmp_path).vocab_size == tok.vocab_size
 
 
 def test_nan_gradient_stops_without_saving(tmp_path, char_data):
@@ -160,7 +162,7 @@ def test_nan_gradient_stops_without_saving(tmp_path, char_data):
 
     with pytest.raises(GptkitError, match=r"gradient norm became nan at step 7"):
         train(_model(tok), _data(char_data), _cfg(tmp_path, eval_interval=5), tok, loss_fn=poisoned, log=lambda m: None)
-    assert load_model(tmp_path)[1]["step"] == 5
+    assert open_checkpoint(tmp_path).meta.step == 5
 
 
 def test_nan_weights_are_never_saved(tmp_path, char_data):

@@ -25,12 +25,13 @@ import numpy as np
 import pytest
 import torch
 
+from gptkit.checkpoint.open import open_checkpoint, open_tokenizer
 from gptkit.evaluation.attention import attention_maps
-from gptkit.checkpoint.format import load_model, save_checkpoint
+from gptkit.checkpoint.format import save_checkpoint
 from gptkit.config import ModelConfig
 from gptkit.model.gpt import GPT
 from gptkit.server.webui import WEB
-from gptkit.text.tokenizer import BPETokenizer, ChatTemplate, load_tokenizer, render_chat
+from gptkit.text.tokenizer import BPETokenizer, ChatTemplate, render_chat
 
 from live_server import serve_cli
 
@@ -130,8 +131,8 @@ def test_attention_endpoint_returns_the_models_weights(server, ckpts):
                    headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 200, r.text
     body = r.json()
-    model, _ = load_model(ckpts["chat"])
-    expected = attention_maps(model.eval(), load_tokenizer(ckpts["chat"]), text)
+    model = open_checkpoint(ckpts["chat"]).model
+    expected = attention_maps(model.eval(), open_tokenizer(ckpts["chat"]), text)
     assert body["tokens"] == expected.tokens and body["token_ids"] == expected.token_ids
     assert (body["n_layer"], body["n_head"], body["layer"]) == (2, 2, 0)
     np.testing.assert_allclose(np.array(body["weights"]), expected.weights[0], atol=1e-4)
@@ -246,7 +247,7 @@ def test_chat_in_chinese_html_as_text_attention_view(browser, server, ckpts, tmp
     reply.find_element(by, "button.show-attention").click()
     panel = _wait(d, lambda d: reply.find_elements(by, ".attention[data-tokens]"), what="the attention map")[0]
     n_tokens = int(panel.get_attribute("data-tokens"))
-    assert n_tokens == len(load_tokenizer(ckpts["chat"]).encode(text))
+    assert n_tokens == len(open_tokenizer(ckpts["chat"]).encode(text))
     assert "layer 1 · head 0" in panel.find_element(by, ".caption").text
     d.set_window_size(1000, 1250)  # tall enough for the whole map
     d.execute_script("arguments[0].scrollIntoView({block: 'end'})", panel)

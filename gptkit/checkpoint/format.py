@@ -17,9 +17,10 @@ Fine-tuned checkpoints may carry, in `extra` (all optional; plain checkpoints ha
   base   path               an adapter checkpoint: model.safetensors holds only the tensors that
                             were trained; the rest are the base checkpoint's
 
-Every reader takes a run folder, one step folder, or a flat folder from before the run layout
-(config.json + model.safetensors side by side): `resolve_checkpoint` picks the step folder and
-checks its manifest. Non-finite tensors are refused both ways: never saved, never loaded.
+This module writes a checkpoint and reads the files of one step folder. Commands open a checkpoint
+through `gptkit.checkpoint.open` (a run folder, one step folder, or a flat folder from before the
+run layout), which resolves the folder and checks its manifest once. Non-finite tensors are refused
+both ways: never saved, never loaded.
 """
 
 from __future__ import annotations
@@ -28,19 +29,20 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from gptkit.checkpoint.rundir import commit, is_checkpoint, resolve_checkpoint, temp_step_folder
+from gptkit.checkpoint.rundir import commit, temp_step_folder
 from gptkit.errors import GptkitError
 from gptkit.config import ModelConfig
 from gptkit.model.gpt import GPT
 from gptkit.model.heads import attach_heads
+from gptkit.model.lora import LoRAConfig, apply_lora
 from gptkit.text.tokenizer import Tokenizer
 
 WEIGHTS = "model.safetensors"
@@ -49,9 +51,6 @@ TRAIN_STATE = "train_state.pt"
 TIED = ("lm_head.weight",)  # aliases of wte.weight, not stored
 # Tests that kill a run inside a save set this to a number of seconds to sleep after each file.
 SAVE_PAUSE_ENV = "GPTKIT_TEST_SAVE_PAUSE"
-
-__all__ = ["save_checkpoint", "load", "load_model", "read_config", "load_train_state", "resolve_checkpoint"]
-
 
 def save_checkpoint(folder: str | os.PathLike, model: torch.nn.Module, tokenizer: Tokenizer | None, *,
                     step: int = 0, train_config=None, train_state: dict | None = None,
@@ -95,9 +94,8 @@ def _test_pause() -> None:
         time.sleep(seconds)
 
 
-def read_config(folder: str | os.PathLike) -> dict:
-    """config.json of the checkpoint folder resolves to, its fields type-checked."""
-    folder = resolve_checkpoint(folder)
+def read_config(folder: Path) -> dict:
+    """config.json of a step folder (or a flat checkpoint), its fields type-checked."""
     path = folder / CONFIG
     if not folder.is_dir():
         raise GptkitError(f"{folder}: checkpoint folder not found")
@@ -120,30 +118,25 @@ def read_config(folder: str | os.PathLike) -> dict:
     return cfg
 
 
-def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
-    """The model in eval mode (weights in fp32) and the checkpoint's config dict.
-    Heads, LoRA layers and a base checkpoint named in `extra` are restored too."""
-    folder = resolve_checkpoint(folder)
-    cfg = read_config(folder)
+def build_model(folder: Path, cfg: dict, base: dict[str, torch.Tensor] | None = None) -> GPT:
+    """The GPT a step folder holds, weights in fp32, on the CPU. Heads and LoRA layers named in
+    `extra` are restored; an adapter checkpoint's frozen tensors are given as `base` (its base
+    checkpoint's weights)."""
     model = GPT(ModelConfig.from_dict(cfg["model"]))
     extra = cfg.get("extra") or {}
     attach_heads(model, extra.get("heads") or {})
     if extra.get("lora"):
-        from gptkit.model.lora import LoRAConfig, apply_lora
-
         apply_lora(model, LoRAConfig(**extra["lora"]))
     state = _read_weights(folder, cfg)
-    if extra.get("base"):
-        state = {**_base_weights(extra["base"], folder), **state}
-    load_state(model, state, source=str(Path(folder) / WEIGHTS))
-    return model.to(device).eval(), cfg
+    if base is not None:
+        state = {**base, **state}
+    load_state(model, state, source=str(folder / WEIGHTS))
+    return model
 
 
 def _read_weights(folder: str | os.PathLike, cfg: dict) -> dict[str, torch.Tensor]:
     path = Path(folder) / WEIGHTS
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as f:
             step = int((f.metadata() or {}).get("step", cfg.get("step", 0)))
         state = load_file(str(path))
@@ -180,14 +173,6 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
 
 
-def _base_weights(base: str, folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    if not is_checkpoint(Path(base)):
-        raise GptkitError(f"{folder}: its base checkpoint {base} (extra.base in {CONFIG}) is missing; "
-                          "adapter checkpoints need their base (`gptkit merge-lora` makes a standalone one)")
-    base_model, _ = load_model(base)
-    return {k: v for k, v in base_model.state_dict().items() if k not in TIED}
-
-
 def load_state(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
     """Load weights strictly, naming missing, unexpected and misshapen keys."""
     expected = {k: v for k, v in model.state_dict().items() if k not in TIED}
@@ -202,10 +187,9 @@ def load_state(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
     model.load_state_dict({k: state[k] for k in expected}, strict=False)
 
 
-def load_train_state(folder: str | os.PathLike) -> dict:
-    """The optimizer, data and RNG state of a checkpoint, checked: readable, from the same step
+def load_train_state(folder: Path) -> dict:
+    """The optimizer, data and RNG state of a step folder, checked: readable, from the same step
     as its weights, and free of NaN/inf."""
-    folder = resolve_checkpoint(folder)
     path = folder / TRAIN_STATE
     if not path.is_file():
         raise GptkitError(f"{folder}: no {TRAIN_STATE} to resume from")
@@ -228,45 +212,3 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
         model = getattr(model, "module", None) or getattr(model, "_orig_mod")
     return model
-
-
-# ---------------------------------------------------------------------------- one way to open a checkpoint
-@dataclass
-class CheckpointMeta:
-    """config.json beside the weights, typed: what the commands read from `extra` by hand before."""
-
-    path: Path  # the step folder the checkpoint resolved to
-    step: int = 0
-    train: dict | None = None  # the TrainConfig of the run that wrote it
-    labels: list[str] = field(default_factory=list)  # classification labels (heads["classify"])
-    heads: dict[str, list[int]] = field(default_factory=dict)
-    lora: dict | None = None  # a LoRAConfig dict: the model has (unmerged) LoRA layers
-    base: str | None = None  # an adapter checkpoint's base
-    extra: dict = field(default_factory=dict)  # everything, including fields not listed here
-
-    @property
-    def is_lora(self) -> bool:
-        return bool(self.lora)
-
-    @classmethod
-    def from_config(cls, path: Path, cfg: dict) -> "CheckpointMeta":
-        extra = dict(cfg.get("extra") or {})
-        return cls(path=path, step=int(cfg.get("step", 0)), train=cfg.get("train"),
-                   labels=list(extra.get("labels") or []), heads=dict(extra.get("heads") or {}),
-                   lora=extra.get("lora") or None, base=extra.get("base"), extra=extra)
-
-
-@dataclass
-class Checkpoint:
-    model: GPT  # eval mode, fp32, LoRA layers as stored
-    tokenizer: Tokenizer
-    meta: CheckpointMeta
-
-
-def load(folder: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
-    """Model, tokenizer and typed meta of a run folder, a step folder or a flat checkpoint."""
-    from gptkit.text.tokenizer import load_tokenizer
-
-    path = resolve_checkpoint(folder, verify_files=False)  # load_model checks the manifest
-    model, cfg = load_model(path, device)
-    return Checkpoint(model, load_tokenizer(path), CheckpointMeta.from_config(path, cfg))

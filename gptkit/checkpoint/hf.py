@@ -264,10 +264,10 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike) -> dict:
     """
     from safetensors.torch import save_file
 
-    from gptkit.checkpoint.format import load
+    from gptkit.checkpoint.open import open_checkpoint
     from gptkit.fileio import atomic_write, atomic_write_json
 
-    loaded = load(ckpt)
+    loaded = open_checkpoint(ckpt)
     model, tokenizer = loaded.model, loaded.tokenizer
     if tokenizer.kind != "bpe":
         raise GptkitError(f"{ckpt}: a {tokenizer.kind!r} tokenizer has no tokenizer.json form; "

@@ -93,10 +93,9 @@ def info(
 
         cfg, name = get_preset(preset), preset
     else:
-        from gptkit.checkpoint.format import read_config
-        from gptkit.config import ModelConfig
+        from gptkit.checkpoint.open import read_meta
 
-        cfg, name = ModelConfig.from_dict(read_config(ckpt)["model"]), str(ckpt)
+        cfg, name = read_meta(ckpt).model, str(ckpt)
     stats = model_stats(cfg)
     if world_size is not None:
         if world_size < 1:
@@ -397,9 +396,11 @@ def prepare(
     shard_tokens: Annotated[int, typer.Option(help="tokens per shard file")] = 100_000_000,
 ) -> None:
     """Tokenize a corpus into train/val token shards (uint16/uint32 memmaps) plus meta.json."""
+    from gptkit.checkpoint.rundir import resolve_checkpoint
     from gptkit.data.prepare import prepare as run
 
-    meta = run(inputs, tokenizer, out, text_field=text_field, val_fraction=val_fraction, workers=workers,
+    # a checkpoint's tokenizer may be named by its run folder: prepare reads the step folder it resolves to
+    meta = run(inputs, resolve_checkpoint(tokenizer), out, text_field=text_field, val_fraction=val_fraction, workers=workers,
                shard_tokens=shard_tokens, progress=sys.stderr.isatty(),
                warn=lambda m: typer.echo(f"warning: {m}", err=True))
     for split, s in meta["splits"].items():
@@ -487,10 +488,11 @@ def merge_lora(
     out: Annotated[Path, typer.Argument(help="folder for the standalone merged checkpoint")],
 ) -> None:
     """Fold LoRA adapters into their layers: a full checkpoint with identical outputs, no base needed."""
-    from gptkit.checkpoint.format import load, save_checkpoint
+    from gptkit.checkpoint.format import save_checkpoint
+    from gptkit.checkpoint.open import open_checkpoint
     from gptkit.model.lora import merge_lora as merge
 
-    loaded = load(ckpt)
+    loaded = open_checkpoint(ckpt)
     if not loaded.meta.is_lora:
         _fail(f"{ckpt}: not a LoRA checkpoint (no extra.lora in config.json)")
     model = loaded.model

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gptkit.checkpoint.open import open_checkpoint
 from gptkit.errors import GptkitError
 from gptkit.fileio import atomic_write_text
 from gptkit.model.gpt import GPT
@@ -172,9 +173,7 @@ def plot(maps: AttentionMaps, out: str | Path, layer: int | None = None, head: i
 def run(ckpt: str | Path, text: str, out: str | Path = "attention.png", layer: int | None = None,
         head: int | None = None, json_out: str | Path | None = None) -> str:
     """`gptkit attention`: load, inspect, draw (and write JSON); returns a one-line summary."""
-    from gptkit.checkpoint.format import load
-
-    loaded = load(ckpt)
+    loaded = open_checkpoint(ckpt)
     maps = attention_maps(loaded.model.eval(), loaded.tokenizer, text)
     layer = maps.check(layer, head)
     png = plot(maps, out, layer, head)

@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 
 from gptkit.errors import GptkitError
+from gptkit.checkpoint.open import open_checkpoint, open_tokenizer
 from gptkit.config import ModelConfig, SampleConfig
 
 Log = Callable[[str], None]
@@ -114,17 +115,17 @@ def resolve(spec: ModelSpec, out: Path, log: Log) -> Path:
 
 def load(spec: ModelSpec, out: Path, log: Log):
     """(model, tokenizer, config dict) for a spec, quantised when it asks for it."""
-    from gptkit.checkpoint.format import load_model
     from gptkit.model.lora import merge_lora
     from gptkit.model.quantize import quantize_model
-    from gptkit.text.tokenizer import load_tokenizer
 
     path = resolve(spec, out, log)
-    model, cfg = load_model(path)
+    ckpt = open_checkpoint(path)
+    model = ckpt.model
     if spec.quantize:
         merge_lora(model)
         quantize_model(model, spec.quantize)
-    return model, load_tokenizer(path), {**cfg, "_path": str(path)}
+    return model, ckpt.tokenizer, {"model": ckpt.meta.model.to_dict(), "step": ckpt.meta.step,
+                                   "extra": ckpt.meta.extra, "_path": str(path)}
 
 
 def size_of(model, cfg: dict) -> dict:
@@ -220,7 +221,6 @@ def compare(args: list[str], cfg: CompareConfig, log: Log = lambda m: None) -> d
     from gptkit.evaluation.compare_report import write_report
     from gptkit.evaluation.evaluate import perplexity, run_task
     from gptkit.training.finetune import ensure_chat_tokens
-    from gptkit.text.tokenizer import load_tokenizer
 
     if len(args) < 1:
         raise GptkitError("give at least one checkpoint")
@@ -234,7 +234,7 @@ def compare(args: list[str], cfg: CompareConfig, log: Log = lambda m: None) -> d
         res.size = size_of(model, mcfg)
         if cfg.data is not None:
             if text is None:
-                tokenizers = [load_tokenizer(resolve(s, cfg.out, log)) for s in specs]
+                tokenizers = [open_tokenizer(resolve(s, cfg.out, log)) for s in specs]
                 text, source = text_for(cfg.data, tokenizers, cfg.out)
             log(f"{res.label}: perplexity on {source}")
             res.text = perplexity(model, tokenizer, text)

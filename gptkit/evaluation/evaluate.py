@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from gptkit.checkpoint.open import open_checkpoint
 from gptkit.errors import GptkitError
 from gptkit.config import SampleConfig
 
@@ -290,12 +291,11 @@ def run_task(model, tokenizer, cfg: dict, task: str, data: str | Path, *, max_to
 def evaluate(ckpt: str | Path, task: str, data: str | Path, *, max_tokens: int = 64, limit: int | None = None,
              timeout: float = 10.0, log: Callable[[str], None] = lambda m: None) -> dict:
     """Score the checkpoint on one task's data; returns {"task", "data", "n", metrics..., "examples"}."""
-    from gptkit.checkpoint.format import load
     from gptkit.inference.factory import default_device
 
     if task not in TASKS:
         raise GptkitError(f"--task {task!r}: expected one of {', '.join(TASKS)}")
-    loaded = load(ckpt, device=default_device())
+    loaded = open_checkpoint(ckpt, device=default_device())
     model, tokenizer, cfg = loaded.model, loaded.tokenizer, {"step": loaded.meta.step, "extra": loaded.meta.extra}
     out: dict = {"task": task, "checkpoint": str(ckpt), "data": str(data)}
     if task == "perplexity":

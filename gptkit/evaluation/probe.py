@@ -24,6 +24,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+from gptkit.checkpoint.open import open_checkpoint
 from gptkit.errors import GptkitError
 
 FIELDS = ("category", "template", "stereotyped", "other")
@@ -84,14 +85,12 @@ def probe_bias(ckpt: str | Path, templates: str | Path | None, out: str | Path, 
                seed: int = 0) -> dict:
     """Score every pair; writes out/{results.json, bias.png, report.md, index.html}; returns the results."""
     from gptkit.evaluation.bootstrap import mean_ci
-    from gptkit.checkpoint.format import load_model
     from gptkit.inference.engine import Engine
-    from gptkit.text.tokenizer import load_tokenizer
 
     source = Path(templates) if templates else builtin_templates()
     pairs = read_templates(source)
-    model, _ = load_model(ckpt)
-    tokenizer = load_tokenizer(ckpt)
+    loaded = open_checkpoint(ckpt)
+    model, tokenizer = loaded.model, loaded.tokenizer
     engine = Engine(model, max_batch=1, token_bytes=tokenizer.token_bytes, vocab_size=tokenizer.vocab_size)
     sentences = [p["template"].replace(PLACEHOLDER, p[k]) for p in pairs for k in ("stereotyped", "other")]
     terms = [_term(p, k) for p in pairs for k in ("stereotyped", "other")]

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from gptkit.checkpoint.format import Checkpoint, load
+from gptkit.checkpoint.open import Checkpoint, open_checkpoint
 from gptkit.errors import GptkitError
 from gptkit.inference.engine import Engine
 from gptkit.text.tokenizer import EOT, IM_END, Tokenizer
@@ -46,6 +46,6 @@ def build_engine(model: torch.nn.Module, tokenizer: Tokenizer, *, max_batch: int
 
 
 def open_engine(folder: str | os.PathLike, **kw) -> tuple[Engine, Checkpoint]:
-    """Load a checkpoint (any folder `checkpoint.load` takes) into the engine."""
-    ckpt = load(folder)
+    """Open a checkpoint (any folder `open_checkpoint` takes) into the engine."""
+    ckpt = open_checkpoint(folder)
     return build_engine(ckpt.model, ckpt.tokenizer, **kw), ckpt

@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 from gptkit.checkpoint.rundir import is_checkpoint
+from gptkit.checkpoint.open import open_checkpoint
 from gptkit.errors import GptkitError
 from gptkit.config import ModelConfig, TrainConfig
 from gptkit.evaluation.evaluate import accuracy_f1, classify, generate_all, mean, exact_match, rouge_l
@@ -185,9 +186,7 @@ def arithmetic_and_docs_base(out: Path, scale: Scale, seed: int, log: Log):
 
 
 def sum_exact_match(ckpt: Path, pairs: list[tuple[int, int]], limit: int) -> float:
-    from gptkit.checkpoint.format import load
-
-    loaded = load(ckpt)
+    loaded = open_checkpoint(ckpt)
     model, tokenizer = loaded.model, loaded.tokenizer
     records = [qa_record(a, b) for a, b in pairs[:limit]]
     preds = generate_all(model, tokenizer, [tokenizer.encode(r["prompt"]) for r in records], max_tokens=5)
@@ -195,9 +194,7 @@ def sum_exact_match(ckpt: Path, pairs: list[tuple[int, int]], limit: int) -> flo
 
 
 def docstring_accuracy(ckpt: Path, test_docs: list[tuple[str, str]]) -> dict[str, float]:
-    from gptkit.checkpoint.format import load
-
-    loaded = load(ckpt)
+    loaded = open_checkpoint(ckpt)
     records = [class_record(m, d) for m, d in test_docs]
     preds = classify(loaded.model, loaded.tokenizer, [r["text"] for r in records], loaded.meta.labels)
     return accuracy_f1(preds, [r["label"] for r in records])
@@ -317,11 +314,10 @@ def _docs_base(out: Path, train: dict[str, str], scale: Scale, seed: int, log: L
 
 
 def _rouge_on(ckpt: Path, conversations: list[dict], refs: list[str]) -> float:
-    from gptkit.checkpoint.format import load
     from gptkit.training.finetune import ensure_chat_tokens
     from gptkit.text.tokenizer import render_chat
 
-    loaded = load(ckpt)
+    loaded = open_checkpoint(ckpt)
     model, tokenizer = loaded.model, loaded.tokenizer
     ensure_chat_tokens(model, tokenizer)  # the untuned base is prompted the same way, with the same template
     prompts = [render_chat(tokenizer, c["messages"])[0] for c in conversations]

@@ -28,6 +28,7 @@ import torch
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
+from gptkit.checkpoint.open import open_checkpoint
 from gptkit.errors import GptkitError
 from gptkit.inference.engine import Event
 from gptkit.server.context import current_request
@@ -75,12 +76,10 @@ def _term_pattern(term: str) -> str:
 
 class Moderator:
     def __init__(self, cfg: ModerationConfig):
-        from gptkit.checkpoint.format import load
-
         self.cfg = cfg
         self.model, self.tokenizer, self.labels = None, None, []
         if cfg.ckpt:
-            loaded = load(cfg.ckpt)
+            loaded = open_checkpoint(cfg.ckpt)
             self.model, self.tokenizer, self.labels = loaded.model, loaded.tokenizer, loaded.meta.labels
             if not self.labels:
                 raise GptkitError(f"{cfg.ckpt}: no classification head; fine-tune one with "

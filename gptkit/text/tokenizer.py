@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from gptkit.checkpoint.rundir import resolve_checkpoint
 from gptkit.errors import GptkitError
 from gptkit.fileio import atomic_write, atomic_write_text
 
@@ -406,9 +405,9 @@ class TiktokenTokenizer(Tokenizer):
 
 
 def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
-    """Load a tokenizer saved by gptkit, or read GPT-2 / tokenizer.json files from a folder.
-    A checkpoint run folder is resolved to its latest step folder (gptkit.checkpoint.rundir)."""
-    folder = resolve_checkpoint(folder)
+    """Load a tokenizer saved by gptkit, or read GPT-2 / tokenizer.json files from a folder (a
+    checkpoint's step folder is one; gptkit.checkpoint.open.open_tokenizer resolves run folders)."""
+    folder = Path(folder)
     meta_path = folder / META_FILE
     if meta_path.is_file():
         try:

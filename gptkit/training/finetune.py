@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptkit.checkpoint.format import load, load_model
+from gptkit.checkpoint.open import open_checkpoint
 from gptkit.checkpoint.rundir import resume_candidate
 from gptkit.errors import GptkitError
 from gptkit.config import TrainConfig
@@ -161,7 +161,7 @@ def build_batches(tasks: list[Task], tokenizer: Tokenizer, block_size: int, cfg:
 def prepare_model(base: str | Path, tasks: list[Task], ft: FinetuneConfig) -> tuple[nn.Module, Tokenizer, dict]:
     """Load the base, add chat tokens / a classification head / LoRA as the tasks need;
     returns (model, tokenizer, extra for the checkpoint)."""
-    loaded = load(base)
+    loaded = open_checkpoint(base)
     model, tokenizer = loaded.model, loaded.tokenizer
     extra: dict = {}
     added = ensure_chat_tokens(model, tokenizer) if any(t.fmt == "chat" for t in tasks) else []
@@ -216,9 +216,9 @@ def finetune(base: str | Path, specs: list[DataSpec], cfg: TrainConfig, ft: Fine
         model, tokenizer, extra = prepare_model(base, tasks, ft)
         if resume:  # the run's newest intact checkpoint, with the structure prepare_model just built
             resume = resume_candidate(cfg.out_dir, log)
-            model, _ = load_model(resume)
+            loaded = open_checkpoint(resume)
+            model, tokenizer = loaded.model, loaded.tokenizer
             _freeze_for_lora(model, extra)
-            tokenizer = load_tokenizer(resume)
         device = pick_device(dist_info)
         model.to(device).train()
         data, stats = build_batches(tasks, tokenizer, model.config.block_size, cfg, extra.get("labels", []),

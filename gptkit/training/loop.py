@@ -386,7 +386,7 @@ def pretrain(data_dir: str | Path, model_config, cfg: TrainConfig, *, init_from:
     A new model gets model_config (its vocab_size taken from the data's tokenizer);
     init_from starts from a checkpoint's weights instead; resume continues cfg.out_dir.
     """
-    from gptkit.checkpoint.format import load_model
+    from gptkit.checkpoint.open import open_checkpoint
     from gptkit.data.shards import TokenShards, read_meta
     from gptkit.model.gpt import GPT
     from gptkit.text.tokenizer import load_tokenizer
@@ -397,9 +397,9 @@ def pretrain(data_dir: str | Path, model_config, cfg: TrainConfig, *, init_from:
     tokenizer = load_tokenizer(Path(data_dir) / "tokenizer")
     if resume:  # the newest intact checkpoint; train() restores the rest of its state
         resume = resume_candidate(cfg.out_dir, log)
-        model, _ = load_model(resume)
+        model = open_checkpoint(resume).model
     elif init_from:
-        model, _ = load_model(init_from)
+        model = open_checkpoint(init_from).model
     else:
         model_config.vocab_size = tokenizer.vocab_size
         torch.manual_seed(cfg.seed)  # the same initial weights in every process and every rerun
