@@ -28,8 +28,9 @@ import torch
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
+from gptkit.checkpoint.format import load
 from gptkit.errors import GptkitError
-from gptkit.inference.engine import Event
+from gptkit.inference.requests import Event
 from gptkit.server.context import current_request
 from gptkit.server.errors import APIError
 
@@ -75,8 +76,6 @@ def _term_pattern(term: str) -> str:
 
 class Moderator:
     def __init__(self, cfg: ModerationConfig):
-        from gptkit.checkpoint.format import load
-
         self.cfg = cfg
         self.model, self.tokenizer, self.labels = None, None, []
         if cfg.ckpt:
