@@ -14,7 +14,9 @@ import torch.nn.functional as F
 
 from gptkit.errors import GptkitError
 from gptkit.config import ModelConfig, SampleConfig
-from gptkit.inference.engine import Engine, Event, TextStream, completion_text
+from gptkit.inference.engine import Engine
+from gptkit.inference.requests import Event
+from gptkit.text.stream import TextStream, completion_text
 from gptkit.model.gpt import GPT
 from gptkit.text.tokenizer import CharTokenizer
 

@@ -142,7 +142,8 @@ def test_chat_command_keeps_history_and_handles_reset_system_exit(tmp_path):
     """`gptkit chat`: each reply is the engine's greedy answer to the whole conversation so far,
     rendered with the stored template; /reset forgets the turns, /system sets the system message."""
     from gptkit.config import SampleConfig
-    from gptkit.inference.engine import Engine, completion_text
+    from gptkit.inference.engine import Engine
+    from gptkit.text.stream import completion_text
 
     folder = make_base(tmp_path / "b", specials=[EOT], block_size=256)
     out = tmp_path / "chat"

@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 from gptkit.checkpoint.format import save_checkpoint
 from gptkit.cli import app
 from gptkit.config import ModelConfig, SampleConfig
-from gptkit.inference.engine import Engine, completion_text
+from gptkit.inference.engine import Engine
+from gptkit.text.stream import completion_text
 from gptkit.model.gpt import GPT
 from gptkit.text.tokenizer import CharTokenizer
 

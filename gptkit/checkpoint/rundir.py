@@ -40,7 +40,7 @@ _HASH_CHUNK = 1 << 20
 
 # `gptkit --no-verify`: check sizes only, not sha256 (for huge checkpoints). Set once by the CLI.
 VERIFY_HASHES = True
-_verified: dict[tuple, None] = {}  # step folders already hashed by this process (load_model + load_tokenizer)
+_verified: dict[tuple, None] = {}  # step folders already hashed by this process (weights, then tokenizer)
 
 
 def set_verify_hashes(on: bool) -> None:

@@ -235,7 +235,7 @@ def generate(
 ) -> None:
     """Continue a prompt, streaming the text to the terminal (KV-cached)."""
     from gptkit.config import SampleConfig
-    from gptkit.inference.engine import TextStream
+    from gptkit.text.stream import TextStream
 
     if prompt is None:
         prompt = sys.stdin.read()
@@ -282,7 +282,7 @@ def chat(
 ) -> None:
     """Interactive chat with streaming replies. Commands: /reset, /system TEXT, /exit."""
     from gptkit.config import SampleConfig
-    from gptkit.inference.engine import TextStream
+    from gptkit.text.stream import TextStream
     from gptkit.text.tokenizer import render_chat, use_chat_template
 
     engine, tokenizer = _engine_for(ckpt, max_batch=1)
@@ -364,7 +364,7 @@ def train_tokenizer(
     import itertools
     import time
 
-    from gptkit.data.prepare import iter_documents
+    from gptkit.data.sources import iter_documents
     from gptkit.text.tokenizer import BPETokenizer, CharTokenizer
 
     t0 = time.perf_counter()

@@ -1,4 +1,5 @@
 """Corpus preparation: text files, folders, globs, .jsonl and the Python stdlib -> token shards.
+Inputs are found and read by sources.py; shards.ShardWriter writes the shards.
 
 Output (read by `gptkit.data.shards.TokenShards` and by later stages; keep it stable):
 
@@ -27,32 +28,27 @@ temporary folders of killed runs are removed at the next start.
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import json
 import os
 import re
 import shutil
 import sys
-import sysconfig
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
+from gptkit.data.shards import ShardWriter, token_dtype
+from gptkit.data.sources import Source, decode_utf8, jsonl_documents, resolve_inputs
+from gptkit.data.sources import stdlib_documents  # noqa: F401  (what `prepare stdlib` reads, also named here)
 from gptkit.errors import GptkitError
 from gptkit.fileio import atomic_write_json, swap_in, temp_folder_beside
 from gptkit.text.chunks import chunk_bounds
 from gptkit.text.tokenizer import Tokenizer, load_tokenizer
 
 META_VERSION = 1
-STDLIB = "stdlib"  # the special input: the standard library's documentation and source code
-# Files a folder walk picks up (a file named explicitly is read whatever its suffix).
-TEXT_SUFFIXES = (".txt", ".text", ".md", ".markdown", ".rst", ".tex", ".py", ".pyi", ".c", ".h", ".cc", ".cpp",
-                 ".hpp", ".js", ".ts", ".java", ".go", ".rs", ".sh", ".html", ".css", ".toml", ".yaml", ".yml",
-                 ".jsonl")
 PIECE_BYTES = 1 << 20  # a worker's unit of work; big files are cut into pieces this size
 TASK_BYTES = 1 << 20  # pieces are grouped into tasks, so small files do not cost one round trip each
 SCAN_BYTES = 64 << 10  # how far to look for a line end before cutting inside a (very long) line
@@ -63,172 +59,6 @@ CHUNK_CHARS = 256 << 10
 BATCH_CHARS = 1 << 20
 DEFAULT_SHARD_TOKENS = 100_000_000
 SPLITS = ("train", "val")
-# stdlib folders that are not the library proper: third-party packages, test suites, caches,
-# and pydoc_data (its topics are read as documentation text instead).
-STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "pydoc_data"}
-STDLIB_MAX_BYTES = 512 << 10
-_SURROGATE_ESCAPES = re.compile("[\udc80-\udcff]")
-
-
-# ---------------------------------------------------------------------------- sources
-@dataclass(frozen=True)
-class Source:
-    """One input: a file on disk, or an in-memory text (the stdlib's documentation topics)."""
-
-    name: str  # the path, as recorded in meta.json
-    size: int  # bytes
-    jsonl: bool = False
-    data: bytes | None = None
-
-    def read(self, start: int, end: int) -> bytes:
-        if self.data is not None:
-            return self.data[start:end]
-        with open(self.name, "rb") as f:
-            f.seek(start)
-            return f.read(end - start)
-
-
-def resolve_inputs(inputs: Iterable[str]) -> list[Source]:
-    """Files, folders (walked recursively for TEXT_SUFFIXES, skipping hidden entries), globs,
-    and `stdlib`, in the order given; each file once."""
-    sources: list[Source] = []
-    seen: set[str] = set()
-    for inp in inputs:
-        for src in _expand(inp):
-            key = os.path.realpath(src.name) if src.data is None else src.name
-            if key not in seen:
-                seen.add(key)
-                sources.append(src)
-    if not sources:
-        raise GptkitError(f"no input files found in {' '.join(inputs) or '(no inputs)'}")
-    return sources
-
-
-def _expand(inp: str) -> Iterator[Source]:
-    if inp == STDLIB:
-        yield from _stdlib_sources()
-        return
-    path = Path(inp)
-    if path.is_dir():
-        yield from (_file_source(p) for p in _walk(path))
-    elif path.exists():
-        yield _file_source(path)
-    elif glob.has_magic(inp):
-        matches = sorted(glob.glob(inp, recursive=True))
-        if not matches:
-            raise GptkitError(f"{inp}: no files match")
-        for m in matches:
-            yield from _expand(m)
-    else:
-        raise GptkitError(f"{inp}: no such file or folder")
-
-
-def _walk(folder: Path) -> Iterator[Path]:
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # sorted: a deterministic order
-        for name in sorted(files):
-            if not name.startswith(".") and name.lower().endswith(TEXT_SUFFIXES):
-                yield Path(root) / name
-
-
-def _file_source(path: Path) -> Source:
-    try:
-        with open(path, "rb"):
-            pass
-        size = path.stat().st_size
-    except OSError as e:
-        raise GptkitError(f"{path}: cannot read ({e.strerror})") from None
-    return Source(str(path), size, jsonl=path.suffix.lower() == ".jsonl")
-
-
-def _stdlib_sources() -> Iterator[Source]:
-    import pydoc_data.topics
-
-    for key in sorted(pydoc_data.topics.topics):
-        data = pydoc_data.topics.topics[key].encode("utf-8")
-        yield Source(f"pydoc_data.topics:{key}", len(data), data=data)
-    yield from (_file_source(p) for p in _stdlib_files())
-
-
-def _stdlib_files() -> list[Path]:
-    files = []
-    for root, dirs, names in os.walk(sysconfig.get_paths()["stdlib"]):
-        dirs[:] = sorted(d for d in dirs if d not in STDLIB_SKIP_DIRS)  # pruned, not walked: site-packages is big
-        files += [Path(root) / n for n in sorted(names) if n.endswith(".py") and _is_library_code(Path(root) / n)]
-    return files
-
-
-def _is_library_code(path: Path) -> bool:
-    """False for empty and huge files and generated tables (codec maps, stringprep, ...)."""
-    if not 0 < path.stat().st_size <= STDLIB_MAX_BYTES:
-        return False
-    with open(path, "rb") as f:
-        return b"generated" not in f.read(400).lower()
-
-
-def stdlib_documents() -> Iterator[tuple[str, str]]:
-    """(source name, text) for the corpus every Python install has: the documentation topics
-    of `pydoc_data.topics`, then the standard library's own .py files (no tests, no
-    site-packages, no generated tables). `gptkit prepare stdlib` reads exactly these."""
-    for src in _stdlib_sources():
-        yield src.name, _decode(src.read(0, src.size))[0]
-
-
-def iter_documents(inputs: Iterable[str], text_field: str = "text") -> Iterator[str]:
-    """The text of every document the inputs hold, as `prepare` reads them (for training a
-    tokenizer on the same text)."""
-    for src in resolve_inputs(inputs):
-        raw = src.read(0, src.size)
-        if src.jsonl:
-            yield from (text for _, text in _jsonl_documents(src, 0, _decode(raw)[0], text_field))
-        elif raw:
-            yield _decode(raw)[0]
-
-
-# ---------------------------------------------------------------------------- decoding
-def _decode(raw: bytes) -> tuple[str, int]:
-    """UTF-8 text and the number of invalid bytes, each replaced by U+FFFD."""
-    try:
-        return raw.decode("utf-8"), 0
-    except UnicodeDecodeError:
-        text = raw.decode("utf-8", errors="surrogateescape")  # one escape per bad byte: countable
-        return _SURROGATE_ESCAPES.subn("\ufffd", text)
-
-
-def _jsonl_documents(src: Source, start: int, text: str, text_field: str) -> Iterator[tuple[int, str]]:
-    """(line index, text) of each document of a .jsonl piece that begins at byte `start`."""
-    for lineno, line in enumerate(_lines(text)):
-        if not line or line.isspace():  # not .strip(): no copy of a huge line
-            continue
-        where = f"{src.name}:{_line_number(src, start, lineno)}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise GptkitError(f"{where}: not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or text_field not in obj:
-            raise GptkitError(f"{where}: no {text_field!r} field (choose one with --text-field)")
-        if not isinstance(obj[text_field], str):
-            raise GptkitError(f"{where}: field {text_field!r} is {type(obj[text_field]).__name__}, expected a string")
-        if obj[text_field]:
-            yield lineno, obj[text_field]
-
-
-def _lines(text: str) -> Iterator[str]:
-    """text.split("\n") lazily; a piece that is one (huge) line is not copied."""
-    if text.find("\n", 0, len(text) - 1) < 0:
-        yield text  # json.loads allows the trailing newline
-        return
-    pos = 0
-    while pos <= len(text):
-        end = text.find("\n", pos)
-        end = len(text) if end < 0 else end
-        yield text[pos:end]
-        pos = end + 1
-
-
-def _line_number(src: Source, start: int, lineno_in_piece: int) -> int:
-    """1-based line number in the file (reads what precedes the piece; only on the error path)."""
-    return src.read(0, start).count(b"\n") + lineno_in_piece + 1 if start else lineno_in_piece + 1
 
 
 # ---------------------------------------------------------------------------- planning
@@ -365,7 +195,7 @@ class _Encoder:
 
     def _segments(self, piece: Piece) -> tuple[list[Segment], int, int]:
         """The piece's segments, the number of documents that end in it, its invalid bytes."""
-        text, bad = _decode(piece.source.read(piece.start, piece.end))
+        text, bad = decode_utf8(piece.source.read(piece.start, piece.end))
         if piece.source.jsonl:
             documents = list(self._jsonl_segments(piece, text))
             docs = len({lineno for lineno, *_ in documents})  # a cut document yields two segments
@@ -399,7 +229,7 @@ class _Encoder:
     def _jsonl_segments(self, piece: Piece, text: str) -> Iterator[tuple[int, str, str, int, int, bool]]:
         """(line index, split, text, start, end, True) per document; a document too big for
         whole-document assignment yields its head for train and its tail for val."""
-        for lineno, doc in _jsonl_documents(piece.source, piece.start, text, self.text_field):
+        for lineno, doc in jsonl_documents(piece.source, piece.start, text, self.text_field):
             if self.val_fraction and len(doc) > self.big_bytes / 4 and _utf8_len(doc) > self.big_bytes:
                 cut = _val_cut_chars(doc, f"{piece.source.name}:{lineno}", self.val_fraction)
                 if cut:
@@ -455,45 +285,6 @@ def _run_task(task: list[Piece]) -> list[PieceResult]:
 
 
 # ---------------------------------------------------------------------------- output
-class ShardWriter:
-    """Appends token ids to OUT/{split}_00000.bin, ... of at most shard_tokens each; a shard
-    is written under a temporary name and renamed when complete."""
-
-    def __init__(self, out: Path, split: str, dtype: np.dtype, shard_tokens: int):
-        self.out, self.split, self.dtype, self.shard_tokens = out, split, dtype, shard_tokens
-        self.shards: list[str] = []
-        self.tokens = 0
-        self._file = None
-        self._in_shard = 0
-
-    def write(self, ids: np.ndarray) -> None:
-        while len(ids):
-            if self._file is None:
-                self._file = open(self.out / f".{self._name()}.tmp", "wb")
-            n = min(len(ids), self.shard_tokens - self._in_shard)
-            ids[:n].astype(self.dtype).tofile(self._file)
-            ids, self._in_shard, self.tokens = ids[n:], self._in_shard + n, self.tokens + n
-            if self._in_shard == self.shard_tokens:
-                self._finish()
-
-    def close(self) -> list[str]:
-        if self._file is not None:
-            self._finish()
-        return self.shards
-
-    def _name(self) -> str:
-        return f"{self.split}_{len(self.shards):05d}.bin"
-
-    def _finish(self) -> None:
-        assert self._file is not None
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self.out / f".{self._name()}.tmp", self.out / self._name())
-        self.shards.append(self._name())
-        self._file, self._in_shard = None, 0
-
-
 @dataclass
 class _SourceStats:
     documents: int = 0
@@ -506,10 +297,6 @@ class _Totals:
     tokens: dict[str, int] = field(default_factory=lambda: {s: 0 for s in SPLITS})
     documents: dict[str, int] = field(default_factory=lambda: {s: 0 for s in SPLITS})
     text_bytes: dict[str, int] = field(default_factory=lambda: {s: 0 for s in SPLITS})
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
 # ---------------------------------------------------------------------------- the stage

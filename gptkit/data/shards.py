@@ -1,5 +1,6 @@
-"""Batches for the trainer.
+"""Token shards: written by `gptkit prepare`, read as batches by the trainer.
 
+`ShardWriter` appends a split's token ids to OUT/{split}_00000.bin, ... in `token_dtype`.
 `TokenShards` reads what `gptkit prepare` wrote (OUT/meta.json + token shards) and draws
 random windows of block_size + 1 tokens. It is DDP-aware and resumable: every process
 draws the same *global* batch from one seeded generator and keeps its own slice, so
@@ -15,6 +16,7 @@ Every batch source offers the same small interface to the trainer:
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +118,47 @@ class TokenShards:
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+
+
+# ---------------------------------------------------------------------------- writing (gptkit prepare)
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+class ShardWriter:
+    """Appends token ids to OUT/{split}_00000.bin, ... of at most shard_tokens each; a shard
+    is written under a temporary name and renamed when complete."""
+
+    def __init__(self, out: Path, split: str, dtype: np.dtype, shard_tokens: int):
+        self.out, self.split, self.dtype, self.shard_tokens = out, split, dtype, shard_tokens
+        self.shards: list[str] = []
+        self.tokens = 0
+        self._file = None
+        self._in_shard = 0
+
+    def write(self, ids: np.ndarray) -> None:
+        while len(ids):
+            if self._file is None:
+                self._file = open(self.out / f".{self._name()}.tmp", "wb")
+            n = min(len(ids), self.shard_tokens - self._in_shard)
+            ids[:n].astype(self.dtype).tofile(self._file)
+            ids, self._in_shard, self.tokens = ids[n:], self._in_shard + n, self.tokens + n
+            if self._in_shard == self.shard_tokens:
+                self._finish()
+
+    def close(self) -> list[str]:
+        if self._file is not None:
+            self._finish()
+        return self.shards
+
+    def _name(self) -> str:
+        return f"{self.split}_{len(self.shards):05d}.bin"
+
+    def _finish(self) -> None:
+        assert self._file is not None
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.out / f".{self._name()}.tmp", self.out / self._name())
+        self.shards.append(self._name())
+        self._file, self._in_shard = None, 0

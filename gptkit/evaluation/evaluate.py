@@ -200,7 +200,7 @@ def generate_all(model, tokenizer, prompts: list[list[int]], max_tokens: int = 6
     at `temperature` with prompt i seeded by seed + i (reproducible). A prompt too long for the
     context keeps its end. The caller's model is left untouched: the engine gets a copy with any
     LoRA adapters merged (it repacks layers in place)."""
-    from gptkit.inference.engine import completion_text
+    from gptkit.text.stream import completion_text
     from gptkit.inference.factory import build_engine
 
     block = model.config.block_size

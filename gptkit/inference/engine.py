@@ -20,8 +20,10 @@ API
     engine.start(), engine.shutdown() # background scheduler thread; without it, iterating a
                                       # handle or generate() drives the scheduler in the caller
 
+    # gptkit/inference/requests.py, with RequestHandle (the handle above)
     Event(index, token_id, logprob, top_logprobs, finish_reason, stop_text_offset)
     Completion(token_ids, finish_reason, logprobs, top_logprobs, stop_text_offset)
+    # gptkit/text/stream.py
     TextStream(tokenizer, stop).push(event) -> str      # one per sample: safe text deltas
     completion_text(tokenizer, completion) -> str
 
@@ -41,7 +43,7 @@ Conventions
   presence * (count > 0), over generated tokens); each sample's randomness is a hash of its
   seed (seed + index when a seed is given), its step and the token id, so seeded requests are
   reproducible whatever else runs beside them. All rows are sampled at once by tensor ops
-  (gptkit/sampling.py), with their parameters kept in device tensors per cache row.
+  (gptkit/inference/sampling.py), with their parameters kept in device tensors per cache row.
 - An error in one request (its prefill, sampling, stop matching or token decoding) fails that
   request alone: iterating its handle raises it, its rows and cache reservation are freed.
   Only a failing batched decode forward fails every request in flight.
@@ -49,14 +51,10 @@ Conventions
 
 from __future__ import annotations
 
-import asyncio
-import codecs
-import queue
 import random
 import threading
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +63,7 @@ from gptkit.errors import GptkitError
 from gptkit.config import SampleConfig
 from gptkit.model.gpt import GPT, KVCache
 from gptkit.model.quantize import prepare_model
+from gptkit.inference.requests import Completion, RequestHandle, Row, check_prompt, check_request
 from gptkit.inference.sampling import RowParams, SamplingError, sample_batch, top_dicts
 from gptkit.inference.static_decode import StaticDecoder
 
@@ -86,211 +85,7 @@ def serial_main_thread() -> None:
     torch.set_num_threads(1)
 
 
-# ------------------------------------------------------------------------------------ API types
-@dataclass
-class Event:
-    """One step of one sample: a new token, and/or the end of the sample."""
-
-    index: int  # sample index 0..n-1
-    token_id: int | None
-    logprob: float | None = None
-    top_logprobs: dict[int, float] | None = None
-    finish_reason: str | None = None  # 'stop' | 'length' | 'cancelled' on the last event
-    stop_text_offset: int | None = None  # bytes of decoded output to keep, when a stop string matched
-
-
-@dataclass
-class Completion:
-    token_ids: list[int]
-    finish_reason: str
-    logprobs: list[float] | None = None
-    top_logprobs: list[dict[int, float]] | None = None
-    stop_text_offset: int | None = None  # bytes of decoded output to keep, when a stop string matched
-
-
-class RequestHandle:
-    """One submitted request: events for all n samples, cancel, and the final completions."""
-
-    def __init__(self, engine: "Engine", prompt: list[int], params: SampleConfig, n: int, stop_bytes: list[bytes]):
-        self.engine, self.prompt, self.params, self.n = engine, prompt, params, n
-        self.stop_bytes = stop_bytes  # params.stop as UTF-8, checked at submit
-        self.cancelled = False
-        self._lock = threading.Lock()
-        self._events: queue.Queue = queue.Queue()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._aqueue: asyncio.Queue | None = None
-        self._done = threading.Event()
-        want_lp = params.logprobs is not None
-        self._partial = [Completion([], "", [] if want_lp else None, [] if want_lp and params.logprobs else None)
-                         for _ in range(n)]
-        self._finished: set[int] = set()
-        self.error: BaseException | None = None
-        self.released = False  # its cache reservation was given back
-
-    @property
-    def need(self) -> int:
-        """Cache positions the request may use: n x (prompt + max_tokens)."""
-        return self.n * (len(self.prompt) + self.params.max_tokens)
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def cancel(self) -> None:
-        """Stop generating: unfinished samples end with 'cancelled' and their slots are free."""
-        self.engine._cancel(self)
-
-    def result(self, timeout: float | None = None) -> list[Completion]:
-        """Block until every sample finished; the completions in sample order."""
-        self.engine._drive_until(self._done, timeout)
-        if self.error is not None:
-            raise self.error
-        return self._partial
-
-    def __iter__(self) -> Iterator[Event]:
-        remaining = self.n
-        while remaining:
-            item = self._next_event()
-            if isinstance(item, BaseException):
-                raise item
-            remaining -= item.finish_reason is not None
-            yield item
-
-    async def aiter(self) -> AsyncIterator[Event]:
-        """Events without blocking the event loop; the scheduler thread produces them."""
-        self.engine.start()
-        with self._lock:  # from now on events go to the asyncio queue, in order
-            self._loop, self._aqueue = asyncio.get_running_loop(), asyncio.Queue()
-            while not self._events.empty():
-                self._aqueue.put_nowait(self._events.get_nowait())
-        remaining = self.n
-        while remaining:
-            item = await self._aqueue.get()
-            if isinstance(item, BaseException):
-                raise item
-            remaining -= item.finish_reason is not None
-            yield item
-
-    # --- engine side
-    def _next_event(self) -> Event | BaseException:
-        while True:
-            try:
-                return self._events.get(timeout=0.05 if self.engine._thread_alive() else 0)
-            except queue.Empty:
-                if not self.engine._thread_alive():
-                    self.engine.step()
-
-    def _put(self, item: Event | BaseException) -> None:
-        if self._loop is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._aqueue.put_nowait, item)
-            except RuntimeError:  # the consumer's loop is closed: nobody is listening
-                pass
-        else:
-            self._events.put(item)
-
-    def _emit(self, ev: Event) -> bool:
-        """Record and deliver one event; False if its sample had already finished."""
-        with self._lock:
-            if ev.index in self._finished:
-                return False
-            c = self._partial[ev.index]
-            if ev.token_id is not None:
-                c.token_ids.append(ev.token_id)
-                if c.logprobs is not None:
-                    c.logprobs.append(ev.logprob)
-                if c.top_logprobs is not None:
-                    c.top_logprobs.append(ev.top_logprobs or {})
-            if ev.finish_reason is not None:
-                c.finish_reason, c.stop_text_offset = ev.finish_reason, ev.stop_text_offset
-                self._finished.add(ev.index)
-            self._put(ev)
-            if len(self._finished) == self.n:
-                self._done.set()
-            return True
-
-    def _finish_all(self, reason: str) -> None:
-        for i in range(self.n):
-            self._emit(Event(i, None, finish_reason=reason))
-
-    def _fail(self, error: BaseException) -> None:
-        with self._lock:
-            self.error = error
-            self._finished = set(range(self.n))
-            self._put(error)
-            self._done.set()
-
-
-# ------------------------------------------------------------------------------------ stop strings
-def find_stop(buf: bytes, stops: Sequence[bytes], start: int = 0) -> int | None:
-    """Byte offset of the earliest stop string in buf that ends at or after `start`."""
-    hits = [p for s in stops if (p := buf.find(s, max(0, start - len(s) + 1))) >= 0]
-    return min(hits) if hits else None
-
-
-def stop_holdback(buf: bytes, stops: Sequence[bytes]) -> int:
-    """Length of the longest suffix of buf that is a proper prefix of a stop string:
-    those bytes may still become a stop string, so they must not be shown yet."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(buf)), best, -1):
-            if buf.endswith(s[:k]):
-                best = k
-                break
-    return best
-
-
-class TextStream:
-    """Events of one sample -> text deltas that never split a UTF-8 character and never show
-    bytes that may belong to a stop string. Used by generate, chat and the server alike."""
-
-    def __init__(self, tokenizer, stop: Sequence[str] = ()):
-        self.token_bytes: Callable[[int], bytes] = tokenizer.token_bytes
-        self.stops = [s.encode("utf-8") for s in stop if s]
-        self._buf = bytearray()
-        self._sent = 0  # bytes handed to the UTF-8 decoder
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def push(self, event: Event) -> str:
-        if event.token_id is not None:
-            self._buf += self.token_bytes(event.token_id)
-        if event.finish_reason is None:
-            return self._release(len(self._buf) - stop_holdback(self._buf, self.stops), final=False)
-        end = event.stop_text_offset if event.stop_text_offset is not None else len(self._buf)
-        return self._release(end, final=True)
-
-    def _release(self, end: int, final: bool) -> str:
-        chunk = bytes(self._buf[self._sent:max(end, self._sent)])
-        self._sent = max(end, self._sent)
-        return self._utf8.decode(chunk, final=final)
-
-
-def completion_text(tokenizer, completion: Completion) -> str:
-    """The decoded text of a completion, cut before a matched stop string."""
-    data = b"".join(tokenizer.token_bytes(t) for t in completion.token_ids)
-    if completion.stop_text_offset is not None:
-        data = data[:completion.stop_text_offset]
-    return data.decode("utf-8", errors="replace")
-
-
 # ------------------------------------------------------------------------------------ the engine
-@dataclass(eq=False)  # rows are compared by identity
-class _Row:
-    """One running sample, held in cache row `slot` (rows 0..n-1 are the running ones)."""
-
-    handle: RequestHandle
-    index: int
-    stops: list[bytes]
-    stop_ids: set[int]
-    next_token: int = -1  # sampled, not yet fed to the model
-    n_out: int = 0  # tokens emitted
-    out_bytes: bytearray = field(default_factory=bytearray)  # only kept when there are stop strings
-
-    @property
-    def params(self) -> SampleConfig:
-        return self.handle.params
-
-
 class Engine:
     """Continuous batching over one preallocated KV cache of `max_batch` rows.
 
@@ -305,7 +100,7 @@ class Engine:
                  quantize: str | None = None, vocab_size: int | None = None, static_decode: bool | None = None):
         """vocab_size: how many ids the tokenizer can decode, when fewer than the model's
         (a vocabulary padded for speed, or an imported model's): the rest are never sampled.
-        static_decode: decode with static shapes (gptkit/static_decode.py), as CUDA graphs on
+        static_decode: decode with static shapes (gptkit/inference/static_decode.py), as CUDA graphs on
         CUDA; None: on for CUDA without quantization, off elsewhere (on CPU the eager step,
         which attends only over the cached length, is faster)."""
         if max_batch < 1:
@@ -324,7 +119,7 @@ class Engine:
         if static_decode is None:
             static_decode = on_cuda and quantize is None
         self._static = StaticDecoder(self.model, self.cache, graphs=on_cuda) if static_decode else None
-        self._rows: list[_Row] = []
+        self._rows: list[Row] = []
         self._queue: list[RequestHandle] = []
         self._jobs: list[tuple[Future, Callable]] = []  # work for the scheduler thread (prompt_logprobs)
         self._active: set[RequestHandle] = set()  # admitted, not finished or cancelled
@@ -338,7 +133,10 @@ class Engine:
 
     # --- public entry points (thread-safe)
     def submit(self, prompt: list[int], params: SampleConfig, n: int = 1) -> RequestHandle:
-        handle = RequestHandle(self, list(prompt), params, n, self._validate(prompt, params, n))
+        stop_bytes = check_request(prompt, params, n, config=self.config, max_batch=self.max_batch,
+                                   max_cached_tokens=self.max_cached_tokens,
+                                   has_token_bytes=self.token_bytes is not None)
+        handle = RequestHandle(self, list(prompt), params, n, stop_bytes)
         if params.max_tokens == 0:  # nothing to generate (echo/loglikelihood requests)
             handle._finish_all("length")
             return handle
@@ -355,7 +153,7 @@ class Engine:
         and the top_k alternatives there: the numbers of one plain forward pass. Runs on the
         scheduler thread when there is one (between two steps), else in the calling thread."""
         for prompt in prompts:
-            self._check_tokens(prompt, extra=0)
+            check_prompt(prompt, 0, self.config)
         job: Future = Future()
         with self._wake:
             scheduled = self._thread_alive() and not self._stopping
@@ -425,35 +223,6 @@ class Engine:
             jobs, self._jobs = self._jobs, []
         for job, _ in jobs:
             job.set_exception(GptkitError("the engine shut down before this request ran"))
-
-    # --- validation
-    def _validate(self, prompt: list[int], params: SampleConfig, n: int) -> list[bytes]:
-        """GptkitError for a request the engine cannot run; else its stop strings as UTF-8."""
-        if not 1 <= n <= self.max_batch:
-            raise GptkitError(f"n={n} must be between 1 and the engine's max_batch={self.max_batch}")
-        self._check_tokens(prompt, extra=params.max_tokens)
-        need = n * (len(prompt) + params.max_tokens)
-        if need > self.max_cached_tokens:
-            raise GptkitError(f"n={n} x (prompt of {len(prompt)} tokens + max_tokens {params.max_tokens}) = {need} "
-                              f"tokens > the engine's max_cached_tokens={self.max_cached_tokens}")
-        if params.stop and self.token_bytes is None:
-            raise GptkitError("stop strings need an engine built with token_bytes (e.g. tokenizer.token_bytes)")
-        try:  # here, not at prefill: a request that cannot start must never hold rows
-            return [s.encode("utf-8") for s in params.stop if s]
-        except UnicodeEncodeError as e:
-            raise GptkitError(f"stop string {e.object!r} is not valid Unicode text (a lone surrogate at "
-                              f"position {e.start})") from None
-
-    def _check_tokens(self, prompt: list[int], extra: int) -> None:
-        ctx, vocab = self.config.block_size, self.config.vocab_size
-        if not prompt:
-            raise GptkitError("prompt is empty: expected at least one token id")
-        if len(prompt) + extra > ctx:
-            raise GptkitError(f"prompt of {len(prompt)} tokens + max_tokens {extra} = {len(prompt) + extra} "
-                              f"> context {ctx}")
-        bad = next((t for t in prompt if not (isinstance(t, int) and 0 <= t < vocab)), None)
-        if bad is not None:
-            raise GptkitError(f"token id {bad!r} in the prompt is outside the vocabulary [0, {vocab})")
 
     # --- scheduler
     def _thread_alive(self) -> bool:
@@ -529,7 +298,7 @@ class Engine:
             self.sampling.set(slot + i, h.params, h.params.seed + i if h.params.seed is not None
                               else self._seeds.getrandbits(63))
         stop_ids = self.eos_ids | set(h.params.stop_token_ids)
-        self._rows.extend(_Row(h, i, h.stop_bytes, stop_ids) for i in range(h.n))
+        self._rows.extend(Row(h, i, h.stop_bytes, stop_ids) for i in range(h.n))
         self._sample_and_emit(logits.expand(h.n, -1), start=slot)
 
     def _decode(self) -> None:
@@ -564,7 +333,7 @@ class Engine:
             lp = chosen[i] if want_lp[i] else None
             top = dict(list(tops[i].items())[:row.params.logprobs]) if tops[i] is not None and row.params.logprobs else None
             try:
-                if i in errors or self._advance(row, tok, lp, top):
+                if i in errors or row.advance(tok, lp, top, self.token_bytes):
                     finished.append(start + i)
             except Exception as e:  # stop matching or decoding failed: only this request fails
                 errors[i] = e
@@ -573,23 +342,6 @@ class Engine:
         self._drop_rows(finished)
         for h, e in failed.items():
             self._fail_request(h, e)
-
-    def _advance(self, row: _Row, tok: int, lp: float | None, top: dict | None) -> bool:
-        """Emit the sampled token for one row; True when the row is finished."""
-        if tok in row.stop_ids:
-            row.handle._emit(Event(row.index, None, finish_reason="stop"))
-            return True
-        row.next_token, row.n_out = tok, row.n_out + 1
-        reason, offset = None, None
-        if row.stops:
-            start = len(row.out_bytes)
-            row.out_bytes += self.token_bytes(tok)
-            offset = find_stop(row.out_bytes, row.stops, start)
-            reason = "stop" if offset is not None else None
-        if reason is None and row.n_out >= row.params.max_tokens:
-            reason = "length"
-        alive = row.handle._emit(Event(row.index, tok, lp, top, reason, offset))
-        return reason is not None or not alive
 
     def _drop_rows(self, indices: list[int]) -> None:
         """Free rows, keeping the running ones contiguous: move the last row into each hole."""

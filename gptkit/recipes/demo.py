@@ -55,10 +55,11 @@ def resolve_device(cfg: DemoConfig) -> tuple[DemoConfig, torch.device]:
 
 def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
     from gptkit.data.shards import TokenShards
-    from gptkit.inference.engine import completion_text
+    from gptkit.text.stream import completion_text
     from gptkit.inference.factory import build_engine
     from gptkit.model.gpt import GPT
-    from gptkit.data.prepare import prepare, stdlib_documents
+    from gptkit.data.prepare import prepare
+    from gptkit.data.sources import stdlib_documents
     from gptkit.text.tokenizer import BPETokenizer
     from gptkit.training.loop import evaluate, lm_loss, train
 

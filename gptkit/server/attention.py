@@ -5,7 +5,6 @@ The chat page's "show attention" toggle draws them."""
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
 
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
@@ -13,9 +12,7 @@ from pydantic import BaseModel, Field
 from gptkit.evaluation.attention import attention_maps
 from gptkit.server import schemas as S
 from gptkit.server.errors import APIError
-
-if TYPE_CHECKING:  # app.py imports this module
-    from gptkit.server.app import Server
+from gptkit.server.state import Server
 
 MAX_TEXT = 20_000  # characters; only the first context's worth of tokens is run anyway
 

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gptkit.checkpoint.open import open_checkpoint
 from gptkit.errors import GptkitError
-from gptkit.inference.engine import Event
+from gptkit.inference.requests import Event
 from gptkit.server.context import current_request
 from gptkit.server.errors import APIError
 

@@ -12,7 +12,6 @@ chat template) plus the backend's own files.
 
 from __future__ import annotations
 
-import codecs
 import json
 import os
 import shutil
@@ -442,24 +441,6 @@ def _load_saved(folder: Path, meta_path: Path) -> Tokenizer:
     if "chat_template" in meta:
         tok.chat_template = ChatTemplate(**meta["chat_template"])
     return tok
-
-
-class StreamDecoder:
-    """Turns token ids, one at a time, into text deltas that never split a UTF-8 character.
-
-    A byte-level token can end in the middle of a multi-byte character (Chinese, emoji); the
-    incremental UTF-8 decoder holds those bytes back until the character is complete.
-    """
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def push(self, token_id: int) -> str:
-        return self._utf8.decode(self.tokenizer.token_bytes(token_id))
-
-    def flush(self) -> str:
-        return self._utf8.decode(b"", final=True)
 
 
 def render_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,

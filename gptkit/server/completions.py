@@ -1,0 +1,207 @@
+"""OpenAI's /v1/completions and /v1/chat/completions: prompts in (encode_prompts, render_chat),
+responses or stream chunks out, with logprobs in each endpoint's shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator, Iterable
+
+from gptkit.server import schemas as S
+from gptkit.server.config import ServedModel
+from gptkit.server.errors import APIError
+from gptkit.server.generation import Choice, EventStream, Generation, sample_config
+from gptkit.server.limits import Limits
+from gptkit.server.state import Server
+from gptkit.text.tokenizer import Tokenizer, render_chat
+
+
+# ------------------------------------------------------------------------------------ text edges
+def token_text(tok: Tokenizer, token_id: int) -> str:
+    """A token as text; a piece of a UTF-8 character is written as OpenAI does, `bytes:\\xe6`."""
+    data = tok.token_bytes(token_id)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+
+
+def encode_prompts(served: ServedModel, prompt: str | list, limits: Limits) -> list[list[int]]:
+    """OpenAI's four prompt shapes -> one list of token ids per prompt. Special tokens' text
+    in a prompt is encoded as the special token (lm-evaluation-harness relies on it)."""
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        limits.check_prompts(len(prompt))
+    if isinstance(prompt, str):
+        prompts = [served.tokenizer.encode(prompt)]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        prompts = [list(prompt)]
+    elif prompt and all(isinstance(p, str) for p in prompt):
+        prompts = served.tokenizer.encode_batch(list(prompt))
+    else:
+        prompts = [list(p) for p in prompt]
+    if not prompts or any(not p for p in prompts):
+        raise APIError(400, "prompt is empty: expected text or at least one token id", param="prompt")
+    check_ids(served, [t for p in prompts for t in p], "prompt")
+    return prompts
+
+
+def check_ids(served: ServedModel, ids: Iterable[int], param: str) -> None:
+    bad = next((t for t in ids if not 0 <= t < served.vocab), None)
+    if bad is not None:
+        raise APIError(400, f"token id {bad} is outside the vocabulary [0, {served.vocab})", param=param)
+
+
+# ------------------------------------------------------------------------------------ logprobs
+def completion_logprobs(tok: Tokenizer, entries: list[tuple[int, float | None, dict[int, float] | None]],
+                        offset: int = 0) -> S.CompletionLogprobs:
+    """The legacy logprobs object from (token id, logprob, top alternatives) entries; the
+    chosen token is always among its position's top_logprobs (so up to k + 1 of them)."""
+    out = S.CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for tid, lp, top in entries:
+        out.tokens.append(token_text(tok, tid))
+        out.token_logprobs.append(lp)
+        alternatives = None if lp is None else {**(top or {}), tid: lp}
+        out.top_logprobs.append(None if alternatives is None else
+                                {token_text(tok, t): v for t, v in alternatives.items()})
+        out.text_offset.append(offset)
+        offset += len(utf8.decode(tok.token_bytes(tid)))
+    return out
+
+
+def chat_logprobs(tok: Tokenizer, entries: list[tuple[int, float | None, dict[int, float] | None]]) -> S.ChatLogprobs:
+    def top(t: int, lp: float) -> S.TopLogprob:
+        return S.TopLogprob(token=token_text(tok, t), logprob=lp, bytes=list(tok.token_bytes(t)))
+
+    return S.ChatLogprobs(content=[S.TokenLogprob(**top(t, lp).model_dump(),
+                                                  top_logprobs=[top(a, v) for a, v in (alts or {}).items()])
+                                   for t, lp, alts in entries])
+
+
+# ------------------------------------------------------------------------------------ /v1/completions
+def _head(prefix: str, served: ServedModel) -> dict:
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": served.name}
+
+
+async def completions(server: Server, body: S.CompletionRequest) -> S.Completion | EventStream:
+    served = server.model(body.model)
+    if body.best_of is not None and body.best_of != body.n:
+        raise APIError(400, f"best_of={body.best_of} must equal n={body.n}: gptkit does not rank extra samples",
+                       param="best_of")
+    limits = server.config.limits
+    limits.check_stop(body.stop)
+    prompts = encode_prompts(served, body.prompt, limits)
+    limits.check_tokens(len(prompts), body.n, body.max_tokens)
+    await server.moderate_input([served.tokenizer.decode(p) for p in prompts], "prompt")
+    gen = server.generate(served, prompts, sample_config(body, body.max_tokens, body.logprobs), body.n)
+    try:
+        echoes = await _echoes(served, prompts, body) if body.echo else None
+    except BaseException:
+        gen.close()
+        raise
+    head = _head("cmpl", served)
+    if body.stream:
+        return EventStream(_completion_chunks(gen, head, echoes, body), gen)
+    choices = await gen.run()
+    return S.Completion(**head, usage=gen.usage(), choices=[
+        _completion_choice(served, i, c, echoes[i // body.n] if echoes else None, body.logprobs)
+        for i, c in enumerate(choices)])
+
+
+@dataclass
+class Echo:
+    """A prompt as echoed: its text and, with logprobs, one entry per prompt token."""
+
+    text: str
+    entries: list[tuple[int, float | None, dict[int, float] | None]]
+
+
+async def _echoes(served: ServedModel, prompts: list[list[int]], body: S.CompletionRequest) -> list[Echo]:
+    tok = served.tokenizer
+    if body.logprobs is None:
+        return [Echo(tok.decode(p), []) for p in prompts]
+    # one plain forward pass per prompt, off the event loop
+    scored = await asyncio.to_thread(served.engine.prompt_logprobs, prompts, body.logprobs)
+    return [Echo(tok.decode(p), [(t, lp, top) for t, (lp, top) in zip(p, s)]) for p, s in zip(prompts, scored)]
+
+
+def _completion_choice(served: ServedModel, index: int, c: Choice, echo: Echo | None,
+                       logprobs: int | None) -> S.CompletionChoice:
+    prefix = echo.text if echo else ""
+    lp = None
+    if logprobs is not None:
+        lp = completion_logprobs(served.tokenizer, (echo.entries if echo else []) + c.entries())
+    return S.CompletionChoice(index=index, text=prefix + c.text, finish_reason=c.finish_reason, logprobs=lp)
+
+
+async def _completion_chunks(gen: Generation, head: dict, echoes: list[Echo] | None,
+                             body: S.CompletionRequest) -> AsyncIterator[S.Completion]:
+    tok = gen.served.tokenizer
+    if echoes:
+        for i in range(len(gen.choices)):
+            echo = echoes[i // body.n]
+            lp = completion_logprobs(tok, echo.entries) if body.logprobs is not None else None
+            yield S.Completion(**head, choices=[S.CompletionChoice(index=i, text=echo.text, logprobs=lp)])
+    async for i, ev, delta in gen.events():
+        lp = None
+        if body.logprobs is not None and ev.token_id is not None:
+            start = len(gen.choices[i].text) - len(delta) + (len(echoes[i // body.n].text) if echoes else 0)
+            lp = completion_logprobs(tok, [(ev.token_id, ev.logprob, ev.top_logprobs)], start)
+        if delta or lp or ev.finish_reason:
+            yield S.Completion(**head, choices=[S.CompletionChoice(index=i, text=delta, logprobs=lp,
+                                                                   finish_reason=ev.finish_reason)])
+    if body.include_usage:
+        yield S.Completion(**head, choices=[], usage=gen.usage())
+
+
+# ------------------------------------------------------------------------------------ /v1/chat/completions
+async def chat_completions(server: Server, body: S.ChatCompletionRequest) -> S.ChatCompletion | EventStream:
+    served = server.model(body.model)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in body.messages]
+    limits = server.config.limits
+    limits.check_stop(body.stop)
+    ids, _ = render_chat(served.tokenizer, messages)
+    await server.moderate_input([m["content"] for m in messages], "messages")
+    # default: the rest of the context (at least 1, so a full context is a 400 naming both numbers)
+    max_tokens = (body.max_completion_tokens or body.max_tokens
+                  or limits.default_max_tokens(served.context - len(ids), body.n))
+    limits.check_tokens(1, body.n, max_tokens, "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = sample_config(body, max_tokens, logprobs)
+    params.stop += served.tokenizer.chat_template.stop  # the plain template ends at the next role marker
+    gen = server.generate(served, [ids], params, body.n)
+    head = _head("chatcmpl", served)
+    if body.stream:
+        return EventStream(_chat_chunks(gen, head, body), gen)
+    choices = await gen.run()
+    tok = served.tokenizer
+    return S.ChatCompletion(**head, usage=gen.usage(), choices=[
+        S.ChatChoice(index=i, message=S.AssistantMessage(content=c.text), finish_reason=c.finish_reason,
+                     logprobs=chat_logprobs(tok, c.entries()) if body.logprobs else None)
+        for i, c in enumerate(choices)])
+
+
+async def _chat_chunks(gen: Generation, head: dict,
+                       body: S.ChatCompletionRequest) -> AsyncIterator[S.ChatCompletionChunk]:
+    def chunk(i: int, delta: S.ChatDelta, finish: str | None = None, lp: S.ChatLogprobs | None = None):
+        return S.ChatCompletionChunk(**head, choices=[S.ChatChunkChoice(index=i, delta=delta, finish_reason=finish,
+                                                                        logprobs=lp)])
+
+    for i in range(len(gen.choices)):  # each choice opens with the role, as OpenAI's stream does
+        yield chunk(i, S.ChatDelta(role="assistant", content=""))
+    tok = gen.served.tokenizer
+    async for i, ev, delta in gen.events():
+        lp = chat_logprobs(tok, [(ev.token_id, ev.logprob, ev.top_logprobs)]) \
+            if body.logprobs and ev.token_id is not None else None
+        if delta or lp:
+            yield chunk(i, S.ChatDelta(content=delta), lp=lp)
+        if ev.finish_reason:
+            yield chunk(i, S.ChatDelta(), ev.finish_reason)
+    if body.include_usage:
+        yield S.ChatCompletionChunk(**head, choices=[], usage=gen.usage())
