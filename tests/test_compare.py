@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 import gptkit.evaluation.evaluate as ev
+from gptkit.checkpoint.rundir import resolve_checkpoint
 from gptkit.evaluation.bootstrap import paired
 from gptkit.cli import app
 from gptkit.evaluation.compare import CompareConfig, compare
@@ -79,7 +80,7 @@ def test_self_comparison_has_zero_differences_and_agrees_with_evaluate(setup):
 def test_different_models_prepared_data_and_int8_through_the_cli(setup):
     tmp, a, b, _ = setup
     data = tmp / "prepared"
-    prepare([str(tmp / "text.txt")], a, data, val_fraction=0.5, warn=lambda m: None)
+    prepare([str(tmp / "text.txt")], resolve_checkpoint(a), data, val_fraction=0.5, warn=lambda m: None)
     out = tmp / "cli"
     r = CliRunner().invoke(app, ["compare", a, b, f"a8={a}@int8", "--data", str(data), "--out", str(out)])
     assert r.exit_code == 0, r.output

@@ -304,7 +304,8 @@ def prepare(inputs: list[str], tokenizer_dir: str | os.PathLike, out: str | os.P
             text_field: str = "text", val_fraction: float = 0.005, workers: int = 1,
             shard_tokens: int = DEFAULT_SHARD_TOKENS, progress: bool = False,
             warn: Callable[[str], None] = lambda m: print(f"warning: {m}", file=sys.stderr)) -> dict:
-    """Tokenize the inputs into OUT (see the module docstring); returns meta.json plus timing."""
+    """Tokenize the inputs into OUT (see the module docstring); returns meta.json plus timing.
+    tokenizer_dir is a tokenizer folder or a checkpoint's step folder (`gptkit prepare` resolves run folders)."""
     if not 0 <= val_fraction < 1:
         raise GptkitError(f"val_fraction={val_fraction} must be in [0, 1)")
     if workers < 1 or shard_tokens < 1:
