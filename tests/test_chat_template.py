@@ -18,7 +18,8 @@ from gptkit.errors import GptkitError
 from gptkit.config import ModelConfig
 from gptkit.inference.engine import Engine
 from gptkit.model.gpt import GPT
-from gptkit.text.tokenizer import EOT, ChatTemplate, CharTokenizer, render_chat, use_chat_template
+from gptkit.text.tokenizer import EOT, ChatTemplate, CharTokenizer
+from gptkit.text.chat import render_chat, use_chat_template
 from live_server import bpe_tokenizer, plain_tokenizer, serve
 
 # A model overfit on a plain-text conversation: asked "hello", it answers " hi there" and then

@@ -23,7 +23,8 @@ from gptkit.training.finetune import DataSpec, FinetuneConfig, ensure_chat_token
 from gptkit.evaluation.evaluate import generate_all
 from gptkit.model.lora import LoRAConfig, LoRALinear, apply_lora, merge_lora
 from gptkit.model.gpt import GPT
-from gptkit.text.tokenizer import EOT, IM_END, IM_START, CharTokenizer, render_chat
+from gptkit.text.tokenizer import EOT, IM_END, IM_START, CharTokenizer
+from gptkit.text.chat import render_chat
 
 CHARS = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789 +=?.,:\n'ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
 

@@ -292,7 +292,7 @@ def test_tokenize_detokenize_tokenizer_info(server, ckpt):
 
 def test_chat_template_jinja_renders_like_render_chat(server, ckpt):
     jinja2 = pytest.importorskip("jinja2")
-    from gptkit.text.tokenizer import render_chat
+    from gptkit.text.chat import render_chat
 
     tok = open_tokenizer(ckpt)
     template = httpx.get(f"{server}/tokenizer_info", headers=auth()).json()["chat_template"]

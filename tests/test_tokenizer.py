@@ -11,7 +11,8 @@ from hypothesis import given, settings, strategies as st
 
 from gptkit.errors import GptkitError
 from gptkit.text.stream import StreamDecoder
-from gptkit.text.tokenizer import (EOT, IM_END, IM_START, BPETokenizer, CharTokenizer, TiktokenTokenizer, Tokenizer, load_tokenizer, render_chat)
+from gptkit.text.tokenizer import EOT, IM_END, IM_START, BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
+from gptkit.text.chat import render_chat
 
 CORPUS = [
     "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n",

@@ -31,7 +31,8 @@ from gptkit.checkpoint.format import save_checkpoint
 from gptkit.config import ModelConfig
 from gptkit.model.gpt import GPT
 from gptkit.server.webui import WEB
-from gptkit.text.tokenizer import BPETokenizer, ChatTemplate, render_chat
+from gptkit.text.tokenizer import BPETokenizer, ChatTemplate
+from gptkit.text.chat import render_chat
 
 from live_server import serve_cli
 

@@ -283,7 +283,7 @@ def chat(
     """Interactive chat with streaming replies. Commands: /reset, /system TEXT, /exit."""
     from gptkit.config import SampleConfig
     from gptkit.text.stream import TextStream
-    from gptkit.text.tokenizer import render_chat, use_chat_template
+    from gptkit.text.chat import render_chat, use_chat_template
 
     engine, tokenizer = _engine_for(ckpt, max_batch=1)
     source = use_chat_template(tokenizer)

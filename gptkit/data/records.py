@@ -25,7 +25,8 @@ from typing import Callable
 import torch
 
 from gptkit.errors import GptkitError
-from gptkit.text.tokenizer import Tokenizer, render_chat
+from gptkit.text.tokenizer import Tokenizer
+from gptkit.text.chat import render_chat
 
 FORMATS = ("chat", "completion", "classify", "text", "code")
 

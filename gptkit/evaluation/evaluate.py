@@ -16,7 +16,6 @@ assistant message is the reference.
 from __future__ import annotations
 
 import math
-import os
 import re
 import shutil
 import string
@@ -218,7 +217,7 @@ def generate_all(model, tokenizer, prompts: list[list[int]], max_tokens: int = 6
 
 def prompt_and_reference(fmt: str, record: dict, tokenizer) -> tuple[list[int], str]:
     """The prompt ids a generation task feeds the model, and the reference answer."""
-    from gptkit.text.tokenizer import render_chat
+    from gptkit.text.chat import render_chat
 
     if fmt == "completion":
         return tokenizer.encode(record["prompt"]), record["completion"]

@@ -315,7 +315,7 @@ def _docs_base(out: Path, train: dict[str, str], scale: Scale, seed: int, log: L
 
 def _rouge_on(ckpt: Path, conversations: list[dict], refs: list[str]) -> float:
     from gptkit.training.finetune import ensure_chat_tokens
-    from gptkit.text.tokenizer import render_chat
+    from gptkit.text.chat import render_chat
 
     loaded = open_checkpoint(ckpt)
     model, tokenizer = loaded.model, loaded.tokenizer

@@ -17,7 +17,11 @@ from gptkit.server.errors import APIError
 from gptkit.server.generation import Choice, EventStream, Generation, sample_config
 from gptkit.server.limits import Limits
 from gptkit.server.state import Server
-from gptkit.text.tokenizer import Tokenizer, render_chat
+from gptkit.text.tokenizer import Tokenizer
+
+
+# ------------------------------------------------------------------------------------ text edges
+from gptkit.text.chat import render_chat
 
 
 # ------------------------------------------------------------------------------------ text edges

@@ -14,7 +14,8 @@ from gptkit.server.auth import ApiKey
 from gptkit.server.limits import Limits
 from gptkit.server.moderation import Moderator
 from gptkit.server.ratelimit import WINDOW_S
-from gptkit.text.tokenizer import Tokenizer, use_chat_template
+from gptkit.text.tokenizer import Tokenizer
+from gptkit.text.chat import use_chat_template
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""One tokenizer interface with four backends, and the chat template.
+"""One tokenizer interface with four backends, and the chat template a tokenizer stores
+(rendering chat messages with it: gptkit.text.chat).
 
 - BPETokenizer: byte-level BPE trained on your corpus with the `tokenizers` library,
   or GPT-2's vocab.json + merges.txt / a tokenizer.json from a local folder.
@@ -69,38 +70,6 @@ class ChatTemplate:
         prompt = "Assistant:" if plain else self.start + "assistant\n"
         return (system + "{% for message in messages %}" + role + "{{ message['content'] }}" + raw(end)
                 + "{% endfor %}{% if add_generation_prompt %}" + raw(prompt) + "{% endif %}")
-
-
-CHAT_TEMPLATES = ("auto", "chatml", "plain")
-
-
-def use_chat_template(tokenizer: "Tokenizer", choice: str = "auto") -> str:
-    """Set the template chat uses on `tokenizer` (in memory) and say where it came from:
-    'checkpoint' (stored with it), 'chatml' / 'plain' (chosen), 'default' (no stored template,
-    ChatML tokens present), or 'fallback' (no chat tokens: plain text)."""
-    if choice not in CHAT_TEMPLATES:
-        raise GptkitError(f"chat template {choice!r}: expected one of {', '.join(CHAT_TEMPLATES)}")
-    has_tokens = _has_chat_tokens(tokenizer)
-    if choice == "chatml" and not has_tokens:
-        raise GptkitError(f"chat template chatml needs the tokens {IM_START} / {IM_END}, which this tokenizer "
-                          "lacks; use --chat-template plain, or fine-tune with a chat dataset (it adds them)")
-    if choice != "auto":
-        tokenizer.chat_template = ChatTemplate(kind=choice)
-        return choice
-    if tokenizer.chat_template is not None:
-        return "checkpoint"
-    tokenizer.chat_template = default_chat_template(tokenizer)
-    return "default" if has_tokens else "fallback"
-
-
-def default_chat_template(tokenizer: "Tokenizer") -> ChatTemplate:
-    """For a tokenizer without a stored template: ChatML when it has the ChatML tokens (gptkit's
-    tokenizers reserve them), else plain text."""
-    return ChatTemplate() if _has_chat_tokens(tokenizer) else ChatTemplate(kind="plain")
-
-
-def _has_chat_tokens(tokenizer: "Tokenizer") -> bool:
-    return all(tokenizer.special_id(t) is not None for t in (IM_START, IM_END))
 
 
 class Tokenizer:
@@ -441,50 +410,3 @@ def _load_saved(folder: Path, meta_path: Path) -> Tokenizer:
     if "chat_template" in meta:
         tok.chat_template = ChatTemplate(**meta["chat_template"])
     return tok
-
-
-def render_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
-                train_on: str = "assistant") -> tuple[list[int], list[int]]:
-    """Render messages with the tokenizer's chat template into (ids, mask); a tokenizer without
-    a template gets default_chat_template's (ChatML, or plain text without its tokens).
-
-    mask[i] is 1 where token i is a target of the loss: the content and closing token(s) of
-    assistant messages. With add_generation_prompt the ids end with the assistant header.
-    Message content is encoded with special tokens off: text can never become <|im_end|>.
-    """
-    tpl = tokenizer.chat_template or default_chat_template(tokenizer)
-    if tpl.kind == "plain":
-        def header(role: str) -> list[int]:
-            return tokenizer.encode(f"{PLAIN_ROLES[role]}:")
-        first, end = " ", tokenizer.encode("\n")  # "User: hi\n"; the model writes the space itself
-    else:
-        start, close = tokenizer.special_id(tpl.start), tokenizer.special_id(tpl.end)
-        if start is None or close is None:
-            raise GptkitError(f"tokenizer lacks the chat tokens {tpl.start} / {tpl.end}; fine-tune with a chat "
-                              "dataset first (gptkit finetune adds them), or use the plain template")
-
-        def header(role: str) -> list[int]:
-            return [start] + tokenizer.encode(f"{role}\n")
-        first, end = "", [close] + tokenizer.encode("\n")
-    ids: list[int] = []
-    mask: list[int] = []
-    if tpl.default_system and not any(m.get("role") == "system" for m in messages):
-        messages = [{"role": "system", "content": tpl.default_system}, *messages]
-    for i, m in enumerate(messages):
-        role, content = m.get("role"), m.get("content")
-        if role not in PLAIN_ROLES:
-            raise GptkitError(f"message {i}: role {role!r}; expected system, user or assistant")
-        if not isinstance(content, str):
-            raise GptkitError(f"message {i}: content must be a string")
-        head = header(role)
-        body = tokenizer.encode(first + content, special=False) + end
-        ids += head + body
-        # the reply's closing token is a target (ChatML's <|im_end|>); the newline after it is not
-        n_target = len(body) - (len(end) - 1 if tpl.kind == "chatml" else 0)
-        target = 1 if role == train_on else 0
-        mask += [0] * len(head) + [target] * n_target + [0] * (len(body) - n_target)
-    if add_generation_prompt:
-        head = header("assistant")
-        ids += head
-        mask += [0] * len(head)
-    return ids, mask

@@ -25,7 +25,7 @@ from gptkit.model.heads import CLASSIFY_HEAD, add_class_head, class_logits, resi
 from gptkit.model.lora import LoRAConfig, apply_lora, mark_trainable
 from gptkit.data.records import Mixture, Record, TaskBatches, class_examples, lm_examples, read_records
 from gptkit.text.tokenizer import EOT, IM_END, IM_START, ChatTemplate
-from gptkit.text.tokenizer import Tokenizer, load_tokenizer
+from gptkit.text.tokenizer import Tokenizer
 
 
 def ensure_chat_tokens(model: nn.Module, tokenizer: Tokenizer) -> list[str]:
