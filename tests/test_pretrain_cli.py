@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+from typer.testing import CliRunner
 
+from gptkit.cli import app
+from gptkit.config import FinetuneTrainConfig, TrainConfig
 from gptkit.data.prepare import prepare
 from gptkit.text.tokenizer import BPETokenizer
 
@@ -66,3 +70,13 @@ def test_pretrain_cli_resume_and_errors(tmp_path, data_dir):
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: no meta.json; "
                                                    "create the folder with `gptkit prepare`"]
+
+
+@pytest.mark.parametrize("command, cls", [("pretrain", TrainConfig), ("finetune", FinetuneTrainConfig)])
+def test_every_training_option_is_reachable_from_the_cli(command, cls):
+    """The options are generated from the config's fields: each one is in --help, with its help text."""
+    text = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"}).output
+    flags = {"out_dir": "--out"}
+    for f in dataclasses.fields(cls):
+        assert flags.get(f.name, "--" + f.name.replace("_", "-")) in text, f.name
+        assert f.metadata["help"].split(";")[0][:40] in " ".join(text.split()), f.name

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from gptkit.cli.commands import _Commands, _engine_for, _fail, app
+from gptkit.cli.common import Commands, app, engine_for, fail
 
 
 # ---------------------------------------------------------------------------- serve
@@ -17,11 +17,11 @@ def _model_specs(ckpt: Path, name: Optional[str], extra: list[str]) -> list[tupl
     for spec in extra:
         model_name, sep, path = spec.partition("=")
         if not sep or not model_name or not path:
-            _fail(f"--model {spec!r}: expected NAME=CKPT")
+            fail(f"--model {spec!r}: expected NAME=CKPT")
         specs.append((model_name, Path(path)))
     names = [n for n, _ in specs]
     if len(set(names)) != len(names):
-        _fail(f"model names must be unique, got {', '.join(names)} (use --name for CKPT)")
+        fail(f"model names must be unique, got {', '.join(names)} (use --name for CKPT)")
     return specs
 
 
@@ -76,11 +76,11 @@ def serve(
     serial_main_thread()  # the engines decode on their own threads; see its docstring
 
     if max_queue < 1 or max_body < 1:
-        _fail(f"--max-queue {max_queue} and --max-body {max_body} must be at least 1")
+        fail(f"--max-queue {max_queue} and --max-body {max_body} must be at least 1")
     limits = Limits(max_stop, max_stop_chars, max_prompts, max_request_tokens)
     served = []
     for model_name, path in _model_specs(ckpt, name, model or []):
-        engine, tokenizer = _engine_for(path, max_batch=max_batch, quantize=quantize, dtype=dtype)
+        engine, tokenizer = engine_for(path, max_batch=max_batch, quantize=quantize, dtype=dtype)
         served.append(ServedModel(model_name, engine, tokenizer, chat_template=chat_template))
     config = ServerConfig(api_key=api_key or None, max_queue=max_queue, max_body=max_body, limits=limits,
                           public_metrics=public_metrics, **_safety_options(
@@ -108,7 +108,7 @@ def _safety_options(keys_file, moderation, blocklist, moderate, thresholds, safe
     out: dict = {"api_keys": load_keys(keys_file) if keys_file else []}
     if moderation or blocklist:
         if every < 1:
-            _fail(f"--moderation-every {every} must be at least 1")
+            fail(f"--moderation-every {every} must be at least 1")
         default, per = parse_thresholds(thresholds)
         check_input, check_output = parse_moderate(moderate)
         out["moderator"] = Moderator(ModerationConfig(
@@ -118,12 +118,12 @@ def _safety_options(keys_file, moderation, blocklist, moderate, thresholds, safe
             safe_labels=tuple(s.strip() for s in safe_labels.split(",") if s.strip())))
     if audit_log:
         if audit_max_bytes < 1 or audit_backups < 0:
-            _fail(f"--audit-log-max-bytes {audit_max_bytes} must be >= 1 and --audit-log-backups {audit_backups} >= 0")
+            fail(f"--audit-log-max-bytes {audit_max_bytes} must be >= 1 and --audit-log-backups {audit_backups} >= 0")
         out["audit"] = AuditLog(audit_log, audit_max_bytes, audit_backups, text=audit_text)
     return out
 
 
-keys_app = typer.Typer(cls=_Commands, no_args_is_help=True, help="Make API keys for `gptkit serve --api-keys-file`.")
+keys_app = typer.Typer(cls=Commands, no_args_is_help=True, help="Make API keys for `gptkit serve --api-keys-file`.")
 app.add_typer(keys_app, name="keys")
 
 

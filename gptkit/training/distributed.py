@@ -145,3 +145,8 @@ def processes(dist_info: Dist, cfg: TrainConfig, device: torch.device) -> str:
     return text + f", {cfg.optimizer}" + (" (fsdp shards over several processes: one trains unsharded)"
                                           if cfg.strategy == "fsdp" and dist_info.world_size == 1 else "")
 
+
+def is_main_process() -> bool:
+    """True in a plain run and in rank 0 of a torchrun job (read from the environment, so it can be
+    asked before or after the process group exists): the process that prints a job's summary."""
+    return int(os.environ.get("RANK", "0")) == 0

@@ -1,0 +1,125 @@
+"""`gptkit generate` and `chat`: text from a checkpoint through the one engine."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from gptkit.cli.common import app, engine_for, fail
+from gptkit.config import DEFAULT_TEMPERATURE
+
+
+@app.command()
+def generate(
+    ckpt: Annotated[Path, typer.Argument(help="checkpoint folder")],
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="prompt text (default: read stdin)")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(
+        help="tokens to generate (default: 200, or as many as the context leaves room for)")] = None,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = DEFAULT_TEMPERATURE,
+    top_k: Annotated[int, typer.Option(help="sample from the k most likely tokens (0 = off)")] = 0,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling threshold")] = 1.0,
+    stop: Annotated[Optional[list[str]], typer.Option(help="stop sequence (repeatable); not included in the output")] = None,
+    n: Annotated[int, typer.Option(help="number of samples")] = 1,
+    seed: Annotated[Optional[int], typer.Option(help="random seed for reproducible samples")] = None,
+    truncate: Annotated[bool, typer.Option(help="drop the start of a prompt too long for the context")] = False,
+    quantize: Annotated[Optional[str], typer.Option(help="int8: weight-only int8 quantisation")] = None,
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16")] = "float32",
+) -> None:
+    """Continue a prompt, streaming the text to the terminal (KV-cached)."""
+    from gptkit.config import SampleConfig
+    from gptkit.text.stream import TextStream
+
+    if prompt is None:
+        prompt = sys.stdin.read()
+    engine, tokenizer = engine_for(ckpt, max_batch=max(n, 1), quantize=quantize, dtype=dtype)
+    ids = tokenizer.encode(prompt)
+    if max_tokens is None:
+        max_tokens = max(1, min(200, engine.config.block_size - len(ids)))
+    room = engine.config.block_size - max_tokens
+    if len(ids) > room:
+        if room < 1:
+            fail(f"max_tokens {max_tokens} leaves no room for a prompt in the context of {engine.config.block_size}")
+        if not truncate:
+            fail(f"prompt of {len(ids)} tokens + max_tokens {max_tokens} = {len(ids) + max_tokens} > context "
+                  f"{engine.config.block_size}; --truncate keeps the prompt's last {room} tokens")
+        ids = ids[-room:]
+    params = SampleConfig(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          stop=list(stop or []), seed=seed)
+    streams = [TextStream(tokenizer, params.stop) for _ in range(n)]
+    handle = engine.submit(ids, params, n=n)
+    outputs = [""] * n
+    if n == 1:  # the prompt, then the continuation as it is generated
+        sys.stdout.write(tokenizer.decode(ids))
+    for event in handle:
+        delta = streams[event.index].push(event)
+        outputs[event.index] += delta
+        if n == 1 and delta:
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+    if n == 1:
+        sys.stdout.write("\n")
+    else:
+        for i, text in enumerate(outputs):
+            typer.echo(f"--- sample {i + 1} ---\n{prompt}{text}")
+
+
+@app.command()
+def chat(
+    ckpt: Annotated[Path, typer.Argument(help="a chat-tuned checkpoint folder")],
+    system: Annotated[Optional[str], typer.Option(help="system message")] = None,
+    max_tokens: Annotated[int, typer.Option(help="longest reply in tokens")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = DEFAULT_TEMPERATURE,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling threshold")] = 0.95,
+    seed: Annotated[Optional[int], typer.Option(help="random seed")] = None,
+) -> None:
+    """Interactive chat with streaming replies. Commands: /reset, /system TEXT, /exit."""
+    from gptkit.config import SampleConfig
+    from gptkit.text.stream import TextStream
+    from gptkit.text.chat import render_chat, use_chat_template
+
+    engine, tokenizer = engine_for(ckpt, max_batch=1)
+    source = use_chat_template(tokenizer)
+    if source == "fallback":
+        typer.echo("(the tokenizer has no chat tokens: chatting with the plain-text template)", err=True)
+    history: list[dict] = []
+    typer.echo("chat with your model — /reset clears the history, /system TEXT sets the system message, /exit quits",
+               err=True)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            break
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            history = []
+            typer.echo("(history cleared)", err=True)
+            continue
+        if line.startswith("/system"):
+            system = line[len("/system"):].strip() or None
+            typer.echo(f"(system message {'set' if system else 'cleared'})", err=True)
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        ids, _ = render_chat(tokenizer, messages)
+        # keep the most recent turns when the conversation outgrows the context
+        while len(ids) + max_tokens > engine.config.block_size and len(history) > 1:
+            history = history[2:] if len(history) > 2 else history[-1:]
+            messages = ([{"role": "system", "content": system}] if system else []) + history
+            ids, _ = render_chat(tokenizer, messages)
+        params = SampleConfig(max_tokens=min(max_tokens, engine.config.block_size - len(ids)),
+                              temperature=temperature, top_p=top_p, seed=seed, stop=tokenizer.chat_template.stop)
+        stream, reply = TextStream(tokenizer, params.stop), ""
+        sys.stdout.write("model> ")
+        for event in engine.submit(ids, params):
+            delta = stream.push(event)
+            reply += delta
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": reply})

@@ -1,0 +1,49 @@
+"""`gptkit demo` and `recipe`: end-to-end runs that prove the pipeline learns."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from gptkit.cli.common import field_option, app
+from gptkit.config import TrainConfig
+
+
+# ---------------------------------------------------------------------------- demo
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="where the tokenizer, data and checkpoint go")] = Path("runs/demo"),
+    steps: Annotated[Optional[int], typer.Option(help="training steps (default: 500 on a CPU, 4-10 minutes on "
+                                                      "2 cores; 2000 of a bigger model on a GPU)")] = None,
+    optimizer: Annotated[str, field_option(TrainConfig, "optimizer")] = TrainConfig.optimizer,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda (auto: a GPU when there is one)")] = "auto",
+) -> None:
+    """The main job: tokenizer, corpus, pretraining and samples on the Python standard library."""
+    from gptkit.recipes.demo import DemoConfig, resolve_device, run_demo
+
+    cfg, _ = resolve_device(DemoConfig(out=str(out), optimizer=optimizer, device=device))
+    cfg = dataclasses.replace(cfg, steps=steps) if steps is not None else cfg
+    result = run_demo(cfg, say=typer.echo)
+    typer.echo(json.dumps({k: v for k, v in result.items() if k != "samples"}))
+
+
+@app.command()
+def recipe(
+    name: Annotated[str, typer.Argument(help="arithmetic | docs | classify | multitask")],
+    out: Annotated[Path, typer.Option(help="folder for the recipe's data and checkpoints")] = Path("runs/recipes"),
+    base: Annotated[Optional[Path], typer.Option(help="docs: the base checkpoint (default runs/demo/model, "
+                                                      "else a small one is trained first)")] = None,
+    fast: Annotated[bool, typer.Option(help="a smaller, quicker version (what the tests run)")] = False,
+    seed: Annotated[int, typer.Option(help="random seed")] = 1337,
+    optimizer: Annotated[str, field_option(TrainConfig, "optimizer")] = TrainConfig.optimizer,
+) -> None:
+    """Prove learning end to end on locally generated data; the last line is one JSON object of metrics."""
+    from gptkit.recipes.finetune import run_recipe
+
+    metrics = run_recipe(name, out, base=str(base) if base else None, fast=fast, seed=seed, optimizer=optimizer,
+                         log=lambda m: typer.echo(m, err=True))
+    typer.echo(json.dumps(metrics))
