@@ -19,9 +19,13 @@ from pathlib import Path
 
 import torch
 
-from gptkit.errors import GptkitError
+from gptkit.checkpoint.format import load_state, save_checkpoint
+from gptkit.checkpoint.open import open_checkpoint
 from gptkit.config import ModelConfig
-from gptkit.text.tokenizer import EOT
+from gptkit.errors import GptkitError
+from gptkit.fileio import atomic_write, atomic_write_json
+from gptkit.model.gpt import GPT
+from gptkit.text.tokenizer import EOT, load_tokenizer
 
 # Hugging Face key -> gptkit key. GPT2LMHeadModel prefixes the body with "transformer.";
 # checkpoints saved from the bare GPT2Model (e.g. the original openai-community/gpt2) do not.
@@ -232,10 +236,6 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike) -> dict:
 
     Returns a summary: source files, parameter count, vocab sizes.
     """
-    from gptkit.checkpoint.format import load_state, save_checkpoint
-    from gptkit.model.gpt import GPT
-    from gptkit.text.tokenizer import load_tokenizer
-
     folder = resolve_source(src)
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -264,8 +264,6 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike) -> dict:
     """
     from safetensors.torch import save_file
 
-    from gptkit.checkpoint.open import open_checkpoint
-    from gptkit.fileio import atomic_write, atomic_write_json
 
     loaded = open_checkpoint(ckpt)
     model, tokenizer = loaded.model, loaded.tokenizer

@@ -32,9 +32,20 @@ from typing import Callable
 
 import torch
 
-from gptkit.errors import GptkitError
+from gptkit.checkpoint.hf import import_hf
 from gptkit.checkpoint.open import open_checkpoint, open_tokenizer
 from gptkit.config import ModelConfig, SampleConfig
+from gptkit.data.records import read_records
+from gptkit.data.shards import split_shards
+from gptkit.errors import GptkitError
+from gptkit.evaluation.bootstrap import paired
+from gptkit.evaluation.compare_report import write_report
+from gptkit.evaluation.evaluate import generate_all, perplexity, run_task
+from gptkit.inference.engine import Engine
+from gptkit.model.lora import merge_lora
+from gptkit.model.quantize import quantize_model
+from gptkit.model.size import model_stats
+from gptkit.training.finetune import ensure_chat_tokens
 
 Log = Callable[[str], None]
 AUTO_TASK = {"completion": "qa", "chat": "qa", "classify": "classify", "code": "code"}
@@ -103,7 +114,6 @@ def resolve(spec: ModelSpec, out: Path, log: Log) -> Path:
     """The checkpoint folder of a spec; a Hugging Face folder is imported into OUT/imported/ once."""
     config = spec.path / "config.json"
     if config.is_file() and "model" not in json.loads(config.read_text(encoding="utf-8")):
-        from gptkit.checkpoint.hf import import_hf
 
         target = out / "imported" / spec.path.name
         if not (target / "config.json").is_file():
@@ -115,9 +125,6 @@ def resolve(spec: ModelSpec, out: Path, log: Log) -> Path:
 
 def load(spec: ModelSpec, out: Path, log: Log):
     """(model, tokenizer, config dict) for a spec, quantised when it asks for it."""
-    from gptkit.model.lora import merge_lora
-    from gptkit.model.quantize import quantize_model
-
     path = resolve(spec, out, log)
     ckpt = open_checkpoint(path)
     model = ckpt.model
@@ -129,8 +136,6 @@ def load(spec: ModelSpec, out: Path, log: Log):
 
 
 def size_of(model, cfg: dict) -> dict:
-    from gptkit.model.size import model_stats
-
     mc = ModelConfig.from_dict(cfg["model"])
     stats = model_stats(mc)
     tensors = list(model.parameters()) + list(model.buffers())
@@ -146,7 +151,6 @@ def text_for(data: Path, tokenizers: list, out: Path) -> tuple[str, str]:
         return data.read_text(encoding="utf-8"), str(data)
     if not data.is_dir():
         raise GptkitError(f"--data {data}: no such text file or prepared folder")
-    from gptkit.data.shards import split_shards
 
     meta, shards = split_shards(data, "val")
     tok = next((t for t in tokenizers if t.vocab_size == meta["vocab_size"] and t.eot_id == meta.get("eot_id")), None)
@@ -176,8 +180,6 @@ def _decode_split(tok, shards: list, eot: int | None) -> str:
 
 # ---------------------------------------------------------------------------- speed
 def _engine(model, tokenizer):
-    from gptkit.inference.engine import Engine
-
     # no end-of-text ids: every timed request generates exactly the tokens asked for
     return Engine(copy.deepcopy(model), max_batch=1, token_bytes=tokenizer.token_bytes, eos_ids=[],
                   vocab_size=tokenizer.vocab_size)
@@ -217,11 +219,6 @@ def measure_speed(model, tokenizer) -> dict[str, float]:
 def compare(args: list[str], cfg: CompareConfig, log: Log = lambda m: None) -> dict:
     """Evaluate every model alike, write cfg.out/{index.html, report.md, results.json, *.png};
     returns the results dict."""
-    from gptkit.evaluation.bootstrap import paired
-    from gptkit.evaluation.compare_report import write_report
-    from gptkit.evaluation.evaluate import perplexity, run_task
-    from gptkit.training.finetune import ensure_chat_tokens
-
     if len(args) < 1:
         raise GptkitError("give at least one checkpoint")
     specs = parse_specs(args)
@@ -270,8 +267,6 @@ def last_line(summary: dict) -> dict:
 
 def _task_name(cfg: CompareConfig) -> tuple[str | None, str | None]:
     """The task to score the --tasks file as, and the file's format."""
-    from gptkit.data.records import read_records
-
     if cfg.tasks is None:
         return None, None
     fmt = read_records(cfg.tasks)[0]
@@ -294,8 +289,6 @@ def _prompts(path: Path | None) -> list[str]:
 
 
 def _answers(model, tokenizer, prompts: list[str], cfg: CompareConfig) -> list[dict]:
-    from gptkit.evaluation.evaluate import generate_all
-
     ids = [tokenizer.encode(p) for p in prompts]
     greedy = generate_all(model, tokenizer, ids, cfg.answer_tokens)
     sampled = generate_all(model, tokenizer, ids, cfg.answer_tokens, temperature=cfg.temperature, seed=cfg.seed)

@@ -32,8 +32,13 @@ import torch
 import torch.nn.functional as F
 
 from gptkit.checkpoint.open import open_checkpoint
-from gptkit.errors import GptkitError
 from gptkit.config import SampleConfig
+from gptkit.data.records import Record, TaskBatches, class_examples, read_records
+from gptkit.errors import GptkitError
+from gptkit.inference.factory import build_engine, default_device
+from gptkit.model.heads import class_logits
+from gptkit.text.chat import render_chat
+from gptkit.text.stream import completion_text
 
 TASKS = ("perplexity", "classify", "qa", "summarize", "translate", "code")
 CODE_STOPS = ["\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint("]  # the completion is one function body
@@ -179,9 +184,6 @@ def perplexity(model, tokenizer, text: str) -> dict[str, float]:
 @torch.no_grad()
 def classify(model, tokenizer, texts: list[str], labels: list[str], batch_size: int = 32) -> list[str]:
     """Predicted label of each text (the classification head on the last token)."""
-    from gptkit.model.heads import class_logits
-    from gptkit.data.records import Record, TaskBatches, class_examples
-
     records = [Record(f"text {i}", {"text": t, "label": labels[0]}) for i, t in enumerate(texts)]
     examples, _ = class_examples(records, tokenizer, model.config.block_size, labels)
     batcher = TaskBatches("classify", examples, [], batch_size, tokenizer.eot_id)
@@ -199,8 +201,6 @@ def generate_all(model, tokenizer, prompts: list[list[int]], max_tokens: int = 6
     at `temperature` with prompt i seeded by seed + i (reproducible). A prompt too long for the
     context keeps its end. The caller's model is left untouched: the engine gets a copy with any
     LoRA adapters merged (it repacks layers in place)."""
-    from gptkit.text.stream import completion_text
-    from gptkit.inference.factory import build_engine
 
     block = model.config.block_size
     max_tokens = min(max_tokens, block - 1)
@@ -217,8 +217,6 @@ def generate_all(model, tokenizer, prompts: list[list[int]], max_tokens: int = 6
 
 def prompt_and_reference(fmt: str, record: dict, tokenizer) -> tuple[list[int], str]:
     """The prompt ids a generation task feeds the model, and the reference answer."""
-    from gptkit.text.chat import render_chat
-
     if fmt == "completion":
         return tokenizer.encode(record["prompt"]), record["completion"]
     if fmt == "chat":
@@ -259,8 +257,6 @@ def task_metrics(task: str, preds: list[str], refs: list) -> dict[str, float]:
 
 
 def _records(path: str | Path, limit: int | None) -> tuple[str, list]:
-    from gptkit.data.records import read_records
-
     fmt, records, _ = read_records(path)
     return fmt, records[:limit] if limit else records
 
@@ -290,7 +286,6 @@ def run_task(model, tokenizer, cfg: dict, task: str, data: str | Path, *, max_to
 def evaluate(ckpt: str | Path, task: str, data: str | Path, *, max_tokens: int = 64, limit: int | None = None,
              timeout: float = 10.0, log: Callable[[str], None] = lambda m: None) -> dict:
     """Score the checkpoint on one task's data; returns {"task", "data", "n", metrics..., "examples"}."""
-    from gptkit.inference.factory import default_device
 
     if task not in TASKS:
         raise GptkitError(f"--task {task!r}: expected one of {', '.join(TASKS)}")

@@ -25,7 +25,12 @@ from importlib import resources
 from pathlib import Path
 
 from gptkit.checkpoint.open import open_checkpoint
+from gptkit.data.records import parse_object
 from gptkit.errors import GptkitError
+from gptkit.evaluation.bootstrap import mean_ci
+from gptkit.evaluation.report import Report, pyplot
+from gptkit.fileio import atomic_write_json
+from gptkit.inference.engine import Engine
 
 FIELDS = ("category", "template", "stereotyped", "other")
 PLACEHOLDER = "{group}"
@@ -54,8 +59,6 @@ def read_templates(path: str | Path) -> list[dict]:
 
 
 def _pair(line: str, where: str) -> dict:
-    from gptkit.data.records import parse_object
-
     try:
         rec = parse_object(line)
     except GptkitError as e:
@@ -84,8 +87,6 @@ def sentence_logprobs(engine, tokenizer, sentences: list[str]) -> list[float]:
 def probe_bias(ckpt: str | Path, templates: str | Path | None, out: str | Path, *, bootstrap: int = 1000,
                seed: int = 0) -> dict:
     """Score every pair; writes out/{results.json, bias.png, report.md, index.html}; returns the results."""
-    from gptkit.evaluation.bootstrap import mean_ci
-    from gptkit.inference.engine import Engine
 
     source = Path(templates) if templates else builtin_templates()
     pairs = read_templates(source)
@@ -146,9 +147,6 @@ def _rows(result: dict) -> list[tuple[str, list]]:
 
 
 def _write(result: dict, out: Path) -> None:
-    from gptkit.fileio import atomic_write_json
-    from gptkit.evaluation.report import Report, pyplot
-
     result["out"] = str(out)
     cats = [c for c in result["categories"] if c != "all"]
     rows = [result["categories"][c] for c in cats]

@@ -16,6 +16,7 @@ import torch
 from gptkit.checkpoint.open import Checkpoint, open_checkpoint
 from gptkit.errors import GptkitError
 from gptkit.inference.engine import Engine
+from gptkit.model.lora import merge_lora
 from gptkit.text.tokenizer import EOT, IM_END, Tokenizer
 
 DTYPES = ("float32", "bfloat16")
@@ -34,7 +35,6 @@ def build_engine(model: torch.nn.Module, tokenizer: Tokenizer, *, max_batch: int
                  dtype: str = "float32", device: str | None = None, keep_model: bool = False) -> Engine:
     """The engine for a loaded model. The engine packs (and may quantize) the layers in place:
     with keep_model the caller's model is left as it was and the engine gets a copy."""
-    from gptkit.model.lora import merge_lora
 
     if dtype not in DTYPES:
         raise GptkitError(f"--dtype {dtype!r}: expected {' or '.join(DTYPES)}")

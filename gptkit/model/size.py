@@ -5,11 +5,10 @@ from __future__ import annotations
 import torch
 
 from gptkit.config import ModelConfig
+from gptkit.model.gpt import GPT
 
 
 def model_stats(cfg: ModelConfig) -> dict:
-    from gptkit.model.gpt import GPT
-
     with torch.device("meta"):
         model = GPT(cfg)
     n = model.num_params()
@@ -36,8 +35,6 @@ def per_device_memory(cfg: ModelConfig, world_size: int) -> dict[str, dict[str, 
     FSDP holds 1/world_size of each, plus the full weights it gathers for compute: the
     embeddings/final norm (the root group) and two blocks (the current one and the prefetched
     next), in fp32 (half that with bf16 mixed precision)."""
-    from gptkit.model.gpt import GPT
-
     with torch.device("meta"):
         model = GPT(cfg)
     n = model.num_params()

@@ -15,8 +15,16 @@ from typing import Callable
 
 import torch
 
-from gptkit.errors import GptkitError
 from gptkit.config import ModelConfig, SampleConfig, TrainConfig
+from gptkit.data.prepare import prepare
+from gptkit.data.shards import TokenShards
+from gptkit.data.sources import stdlib_documents
+from gptkit.errors import GptkitError
+from gptkit.inference.factory import build_engine
+from gptkit.model.gpt import GPT
+from gptkit.text.stream import completion_text
+from gptkit.text.tokenizer import BPETokenizer
+from gptkit.training.loop import Dist, evaluate, lm_loss, train
 
 
 @dataclasses.dataclass
@@ -54,15 +62,6 @@ def resolve_device(cfg: DemoConfig) -> tuple[DemoConfig, torch.device]:
 
 
 def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
-    from gptkit.data.shards import TokenShards
-    from gptkit.text.stream import completion_text
-    from gptkit.inference.factory import build_engine
-    from gptkit.model.gpt import GPT
-    from gptkit.data.prepare import prepare
-    from gptkit.data.sources import stdlib_documents
-    from gptkit.text.tokenizer import BPETokenizer
-    from gptkit.training.loop import evaluate, lm_loss, train
-
     cfg, device = resolve_device(cfg)
     out = Path(cfg.out)
     t0 = time.perf_counter()
@@ -120,6 +119,4 @@ def _device_name(device: torch.device) -> str:
 
 
 def _single():
-    from gptkit.training.loop import Dist
-
     return Dist()

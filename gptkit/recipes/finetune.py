@@ -26,14 +26,17 @@ from typing import Callable
 
 import torch
 
-from gptkit.checkpoint.rundir import is_checkpoint
+from gptkit.checkpoint.format import save_checkpoint
 from gptkit.checkpoint.open import open_checkpoint
-from gptkit.errors import GptkitError
+from gptkit.checkpoint.rundir import is_checkpoint
 from gptkit.config import ModelConfig, TrainConfig
-from gptkit.evaluation.evaluate import accuracy_f1, classify, generate_all, mean, exact_match, rouge_l
-from gptkit.training.finetune import DataSpec, FinetuneConfig, finetune
+from gptkit.errors import GptkitError
+from gptkit.evaluation.evaluate import accuracy_f1, classify, exact_match, generate_all, mean, rouge_l
+from gptkit.model.gpt import GPT
 from gptkit.model.lora import LoRAConfig
-from gptkit.text.tokenizer import Tokenizer
+from gptkit.text.chat import render_chat
+from gptkit.text.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
+from gptkit.training.finetune import DataSpec, FinetuneConfig, ensure_chat_tokens, finetune
 
 Log = Callable[[str], None]
 CLASS_MODULES = ("os", "math", "socket", "logging", "inspect")
@@ -147,9 +150,6 @@ def small_base(out: Path, texts: list[str], scale: Scale, seed: int, log: Log, s
     """A small GPT pretrained on texts with a character-level tokenizer unless one is given;
     reused when present. joined: one plain text file (cut into context-sized windows, so
     every position is trained), else one {"text"} record per text."""
-    from gptkit.checkpoint.format import save_checkpoint
-    from gptkit.model.gpt import GPT
-    from gptkit.text.tokenizer import CharTokenizer
 
     base = out / "base"
     if is_checkpoint(base):
@@ -306,17 +306,12 @@ def docs_assistant(out: Path, scale: Scale, seed: int, log: Log, base: str | Non
 def _docs_base(out: Path, train: dict[str, str], scale: Scale, seed: int, log: Log) -> Path:
     """Without the `make demo` model: a small BPE model pretrained on the training functions'
     docstrings (a 1024-token BPE keeps sequences short enough for a CPU)."""
-    from gptkit.text.tokenizer import BPETokenizer
-
     log("no `make demo` checkpoint in runs/demo/model: pretraining a small base on the docstrings first")
     texts = [f"{name}: {' '.join(doc.split())}" for _, name, doc in docstrings(DOC_MODULES) if name in train]
     return small_base(out, texts, scale, seed, log, scale.docs_steps, tokenizer=BPETokenizer.train(texts, 1024))
 
 
 def _rouge_on(ckpt: Path, conversations: list[dict], refs: list[str]) -> float:
-    from gptkit.training.finetune import ensure_chat_tokens
-    from gptkit.text.chat import render_chat
-
     loaded = open_checkpoint(ckpt)
     model, tokenizer = loaded.model, loaded.tokenizer
     ensure_chat_tokens(model, tokenizer)  # the untuned base is prompted the same way, with the same template

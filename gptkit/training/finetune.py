@@ -19,13 +19,14 @@ import torch.nn.functional as F
 
 from gptkit.checkpoint.open import open_checkpoint
 from gptkit.checkpoint.rundir import resume_candidate
-from gptkit.errors import GptkitError
 from gptkit.config import TrainConfig
+from gptkit.data.records import Mixture, Record, TaskBatches, class_examples, lm_examples, read_records
+from gptkit.errors import GptkitError
 from gptkit.model.heads import CLASSIFY_HEAD, add_class_head, class_logits, resize_vocab
 from gptkit.model.lora import LoRAConfig, apply_lora, mark_trainable
-from gptkit.data.records import Mixture, Record, TaskBatches, class_examples, lm_examples, read_records
-from gptkit.text.tokenizer import EOT, IM_END, IM_START, ChatTemplate
-from gptkit.text.tokenizer import Tokenizer
+from gptkit.text.tokenizer import ChatTemplate, EOT, IM_END, IM_START, Tokenizer
+from gptkit.training.distributed import close_distributed, init_distributed, pick_device, processes
+from gptkit.training.loop import train
 
 
 def ensure_chat_tokens(model: nn.Module, tokenizer: Tokenizer) -> list[str]:
@@ -200,8 +201,6 @@ def finetune(base: str | Path, specs: list[DataSpec], cfg: TrainConfig, ft: Fine
              resume: bool | Path = False, log: Callable[[str], None] = print) -> dict:
     """Fine-tune the checkpoint `base` on the data files; the result goes to cfg.out_dir.
     Returns the trainer's last metrics plus a summary of the data and parameters."""
-    from gptkit.training.distributed import close_distributed, init_distributed, pick_device, processes
-    from gptkit.training.loop import train
 
     ft = ft or FinetuneConfig()
     if not specs:

@@ -24,14 +24,18 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from gptkit.checkpoint.format import load_train_state, save_checkpoint, unwrap
+from gptkit.checkpoint.format import WEIGHTS, check_finite, load_train_state, read_config, save_checkpoint, unwrap
+from gptkit.checkpoint.open import open_checkpoint
 from gptkit.checkpoint.rundir import clean_leftovers, point_latest, prune, resume_candidate, step_folders, step_of
-from gptkit.errors import GptkitError
 from gptkit.config import TrainConfig
-from gptkit.fileio import atomic_write_text
-from gptkit.training.optim import Muon, Optimizers
-from gptkit.training.distributed import (Dist, close_distributed, full_model_state, grad_sync, init_distributed,  # noqa: F401
+from gptkit.data.shards import TokenShards, read_meta
+from gptkit.errors import GptkitError
+from gptkit.fileio import atomic_write, atomic_write_text
+from gptkit.model.gpt import GPT
+from gptkit.text.tokenizer import load_tokenizer
+from gptkit.training.distributed import (Dist, close_distributed, full_model_state, grad_sync, init_distributed,
                                          load_optimizer_state, optimizer_state, pick_device, processes, wrap)
+from gptkit.training.optim import Muon, Optimizers
 
 LossFn = Callable[[torch.nn.Module, tuple], torch.Tensor]
 
@@ -269,8 +273,6 @@ def _format_eval(step: int, ev: dict) -> str:
 def _read_state(src: Path, model: torch.nn.Module) -> dict:
     """The optimizer, data and RNG state of checkpoint src; the weights must be src's too (the
     caller loaded them), and finite."""
-    from gptkit.checkpoint.format import WEIGHTS, check_finite
-
     state = load_train_state(src)
     check_finite(unwrap(model).state_dict().items(), f"{src / WEIGHTS} (as loaded)")
     return state
@@ -278,8 +280,6 @@ def _read_state(src: Path, model: torch.nn.Module) -> dict:
 
 def _check_same_optimizer(src: Path, cfg: TrainConfig) -> None:
     """Resuming needs the optimizer that wrote the state (AdamW before Muon became the default)."""
-    from gptkit.checkpoint.format import read_config
-
     saved = (read_config(src).get("train") or {}).get("optimizer", "adamw")  # runs before the option: AdamW
     if saved != cfg.optimizer:
         raise GptkitError(f"{src} was trained with --optimizer {saved}; resume it with --optimizer {saved} "
@@ -360,7 +360,6 @@ def _plot(history: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from gptkit.fileio import atomic_write
 
     train = [(h["step"], h["loss"]) for h in history if "loss" in h]
     val = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
@@ -386,10 +385,6 @@ def pretrain(data_dir: str | Path, model_config, cfg: TrainConfig, *, init_from:
     A new model gets model_config (its vocab_size taken from the data's tokenizer);
     init_from starts from a checkpoint's weights instead; resume continues cfg.out_dir.
     """
-    from gptkit.checkpoint.open import open_checkpoint
-    from gptkit.data.shards import TokenShards, read_meta
-    from gptkit.model.gpt import GPT
-    from gptkit.text.tokenizer import load_tokenizer
 
     dist_info = init_distributed()
     device = pick_device(dist_info)
