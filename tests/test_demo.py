@@ -8,19 +8,19 @@ import torch
 from gptkit.checkpoint.open import open_checkpoint
 from gptkit.errors import GptkitError
 from gptkit.config import ModelConfig
-from gptkit.recipes.demo import GPU_SIZE, DemoConfig, resolve_device, run_demo
+from gptkit.recipes.demo import GPU_SIZE, DemoConfig, demo_device, run_demo
 
 
 def test_the_cpu_keeps_the_demo_size_and_a_gpu_gets_the_bigger_one(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    cfg, device = resolve_device(DemoConfig())
+    cfg, device = demo_device(DemoConfig())
     assert device.type == "cpu" and cfg.model == DemoConfig().model and cfg.steps == DemoConfig().steps
     with pytest.raises(GptkitError, match="sees no CUDA GPU"):
-        resolve_device(DemoConfig(device="cuda"))
+        demo_device(DemoConfig(device="cuda"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    cfg, device = resolve_device(DemoConfig())
+    cfg, device = demo_device(DemoConfig())
     assert device.type == "cuda" and cfg.model == GPU_SIZE["model"] and cfg.steps == GPU_SIZE["steps"]
-    cfg, device = resolve_device(DemoConfig(device="cpu"))  # asked for: the CPU size, even with a GPU there
+    cfg, device = demo_device(DemoConfig(device="cpu"))  # asked for: the CPU size, even with a GPU there
     assert device.type == "cpu" and cfg.model == DemoConfig().model
 
 

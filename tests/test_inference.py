@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from gptkit.checkpoint.open import open_checkpoint
 from gptkit.checkpoint.format import save_checkpoint
 from gptkit.config import ModelConfig, SampleConfig
+from gptkit.errors import GptkitError
 from gptkit.inference.engine import Engine
 from gptkit.inference.factory import build_engine, eos_ids, open_engine
 from gptkit.model.lora import LoRAConfig, LoRALinear, apply_lora, merge_lora
@@ -50,3 +52,20 @@ def test_the_factory_merges_lora_into_a_copy_and_matches_a_merged_model(tmp_path
     assert engine.generate(prompt, params)[0].token_ids == plain.generate(prompt, params)[0].token_ids
     quantized, _ = open_engine(tmp_path / "run", quantize="int8", device="cpu")
     assert not any(isinstance(m, LoRALinear) for m in quantized.model.modules())
+
+
+def test_one_device_resolver_prefers_cuda_then_mps_then_cpu(monkeypatch):
+    from gptkit.device import resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_device().type == "cpu"
+    with pytest.raises(GptkitError, match="sees no CUDA GPU"):
+        resolve_device("cuda")
+    with pytest.raises(GptkitError, match=r"device 'tpu': expected one of auto, cuda, mps, cpu"):
+        resolve_device("tpu")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_device().type == "mps"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device() == torch.device("cuda") and resolve_device(index=1) == torch.device("cuda", 1)

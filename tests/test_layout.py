@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "gptkit"
-BASE = {"errors", "config", "fileio"}
+BASE = {"errors", "config", "fileio", "device"}
 # what each stage may import (besides itself); a stage never imports one above it
 BELOW = {
     "errors": set(),
     "fileio": set(),
     "config": {"errors"},
+    "device": {"errors"},
     "text": BASE,
     "model": {"errors", "config"},  # the model is math only: torch and its config
     "data": BASE | {"text"},

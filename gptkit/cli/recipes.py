@@ -23,9 +23,9 @@ def demo(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda (auto: a GPU when there is one)")] = "auto",
 ) -> None:
     """The main job: tokenizer, corpus, pretraining and samples on the Python standard library."""
-    from gptkit.recipes.demo import DemoConfig, resolve_device, run_demo
+    from gptkit.recipes.demo import DemoConfig, demo_device, run_demo
 
-    cfg, _ = resolve_device(DemoConfig(out=str(out), optimizer=optimizer, device=device))
+    cfg, _ = demo_device(DemoConfig(out=str(out), optimizer=optimizer, device=device))
     cfg = dataclasses.replace(cfg, steps=steps) if steps is not None else cfg
     result = run_demo(cfg, say=typer.echo)
     typer.echo(json.dumps({k: v for k, v in result.items() if k != "samples"}))

@@ -22,8 +22,8 @@ in front names it in the report (default: the folder's name).
 
 from __future__ import annotations
 
-import copy
 import json
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,11 +37,12 @@ from gptkit.checkpoint.open import open_checkpoint, open_tokenizer
 from gptkit.config import ModelConfig, SampleConfig
 from gptkit.data.records import read_records
 from gptkit.data.shards import split_shards
+from gptkit.device import device_name, resolve_device, synchronize
 from gptkit.errors import GptkitError
 from gptkit.evaluation.bootstrap import paired
 from gptkit.evaluation.compare_report import write_report
 from gptkit.evaluation.evaluate import generate_all, perplexity, run_task
-from gptkit.inference.engine import Engine
+from gptkit.inference.factory import build_engine
 from gptkit.model.lora import merge_lora
 from gptkit.model.quantize import quantize_model
 from gptkit.model.size import model_stats
@@ -179,19 +180,12 @@ def _decode_split(tok, shards: list, eot: int | None) -> str:
 
 
 # ---------------------------------------------------------------------------- speed
-def _engine(model, tokenizer):
-    # no end-of-text ids: every timed request generates exactly the tokens asked for
-    return Engine(copy.deepcopy(model), max_batch=1, token_bytes=tokenizer.token_bytes, eos_ids=[],
-                  vocab_size=tokenizer.vocab_size)
-
-
-def _best_time(fn, repeats: int = 3) -> float:
+def _best_time(fn, device: torch.device, repeats: int = 3) -> float:
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        synchronize(device)
         times.append(time.perf_counter() - t)
     return min(times)
 
@@ -199,7 +193,8 @@ def _best_time(fn, repeats: int = 3) -> float:
 def measure_speed(model, tokenizer) -> dict[str, float]:
     """Prefill tokens/s (one prompt of up to 256 tokens) and decode tokens/s at batch 1 (up to 64
     new tokens, greedy; the first new token, which includes the prefill, is timed apart)."""
-    engine = _engine(model, tokenizer)
+    # no end-of-text ids: every timed request generates exactly the tokens asked for
+    engine = build_engine(model, tokenizer, max_batch=1, keep_model=True, stop_at_eos=False)
     T = model.config.block_size
     rng = random.Random(0)
     long = [rng.randrange(tokenizer.vocab_size) for _ in range(min(256, T - 1))]
@@ -208,9 +203,9 @@ def measure_speed(model, tokenizer) -> dict[str, float]:
     def run(prompt: list[int], n: int) -> None:
         engine.generate(prompt, SampleConfig(max_tokens=n, temperature=0.0))
 
-    prefill = len(long) / _best_time(lambda: run(long, 1))
-    first = _best_time(lambda: run(short, 1))
-    full = _best_time(lambda: run(short, new))
+    prefill = len(long) / _best_time(lambda: run(long, 1), engine.device)
+    first = _best_time(lambda: run(short, 1), engine.device)
+    full = _best_time(lambda: run(short, new), engine.device)
     return {"prefill_tokens_per_s": prefill, "decode_tokens_per_s": (new - 1) / max(full - first, 1e-9),
             "prefill_tokens": len(long), "decode_tokens": new}
 
@@ -306,8 +301,5 @@ def _speed(specs: list[ModelSpec], results: list[ModelResult], cfg: CompareConfi
 
 
 def _device() -> str:
-    import os
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    """The device the speed figures were measured on: the one build_engine's `auto` resolves to."""
+    return f"{device_name(resolve_device())}, {os.cpu_count()} CPU cores"

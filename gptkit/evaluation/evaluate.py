@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from gptkit.checkpoint.open import open_checkpoint
 from gptkit.config import SampleConfig
 from gptkit.data.records import Record, TaskBatches, class_examples, read_records
+from gptkit.device import resolve_device
 from gptkit.errors import GptkitError
-from gptkit.inference.factory import build_engine, default_device
+from gptkit.inference.factory import build_engine
 from gptkit.model.heads import class_logits
 from gptkit.text.chat import render_chat
 from gptkit.text.stream import completion_text
@@ -289,7 +290,7 @@ def evaluate(ckpt: str | Path, task: str, data: str | Path, *, max_tokens: int =
 
     if task not in TASKS:
         raise GptkitError(f"--task {task!r}: expected one of {', '.join(TASKS)}")
-    loaded = open_checkpoint(ckpt, device=default_device())
+    loaded = open_checkpoint(ckpt, device=resolve_device())
     model, tokenizer, cfg = loaded.model, loaded.tokenizer, {"step": loaded.meta.step, "extra": loaded.meta.extra}
     out: dict = {"task": task, "checkpoint": str(ckpt), "data": str(data)}
     if task == "perplexity":

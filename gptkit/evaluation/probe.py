@@ -30,7 +30,7 @@ from gptkit.errors import GptkitError
 from gptkit.evaluation.bootstrap import mean_ci
 from gptkit.evaluation.report import Report, pyplot
 from gptkit.fileio import atomic_write_json
-from gptkit.inference.engine import Engine
+from gptkit.inference.factory import build_engine
 
 FIELDS = ("category", "template", "stereotyped", "other")
 PLACEHOLDER = "{group}"
@@ -92,7 +92,7 @@ def probe_bias(ckpt: str | Path, templates: str | Path | None, out: str | Path, 
     pairs = read_templates(source)
     loaded = open_checkpoint(ckpt)
     model, tokenizer = loaded.model, loaded.tokenizer
-    engine = Engine(model, max_batch=1, token_bytes=tokenizer.token_bytes, vocab_size=tokenizer.vocab_size)
+    engine = build_engine(model, tokenizer, max_batch=1)
     sentences = [p["template"].replace(PLACEHOLDER, p[k]) for p in pairs for k in ("stereotyped", "other")]
     terms = [_term(p, k) for p in pairs for k in ("stereotyped", "other")]
     scores = sentence_logprobs(engine, tokenizer, sentences + terms)

@@ -1,4 +1,4 @@
-"""One engine factory for every command that generates: generate, chat, serve and evaluate.
+"""One engine factory for every command that runs a model: generate, chat, serve, evaluate, compare, probe and the demo.
 
 It owns what each used to decide on its own: the device (the GPU when there is one), the
 dtype, the ids that end a generation (<|endoftext|> and <|im_end|>), the vocabulary limit
@@ -14,6 +14,7 @@ import os
 import torch
 
 from gptkit.checkpoint.open import Checkpoint, open_checkpoint
+from gptkit.device import resolve_device
 from gptkit.errors import GptkitError
 from gptkit.inference.engine import Engine
 from gptkit.model.lora import merge_lora
@@ -27,21 +28,20 @@ def eos_ids(tokenizer: Tokenizer) -> list[int]:
     return [i for t in (EOT, IM_END) if (i := tokenizer.special_id(t)) is not None]
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def build_engine(model: torch.nn.Module, tokenizer: Tokenizer, *, max_batch: int = 8, quantize: str | None = None,
-                 dtype: str = "float32", device: str | None = None, keep_model: bool = False) -> Engine:
-    """The engine for a loaded model. The engine packs (and may quantize) the layers in place:
-    with keep_model the caller's model is left as it was and the engine gets a copy."""
+                 dtype: str = "float32", device: str | torch.device | None = "auto", keep_model: bool = False,
+                 stop_at_eos: bool = True) -> Engine:
+    """The engine for a loaded model, on `device` (gptkit.device: auto = CUDA, MPS, then CPU). The
+    engine packs (and may quantize) the layers in place: with keep_model the caller's model is left
+    as it was and the engine gets a copy. stop_at_eos=False: every request generates exactly the
+    tokens it asks for (speed measurements)."""
 
     if dtype not in DTYPES:
         raise GptkitError(f"--dtype {dtype!r}: expected {' or '.join(DTYPES)}")
     model = copy.deepcopy(model) if keep_model else model
     merge_lora(model)  # a no-op without LoRA layers
-    return Engine(model, max_batch=max_batch, token_bytes=tokenizer.token_bytes, eos_ids=eos_ids(tokenizer),
-                  dtype=getattr(torch, dtype), quantize=quantize, device=device or default_device(),
+    return Engine(model, max_batch=max_batch, token_bytes=tokenizer.token_bytes, eos_ids=eos_ids(tokenizer) if stop_at_eos else [],
+                  dtype=getattr(torch, dtype), quantize=quantize, device=resolve_device(device),
                   vocab_size=tokenizer.vocab_size)
 
 

@@ -19,7 +19,7 @@ from gptkit.config import ModelConfig, SampleConfig, TrainConfig
 from gptkit.data.prepare import prepare
 from gptkit.data.shards import TokenShards
 from gptkit.data.sources import stdlib_documents
-from gptkit.errors import GptkitError
+from gptkit.device import device_name, resolve_device
 from gptkit.inference.factory import build_engine
 from gptkit.model.gpt import GPT
 from gptkit.text.stream import completion_text
@@ -48,21 +48,17 @@ GPU_SIZE = dict(model=ModelConfig(vocab_size=4096, block_size=256, n_layer=8, n_
                 steps=2000, batch_size=64)
 
 
-def resolve_device(cfg: DemoConfig) -> tuple[DemoConfig, torch.device]:
-    """The device the demo runs on, and the config for it (bigger on a GPU unless steps were set)."""
-    if cfg.device == "auto":
-        cfg = dataclasses.replace(cfg, device="cuda" if torch.cuda.is_available() else "cpu")
-        if cfg.device == "cuda":
-            cfg = dataclasses.replace(cfg, **GPU_SIZE)
-    if cfg.device not in ("cpu", "cuda"):
-        raise GptkitError(f"device={cfg.device!r}: expected auto, cpu or cuda")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise GptkitError("device=cuda: this torch build sees no CUDA GPU; use --device cpu or auto")
-    return cfg, torch.device(cfg.device)
+def demo_device(cfg: DemoConfig) -> tuple[DemoConfig, torch.device]:
+    """The device the demo runs on (gptkit.device), and the config for it: bigger when auto finds a
+    GPU (unless steps were set)."""
+    device = resolve_device(cfg.device)
+    if cfg.device == "auto" and device.type == "cuda":
+        cfg = dataclasses.replace(cfg, **GPU_SIZE)
+    return dataclasses.replace(cfg, device=device.type), device
 
 
 def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
-    cfg, device = resolve_device(cfg)
+    cfg, device = demo_device(cfg)
     out = Path(cfg.out)
     t0 = time.perf_counter()
     say("1/4 tokenizer: training byte-level BPE on the standard library's docs and source ...")
@@ -84,7 +80,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
                             warmup_steps=min(100, cfg.steps // 10), eval_interval=cfg.steps // 4,
                             eval_batches=20, seed=cfg.seed, weight_decay=0.1, beta2=0.99,
                             optimizer=cfg.optimizer)
-    say(f"3/4 pretrain on {_device_name(device)}: {model.num_params() / 1e6:.1f}M-parameter GPT, {cfg.steps} steps "
+    say(f"3/4 pretrain on {device_name(device)}: {model.num_params() / 1e6:.1f}M-parameter GPT, {cfg.steps} steps "
         f"of {cfg.batch_size}x{model_cfg.block_size} tokens, {train_cfg.optimizer}; val loss before training "
         f"{before['val_loss']:.3f}")
     after = train(model, data, train_cfg, tokenizer, log=say)
@@ -108,14 +104,8 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
         f"  .venv/bin/gptkit serve {ckpt}            # OpenAI-compatible API on 127.0.0.1:8000\n"
         f"  .venv/bin/gptkit recipe docs             # chat-tune it on stdlib docstrings\n"
         f"  .venv/bin/gptkit export-hf {ckpt} runs/demo/hf   # load it with transformers")
-    return {"device": _device_name(device), "val_loss_before": before["val_loss"], "val_loss_after": after["val_loss"],
+    return {"device": device_name(device), "val_loss_before": before["val_loss"], "val_loss_after": after["val_loss"],
             "samples": samples, "checkpoint": str(ckpt), "minutes": (time.perf_counter() - t0) / 60}
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def _single():

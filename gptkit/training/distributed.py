@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gptkit.config import TrainConfig
+from gptkit.device import resolve_device
 
 
 @dataclass
@@ -59,9 +60,8 @@ def close_distributed(dist_info: Dist) -> None:
 
 
 def pick_device(dist_info: Dist) -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", dist_info.local_rank)
-    return torch.device("cpu")
+    """This process's device (gptkit.device's auto): under torchrun, the GPU of its local rank."""
+    return resolve_device("auto", index=dist_info.local_rank)
 
 
 def wrap(model: torch.nn.Module, cfg: TrainConfig, dist_info: Dist, amp_dtype: torch.dtype | None) -> torch.nn.Module:
