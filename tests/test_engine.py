@@ -352,6 +352,9 @@ def test_int8_quantized_model_is_close_to_fp32(model, tok):
     # The int8 kernel takes bf16 activations: errors of a few per cent of the logit range, as a bf16 model.
     assert (got - ref).abs().max() < 0.05 * ref.abs().max()
     assert eng.generate(prompt, greedy(10))[0].token_ids == reference_greedy(model, prompt, 10)
+    # an int8 model handed on (gptkit compare quantizes, then the engine sets fp32): the same numbers
+    again = engine(copy.deepcopy(eng.model), dtype=torch.float32)
+    assert torch.equal(again.model(x), got)
 
 
 @torch.no_grad()

@@ -39,10 +39,11 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (N, in)
+        scales = self.scales.to(torch.bfloat16)  # a no-op unless model.to(dtype) converted the buffer
         if x.device.type == "cpu":
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, scales)
         else:  # dequantise on the fly elsewhere
-            y = F.linear(x2, self.weight.to(torch.bfloat16)) * self.scales
+            y = F.linear(x2, self.weight.to(torch.bfloat16)) * scales
         y = y.to(x.dtype).view(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
