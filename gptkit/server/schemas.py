@@ -50,9 +50,19 @@ def unicode_text(v):
 Text = Annotated[str, AfterValidator(unicode_text)]  # every request string the server reads
 
 
+def _optional_fields_take_null(schema: dict, _cls) -> None:
+    """The document says what _null_is_default does: a field with a default may be sent as null."""
+    required = set(schema.get("required", []))
+    for name, prop in schema.get("properties", {}).items():
+        if name in required or any(p.get("type") == "null" for p in prop.get("anyOf", [])):
+            continue
+        meta = {k: prop.pop(k) for k in ("title", "description", "default") if k in prop}
+        schema["properties"][name] = {"anyOf": [prop, {"type": "null"}], **meta}
+
+
 class Request(BaseModel):
     # strict: "16" is not an int, "yes" not a bool, true not a token id (JSON numbers still fill floats)
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra=_optional_fields_take_null)
 
     @model_validator(mode="before")
     @classmethod
