@@ -3,7 +3,7 @@
     python benchmarks/optimizer_step.py                       # the demo's shape (make demo)
     python benchmarks/optimizer_step.py --shape shakespeare   # the Shakespeare benchmark's
 
-The same model, data and trainer settings (gptkit.training.loop.configure_optimizer, clip 1.0), one
+The same model, data and trainer settings (gptkit.training.optim.configure_optimizer, clip 1.0), one
 optimizer changed; rounds alternate so a noisy machine slows both alike. Figures: ms per
 whole step (forward, backward, clip, optimizer) and ms of the optimizer step alone, best
 round. The last line is one JSON object.
@@ -19,7 +19,7 @@ import torch
 
 from gptkit.config import ModelConfig, TrainConfig
 from gptkit.model.gpt import GPT
-from gptkit.training.loop import configure_optimizer
+from gptkit.training.optim import configure_optimizer
 
 SHAPES = {
     "demo": (ModelConfig(vocab_size=4096, block_size=128, n_layer=4, n_head=6, n_embd=192, dropout=0.0), 32),

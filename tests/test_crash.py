@@ -30,7 +30,7 @@ from gptkit.model.gpt import GPT
 from gptkit.text.tokenizer import CharTokenizer
 from gptkit.training.loop import train
 
-import gptkit.training.loop
+import gptkit.training.history
 
 STEPS, EVAL = 24, 4
 TIMING = ("tokens_per_s", "elapsed_s")  # differ between runs by nature
@@ -58,7 +58,7 @@ def _child(text: str, out: Path, resume: bool, pause: float) -> None:
         torch.set_num_threads(1)
         # loss.png is drawn after each save and is not under test here: at ~1 s a drawing on a
         # loaded 2-core machine it would be most of the test's time
-        gptkit.training.loop._plot = lambda history, path: None
+        gptkit.training.history.plot = lambda history, path: None
         model, data, cfg, tok, src = _setup(text, out, resume)
         train(model, data, cfg, tok, resume=src, log=lambda m: None)
     except BaseException:

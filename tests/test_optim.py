@@ -14,7 +14,8 @@ from gptkit.data.shards import TokenShards
 from gptkit.model.gpt import GPT
 from gptkit.training.optim import Muon, Optimizers, orthogonalize
 from gptkit.text.tokenizer import CharTokenizer
-from gptkit.training.loop import configure_optimizer, train
+from gptkit.training.loop import train
+from gptkit.training.optim import configure_optimizer
 
 
 def test_orthogonalize_flattens_the_spectrum():

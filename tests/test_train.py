@@ -16,7 +16,8 @@ from gptkit.config import ModelConfig, TrainConfig
 from gptkit.data.shards import TokenShards
 from gptkit.model.gpt import GPT
 from gptkit.text.tokenizer import CharTokenizer
-from gptkit.training.loop import configure_optimizer, lr_at, train
+from gptkit.training.loop import train
+from gptkit.training.optim import configure_optimizer, lr_at
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ def pretrain(
     """Pretrain a GPT on prepared token shards. Runs unchanged under torchrun (DDP or FSDP)."""
     from gptkit.config import preset as get_preset
     from gptkit.training.distributed import is_main_process
-    from gptkit.training.loop import pretrain as run
+    from gptkit.training.pretrain import pretrain as run
 
     overrides = {k: v for k, v in dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size).items()
                  if v is not None}

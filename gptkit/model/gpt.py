@@ -53,7 +53,6 @@ class KVCache:
 
     def begin(self, T: int, device: torch.device) -> torch.Tensor:
         """Prepare a forward of T new tokens per row; returns their positions (B, T)."""
-        B = len(self.lengths)
         start = torch.tensor(self.lengths, device=device)
         positions = start[:, None] + torch.arange(T, device=device)  # (B, T)
         key_len = max(self.lengths) + T

@@ -24,7 +24,8 @@ from gptkit.inference.factory import build_engine
 from gptkit.model.gpt import GPT
 from gptkit.text.stream import completion_text
 from gptkit.text.tokenizer import BPETokenizer
-from gptkit.training.loop import Dist, evaluate, lm_loss, train
+from gptkit.training.distributed import Dist
+from gptkit.training.loop import evaluate, lm_loss, train
 
 
 @dataclasses.dataclass

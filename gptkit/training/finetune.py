@@ -18,7 +18,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptkit.checkpoint.open import open_checkpoint
-from gptkit.checkpoint.rundir import resume_candidate
 from gptkit.config import TrainConfig
 from gptkit.data.records import Mixture, Record, TaskBatches, class_examples, lm_examples, read_records
 from gptkit.errors import GptkitError
@@ -27,6 +26,7 @@ from gptkit.model.lora import LoRAConfig, apply_lora, mark_trainable
 from gptkit.text.tokenizer import ChatTemplate, EOT, IM_END, IM_START, Tokenizer
 from gptkit.training.distributed import close_distributed, init_distributed, pick_device, processes
 from gptkit.training.loop import train
+from gptkit.training.resume import resume_checkpoint
 
 
 def ensure_chat_tokens(model: nn.Module, tokenizer: Tokenizer) -> list[str]:
@@ -214,9 +214,8 @@ def finetune(base: str | Path, specs: list[DataSpec], cfg: TrainConfig, ft: Fine
         torch.manual_seed(cfg.seed)  # new weights (LoRA, heads) the same in every process and every rerun
         model, tokenizer, extra = prepare_model(base, tasks, ft)
         if resume:  # the run's newest intact checkpoint, with the structure prepare_model just built
-            resume = resume_candidate(cfg.out_dir, log)
-            loaded = open_checkpoint(resume)
-            model, tokenizer = loaded.model, loaded.tokenizer
+            loaded = resume_checkpoint(cfg.out_dir, log)
+            model, tokenizer, resume = loaded.model, loaded.tokenizer, loaded.meta.path
             _freeze_for_lora(model, extra)
         device = pick_device(dist_info)
         model.to(device).train()

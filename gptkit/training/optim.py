@@ -16,6 +16,9 @@ import math
 
 import torch
 
+from gptkit.config import TrainConfig
+from gptkit.errors import GptkitError
+
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # quintic with the steepest slope at 0 (Keller Jordan)
 
 
@@ -87,3 +90,50 @@ class Optimizers:
     def load_state_dict(self, state: dict) -> None:
         for o, s in zip(self.optimizers, state["optimizers"], strict=True):
             o.load_state_dict(s)
+
+
+# ---------------------------------------------------------------------------- the trainer's set-up
+def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
+    """AdamW with weight decay on matrices (Linear and embedding weights) only, not on biases,
+    LayerNorm or 1-d parameters; fused kernel where this torch build offers it.
+    With cfg.optimizer == "muon", the 2-d weights inside the transformer blocks go to Muon
+    instead (embeddings, the head, norms, biases, classification heads and LoRA adapters stay
+    with AdamW, as Muon is meant for hidden matrices only)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise GptkitError("no trainable parameters")
+    hidden = [p for n, p in named if cfg.optimizer == "muon" and _is_hidden_matrix(n, p)]
+    rest = [p for n, p in named if not any(p is h for h in hidden)]
+    adamw = _adamw(rest, cfg) if rest else None
+    if not hidden:
+        return adamw
+    muon = Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum)
+    for g in muon.param_groups:
+        g["lr_scale"] = cfg.muon_lr_scale
+    return Optimizers(*[o for o in (muon, adamw) if o is not None])
+
+
+def _is_hidden_matrix(name: str, p: torch.nn.Parameter) -> bool:
+    parts = name.split(".")
+    return p.dim() == 2 and parts[0] == "h" and not any(part.startswith("lora") for part in parts)
+
+
+def _adamw(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    try:
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+    except (RuntimeError, TypeError):  # device or dtype without a fused kernel
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr over warmup_steps, then cosine decay to min_lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if step >= cfg.max_steps:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
