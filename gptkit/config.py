@@ -213,20 +213,28 @@ class FinetuneTrainConfig(TrainConfig):
     eval_batches: int = option(10, "validation batches per task per evaluation")
 
 
-# One default temperature for generate, chat, the server and every SampleConfig: OpenAI's 1.0,
-# so a request that leaves it out means the same here as there. Evaluation scores greedily (0)
-# and the demo shows 0.7 with top-k 40 on purpose; both say so where they do it.
+# Sampling defaults: one per option for `gptkit generate`, `gptkit chat`, the server and every
+# SampleConfig (docs/sampling.md). Temperature and top_p are OpenAI's, so a request that leaves them
+# out means the same here as there. Evaluation scores greedily (0) and the demo shows 0.7 with top-k 40
+# on purpose; both say so where they do it.
 DEFAULT_TEMPERATURE = 1.0
+DEFAULT_TOP_P = 1.0
+DEFAULT_TOP_K = 0  # off
+# Tokens generated when none are asked for, by generate, chat and SampleConfig; never more than the
+# context leaves. The server follows OpenAI's API instead: 16 for /v1/completions, the rest of the
+# context for /v1/chat/completions (gptkit.server.schemas).
+DEFAULT_MAX_TOKENS = 200
+ANSWER_MAX_TOKENS = 64  # the longest task answer evaluate and compare generate (greedily)
 
 
 @dataclass
 class SampleConfig:
     """Per-request sampling parameters, shared by generate, chat and the server."""
 
-    max_tokens: int = 128
+    max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = DEFAULT_TEMPERATURE  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0
+    top_k: int = DEFAULT_TOP_K  # 0 = off
+    top_p: float = DEFAULT_TOP_P
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     stop: list[str] = field(default_factory=list)

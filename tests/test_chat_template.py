@@ -19,7 +19,7 @@ from gptkit.config import ModelConfig
 from gptkit.inference.engine import Engine
 from gptkit.model.gpt import GPT
 from gptkit.text.tokenizer import EOT, ChatTemplate, CharTokenizer
-from gptkit.text.chat import render_chat, use_chat_template
+from gptkit.text.chat import fit_conversation, render_chat, use_chat_template
 from live_server import bpe_tokenizer, plain_tokenizer, serve
 
 # A model overfit on a plain-text conversation: asked "hello", it answers " hi there" and then
@@ -70,6 +70,19 @@ def test_which_template_is_used():
     # render_chat without a stored template picks the same one, and leaves the tokenizer alone
     fresh = plain_tokenizer()
     assert render_chat(fresh, MESSAGES)[0] == render_chat(plain, MESSAGES)[0] and fresh.chat_template is None
+
+
+def test_a_long_conversation_drops_its_oldest_exchanges_to_fit():
+    tok = plain_tokenizer()
+    tok.chat_template = ChatTemplate(kind="plain")
+    history = MESSAGES[1:] + [{"role": "assistant", "content": "ciao"}, {"role": "user", "content": "again"}]
+    full, kept = fit_conversation(tok, "be brief", history, 8, 1000)
+    assert kept == history and full == render_chat(tok, MESSAGES[:1] + history)[0]
+    ids, kept = fit_conversation(tok, "be brief", history, 8, len(full) + 7)  # one token short
+    assert kept == history[2:] and len(ids) + 8 <= len(full) + 7
+    assert tok.decode(ids).startswith("System: be brief\nUser: bye\n")
+    ids, kept = fit_conversation(tok, None, history, 8, 10)  # never room: the newest message stays
+    assert kept == history[-1:] and tok.decode(ids) == "User: again\nAssistant:"
 
 
 def test_server_chats_with_a_model_without_chat_tokens(plain_ckpt):

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import torch
 
-from gptkit.checkpoint.format import CONFIG, TIED, build_model, read_config
+from gptkit.checkpoint.format import CONFIG, TIED, build_model, read_config, save_checkpoint
 from gptkit.checkpoint.rundir import is_checkpoint, resolve_checkpoint
 from gptkit.config import ModelConfig
 from gptkit.errors import GptkitError
 from gptkit.model.gpt import GPT
+from gptkit.model.lora import merge_lora
 from gptkit.text.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -75,6 +76,18 @@ def read_meta(folder: str | os.PathLike) -> CheckpointMeta:
 def open_tokenizer(folder: str | os.PathLike) -> Tokenizer:
     """The tokenizer of a checkpoint (any folder open_checkpoint takes), or of a tokenizer folder."""
     return load_tokenizer(resolve_checkpoint(folder))
+
+
+def merge_lora_checkpoint(folder: str | os.PathLike, out: str | os.PathLike) -> tuple[int, GPT]:
+    """Fold a LoRA checkpoint's adapters into their layers and save it to out as a standalone
+    checkpoint (no base needed, identical outputs). Returns the layers merged and the model."""
+    loaded = open_checkpoint(folder)
+    if not loaded.meta.is_lora:
+        raise GptkitError(f"{folder}: not a LoRA checkpoint (no extra.lora in {CONFIG})")
+    n = merge_lora(loaded.model)
+    extra = {k: v for k, v in loaded.meta.extra.items() if k not in ("lora", "base")} | {"merged_from": str(folder)}
+    save_checkpoint(out, loaded.model, loaded.tokenizer, step=loaded.meta.step, extra=extra)
+    return n, loaded.model
 
 
 def _base_weights(base: str, folder: Path) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from gptkit.cli.common import Commands, app
+from gptkit.config import ANSWER_MAX_TOKENS
 
 
 @app.command()
@@ -32,7 +33,7 @@ def evaluate(
     task: Annotated[str, typer.Option(help="perplexity | classify | qa | summarize | translate | code")],
     data: Annotated[Path, typer.Option(help="a text file (perplexity) or a .jsonl of the task's records")],
     out: Annotated[Optional[Path], typer.Option(help="JSON file for the results (default CKPT/eval-TASK.json)")] = None,
-    max_tokens: Annotated[int, typer.Option(help="longest generated answer in tokens")] = 64,
+    max_tokens: Annotated[int, typer.Option(help="longest generated answer in tokens")] = ANSWER_MAX_TOKENS,
     limit: Annotated[Optional[int], typer.Option(help="score only the first N records")] = None,
     timeout: Annotated[float, typer.Option(help="seconds per program (code)")] = 10.0,
 ) -> None:
@@ -58,7 +59,7 @@ def compare(
     task: Annotated[str, typer.Option(help="auto | qa | summarize | translate | classify | code")] = "auto",
     prompts: Annotated[Optional[Path], typer.Option(help="a text file, one prompt per line")] = None,
     out: Annotated[Path, typer.Option(help="folder for index.html, report.md, results.json, PNGs")] = Path("report"),
-    max_tokens: Annotated[int, typer.Option(help="longest task answer in tokens")] = 64,
+    max_tokens: Annotated[int, typer.Option(help="longest task answer in tokens")] = ANSWER_MAX_TOKENS,
     limit: Annotated[Optional[int], typer.Option(help="score only the first N task records")] = None,
     bootstrap: Annotated[int, typer.Option(help="bootstrap resamples")] = 1000,
     seed: Annotated[int, typer.Option(help="seed for resampling and sampled answers")] = 0,

@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from gptkit.cli.common import app, engine_for, fail
-from gptkit.config import DEFAULT_TEMPERATURE
+from gptkit.cli.common import app, engine_for
+from gptkit.config import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P
 
 
 @app.command()
@@ -17,10 +17,10 @@ def generate(
     ckpt: Annotated[Path, typer.Argument(help="checkpoint folder")],
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="prompt text (default: read stdin)")] = None,
     max_tokens: Annotated[Optional[int], typer.Option(
-        help="tokens to generate (default: 200, or as many as the context leaves room for)")] = None,
+        help=f"tokens to generate (default: {DEFAULT_MAX_TOKENS}, or as many as the context leaves room for)")] = None,
     temperature: Annotated[float, typer.Option(help="0 = greedy")] = DEFAULT_TEMPERATURE,
-    top_k: Annotated[int, typer.Option(help="sample from the k most likely tokens (0 = off)")] = 0,
-    top_p: Annotated[float, typer.Option(help="nucleus sampling threshold")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="sample from the k most likely tokens (0 = off)")] = DEFAULT_TOP_K,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling threshold")] = DEFAULT_TOP_P,
     stop: Annotated[Optional[list[str]], typer.Option(help="stop sequence (repeatable); not included in the output")] = None,
     n: Annotated[int, typer.Option(help="number of samples")] = 1,
     seed: Annotated[Optional[int], typer.Option(help="random seed for reproducible samples")] = None,
@@ -30,22 +30,13 @@ def generate(
 ) -> None:
     """Continue a prompt, streaming the text to the terminal (KV-cached)."""
     from gptkit.config import SampleConfig
+    from gptkit.inference.requests import fit_prompt
     from gptkit.text.stream import TextStream
 
     if prompt is None:
         prompt = sys.stdin.read()
     engine, tokenizer = engine_for(ckpt, max_batch=max(n, 1), quantize=quantize, dtype=dtype)
-    ids = tokenizer.encode(prompt)
-    if max_tokens is None:
-        max_tokens = max(1, min(200, engine.config.block_size - len(ids)))
-    room = engine.config.block_size - max_tokens
-    if len(ids) > room:
-        if room < 1:
-            fail(f"max_tokens {max_tokens} leaves no room for a prompt in the context of {engine.config.block_size}")
-        if not truncate:
-            fail(f"prompt of {len(ids)} tokens + max_tokens {max_tokens} = {len(ids) + max_tokens} > context "
-                  f"{engine.config.block_size}; --truncate keeps the prompt's last {room} tokens")
-        ids = ids[-room:]
+    ids, max_tokens = fit_prompt(tokenizer.encode(prompt), max_tokens, engine.config.block_size, truncate)
     params = SampleConfig(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                           stop=list(stop or []), seed=seed)
     streams = [TextStream(tokenizer, params.stop) for _ in range(n)]
@@ -70,15 +61,16 @@ def generate(
 def chat(
     ckpt: Annotated[Path, typer.Argument(help="a chat-tuned checkpoint folder")],
     system: Annotated[Optional[str], typer.Option(help="system message")] = None,
-    max_tokens: Annotated[int, typer.Option(help="longest reply in tokens")] = 256,
+    max_tokens: Annotated[int, typer.Option(help="longest reply in tokens")] = DEFAULT_MAX_TOKENS,
     temperature: Annotated[float, typer.Option(help="0 = greedy")] = DEFAULT_TEMPERATURE,
-    top_p: Annotated[float, typer.Option(help="nucleus sampling threshold")] = 0.95,
+    top_k: Annotated[int, typer.Option(help="sample from the k most likely tokens (0 = off)")] = DEFAULT_TOP_K,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling threshold")] = DEFAULT_TOP_P,
     seed: Annotated[Optional[int], typer.Option(help="random seed")] = None,
 ) -> None:
     """Interactive chat with streaming replies. Commands: /reset, /system TEXT, /exit."""
     from gptkit.config import SampleConfig
     from gptkit.text.stream import TextStream
-    from gptkit.text.chat import render_chat, use_chat_template
+    from gptkit.text.chat import fit_conversation, use_chat_template
 
     engine, tokenizer = engine_for(ckpt, max_batch=1)
     source = use_chat_template(tokenizer)
@@ -105,15 +97,9 @@ def chat(
         if not line.strip():
             continue
         history.append({"role": "user", "content": line})
-        messages = ([{"role": "system", "content": system}] if system else []) + history
-        ids, _ = render_chat(tokenizer, messages)
-        # keep the most recent turns when the conversation outgrows the context
-        while len(ids) + max_tokens > engine.config.block_size and len(history) > 1:
-            history = history[2:] if len(history) > 2 else history[-1:]
-            messages = ([{"role": "system", "content": system}] if system else []) + history
-            ids, _ = render_chat(tokenizer, messages)
-        params = SampleConfig(max_tokens=min(max_tokens, engine.config.block_size - len(ids)),
-                              temperature=temperature, top_p=top_p, seed=seed, stop=tokenizer.chat_template.stop)
+        ids, history = fit_conversation(tokenizer, system, history, max_tokens, engine.config.block_size)
+        params = SampleConfig(max_tokens=min(max_tokens, engine.config.block_size - len(ids)), temperature=temperature,
+                              top_k=top_k, top_p=top_p, seed=seed, stop=tokenizer.chat_template.stop)
         stream, reply = TextStream(tokenizer, params.stop), ""
         sys.stdout.write("model> ")
         for event in engine.submit(ids, params):

@@ -92,15 +92,7 @@ def merge_lora(
     out: Annotated[Path, typer.Argument(help="folder for the standalone merged checkpoint")],
 ) -> None:
     """Fold LoRA adapters into their layers: a full checkpoint with identical outputs, no base needed."""
-    from gptkit.checkpoint.format import save_checkpoint
-    from gptkit.checkpoint.open import open_checkpoint
-    from gptkit.model.lora import merge_lora as merge
+    from gptkit.checkpoint.open import merge_lora_checkpoint
 
-    loaded = open_checkpoint(ckpt)
-    if not loaded.meta.is_lora:
-        fail(f"{ckpt}: not a LoRA checkpoint (no extra.lora in config.json)")
-    model = loaded.model
-    n = merge(model)
-    extra = {k: v for k, v in loaded.meta.extra.items() if k not in ("lora", "base")} | {"merged_from": str(ckpt)}
-    save_checkpoint(out, model, loaded.tokenizer, step=loaded.meta.step, extra=extra)
+    n, model = merge_lora_checkpoint(ckpt, out)
     typer.echo(f"merged {n} LoRA layers of {ckpt} into {out} ({human(model.num_params())} params)")

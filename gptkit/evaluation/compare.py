@@ -34,7 +34,7 @@ import torch
 
 from gptkit.checkpoint.hf import import_hf
 from gptkit.checkpoint.open import open_checkpoint, open_tokenizer
-from gptkit.config import ModelConfig, SampleConfig
+from gptkit.config import ANSWER_MAX_TOKENS, ModelConfig, SampleConfig
 from gptkit.data.records import read_records
 from gptkit.data.shards import split_shards
 from gptkit.device import device_name, resolve_device, synchronize
@@ -66,7 +66,7 @@ class CompareConfig:
     task: str = "auto"  # qa | summarize | translate | classify | code; auto: from the file's format
     prompts: Path | None = None  # one prompt per line
     out: Path = Path("report")
-    max_tokens: int = 64  # longest task answer
+    max_tokens: int = ANSWER_MAX_TOKENS  # longest task answer
     answer_tokens: int = 48  # longest answer to a prompt
     limit: int | None = None  # first N task records
     temperature: float = 0.8  # for the sampled answers

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from gptkit.checkpoint.open import open_checkpoint
-from gptkit.config import SampleConfig
+from gptkit.config import ANSWER_MAX_TOKENS, SampleConfig
 from gptkit.data.records import Record, TaskBatches, class_examples, read_records
 from gptkit.device import resolve_device
 from gptkit.errors import GptkitError
@@ -196,8 +196,8 @@ def classify(model, tokenizer, texts: list[str], labels: list[str], batch_size: 
     return [labels[p] for p in preds]
 
 
-def generate_all(model, tokenizer, prompts: list[list[int]], max_tokens: int = 64, stop: list[str] | None = None,
-                 max_batch: int = 32, temperature: float = 0.0, seed: int | None = None) -> list[str]:
+def generate_all(model, tokenizer, prompts: list[list[int]], max_tokens: int = ANSWER_MAX_TOKENS,
+                 stop: list[str] | None = None, max_batch: int = 32, temperature: float = 0.0, seed: int | None = None) -> list[str]:
     """Completions of many prompts through the engine (continuously batched): greedy, or sampled
     at `temperature` with prompt i seeded by seed + i (reproducible). A prompt too long for the
     context keeps its end. The caller's model is left untouched: the engine gets a copy with any
@@ -262,7 +262,7 @@ def _records(path: str | Path, limit: int | None) -> tuple[str, list]:
     return fmt, records[:limit] if limit else records
 
 
-def run_task(model, tokenizer, cfg: dict, task: str, data: str | Path, *, max_tokens: int = 64,
+def run_task(model, tokenizer, cfg: dict, task: str, data: str | Path, *, max_tokens: int = ANSWER_MAX_TOKENS,
              limit: int | None = None, timeout: float = 10.0, log: Callable[[str], None] = lambda m: None) -> TaskRun:
     """Score a loaded model on a task's .jsonl records (every task but perplexity)."""
     fmt, records = _records(data, limit)
@@ -284,8 +284,8 @@ def run_task(model, tokenizer, cfg: dict, task: str, data: str | Path, *, max_to
     return TaskRun(task_metrics(task, preds, refs), _examples(records, preds, refs), preds, refs)
 
 
-def evaluate(ckpt: str | Path, task: str, data: str | Path, *, max_tokens: int = 64, limit: int | None = None,
-             timeout: float = 10.0, log: Callable[[str], None] = lambda m: None) -> dict:
+def evaluate(ckpt: str | Path, task: str, data: str | Path, *, max_tokens: int = ANSWER_MAX_TOKENS,
+             limit: int | None = None, timeout: float = 10.0, log: Callable[[str], None] = lambda m: None) -> dict:
     """Score the checkpoint on one task's data; returns {"task", "data", "n", metrics..., "examples"}."""
 
     if task not in TASKS:

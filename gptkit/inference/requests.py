@@ -11,9 +11,25 @@ import threading
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Iterator
 
-from gptkit.config import ModelConfig, SampleConfig
+from gptkit.config import DEFAULT_MAX_TOKENS, ModelConfig, SampleConfig
 from gptkit.errors import GptkitError
 from gptkit.text.stream import find_stop
+
+
+def fit_prompt(ids: list[int], max_tokens: int | None, context: int, truncate: bool = False) -> tuple[list[int], int]:
+    """(prompt ids, max_tokens) that fit the context together. max_tokens None: DEFAULT_MAX_TOKENS, or
+    what the context leaves. A prompt too long is an error, or with truncate loses its start."""
+    if max_tokens is None:
+        max_tokens = max(1, min(DEFAULT_MAX_TOKENS, context - len(ids)))
+    room = context - max_tokens
+    if len(ids) > room:
+        if room < 1:
+            raise GptkitError(f"max_tokens {max_tokens} leaves no room for a prompt in the context of {context}")
+        if not truncate:
+            raise GptkitError(f"prompt of {len(ids)} tokens + max_tokens {max_tokens} = {len(ids) + max_tokens} > "
+                              f"context {context}; --truncate keeps the prompt's last {room} tokens")
+        ids = ids[-room:]
+    return ids, max_tokens
 
 
 @dataclass

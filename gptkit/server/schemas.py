@@ -11,11 +11,12 @@ from typing import Annotated, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-from gptkit.config import DEFAULT_TEMPERATURE
+from gptkit.config import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P
 
 MAX_N = 16  # choices per prompt; the engine's max_batch may be lower (a 400 names it)
 MAX_LOGPROBS = 20
 MAX_SEED = 2**63 - 1 - MAX_N  # each sample is seeded with seed + index
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions (chat: the rest of the context)
 
 # Accepted for compatibility, not acted on: (endpoint, field) -> why. README and the tests use it.
 IGNORED_FIELDS = {
@@ -80,8 +81,8 @@ class SamplingRequest(Request):
 
     model: Text
     temperature: float = Field(DEFAULT_TEMPERATURE, ge=0, le=2, description="0 is greedy")
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0, description="gptkit extension (send it in extra_body); 0 is off")
+    top_p: float = Field(DEFAULT_TOP_P, gt=0, le=1)
+    top_k: int = Field(DEFAULT_TOP_K, ge=0, description="gptkit extension (send it in extra_body); 0 is off")
     n: int = Field(1, ge=1, le=MAX_N)
     stop: Union[Text, list[Text], None] = Field(None, validate_default=True, description=(
         "strings that end a sample, never in the output; up to --max-stop (default 4) of up to "
@@ -108,7 +109,7 @@ class SamplingRequest(Request):
 class CompletionRequest(SamplingRequest):
     prompt: Union[Text, list[Text], list[int], list[list[int]]] = Field(
         description="text, texts, token ids, or lists of token ids (up to --max-prompts, default 64, prompts)")
-    max_tokens: int = Field(16, ge=0, description="0 with echo scores the prompt only")
+    max_tokens: int = Field(COMPLETION_MAX_TOKENS, ge=0, description="0 with echo scores the prompt only")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
                                  description="k: the chosen token's logprob and the top k alternatives")
     echo: bool = Field(False, description="prepend the prompt (and its logprobs) to each choice")

@@ -85,3 +85,18 @@ def render_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_promp
         ids += head
         mask += [0] * len(head)
     return ids, mask
+
+
+def fit_conversation(tokenizer: Tokenizer, system: str | None, history: list[dict], max_tokens: int,
+                     context: int) -> tuple[list[int], list[dict]]:
+    """The rendered prompt of a conversation, and the history it kept: the oldest exchanges
+    (user + assistant) are dropped while the prompt and max_tokens outgrow the context; the newest
+    message always stays."""
+    def render(turns: list[dict]) -> list[int]:
+        return render_chat(tokenizer, ([{"role": "system", "content": system}] if system else []) + turns)[0]
+
+    ids = render(history)
+    while len(ids) + max_tokens > context and len(history) > 1:
+        history = history[2:] if len(history) > 2 else history[-1:]
+        ids = render(history)
+    return ids, history
