@@ -309,10 +309,13 @@ def test_tokens_and_concurrency_limits(limited):
 
 
 def test_audit_log_text_only_when_asked(limited, setup):
-    out = client(limited, "k-one").completions.create(model="lm", prompt="The answer", max_tokens=3, temperature=0)
+    # a prompt no other test sends to this server: the entry found is this request's (the writer is a thread)
+    prompt = "you. The answer"
+    out = client(limited, "k-one").completions.create(model="lm", prompt=prompt, max_tokens=3, temperature=0)
     path = setup["dir"] / "limited-audit.jsonl"
+    mine = f'"prompt": ["{prompt}"]'
     deadline = time.monotonic() + 10
-    while '"prompt": ["The answer"]' not in path.read_text() and time.monotonic() < deadline:
+    while mine not in path.read_text() and time.monotonic() < deadline:
         time.sleep(0.05)
-    entry = [json.loads(x) for x in path.read_text().splitlines() if '"prompt": ["The answer"]' in x][-1]
+    [entry] = [json.loads(x) for x in path.read_text().splitlines() if mine in x]
     assert entry["key"] == "one" and entry["completion"] == [out.choices[0].text] and entry["completion_tokens"] == 3

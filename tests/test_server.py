@@ -10,7 +10,7 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -78,6 +78,8 @@ class Gated:
     url: str
     engine: Engine
     gate: threading.Event  # cleared: the engine's scheduler does not step
+    # [n]: the gate closes by itself after n more steps that run a request (None: it stays as set)
+    close_after: list = field(default_factory=lambda: [None])
 
 
 @pytest.fixture(scope="session")
@@ -91,16 +93,22 @@ def gated(ckpt):
     engine = Engine(model, max_batch=2, token_bytes=tok.token_bytes, eos_ids=())
     gate, step = threading.Event(), engine.step
     gate.set()
+    close_after = [None]
 
     def gated_step() -> None:
         gate.wait()
         step()
+        if close_after[0] is not None and engine.running:
+            close_after[0] -= 1
+            if close_after[0] == 0:
+                close_after[0] = None
+                gate.clear()
 
     engine.step = gated_step  # the scheduler thread calls self.step()
     app = create_app([ServedModel("gated", engine, tok)], ServerConfig(max_queue=2))
     try:
         with serve_in_thread(app) as url:
-            yield Gated(url, engine, gate)
+            yield Gated(url, engine, gate, close_after)
     finally:
         gate.set()
 
@@ -348,14 +356,19 @@ def test_client_leaving_mid_stream_frees_its_slot(gated):
     before = metric(gated.url, "gptkit_cancelled_requests_total", model="gated")
     body = {"model": "gated", "prompt": "The quick", "max_tokens": 100, "stream": True}
     try:
+        # the engine stops after the step that makes the first token, before the client reads it: a
+        # tiny model cannot finish the 100 tokens before a slow client gets there
+        gated.close_after[0] = 1
         with httpx.stream("POST", f"{gated.url}/v1/completions", json=body, timeout=30) as r:
-            next(line for line in r.iter_lines() if line.startswith("data: "))
-            gated.gate.clear()  # from here the engine cannot finish the request on its own
+            lines = r.iter_lines()  # held: a generator dropped here would close the stream itself
+            next(line for line in lines if line.startswith("data: "))
+            wait_until(lambda: not gated.gate.is_set())  # closed once that step returns
             assert gated.engine.running == 1
         # leaving the block closes the connection mid-stream
         wait_until(lambda: gated.engine.running == 0)
         assert httpx.get(f"{gated.url}/health").json()["models"]["gated"]["running"] == 0
     finally:
+        gated.close_after[0] = None
         gated.gate.set()
     assert metric(gated.url, "gptkit_cancelled_requests_total", model="gated") == before + 1
     assert metric(gated.url, "gptkit_generated_tokens_total", model="gated") < 100
