@@ -24,30 +24,54 @@ class ModelConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
-    # options
-    pos_encoding: Literal["learned", "sinusoidal"] = "learned"
+    # options: the defaults are GPT-2's; rope + rmsnorm + swiglu + n_kv_head are the Llama family's
+    pos_encoding: Literal["learned", "sinusoidal", "rope"] = "learned"
+    rope_theta: float = 10000.0  # rotary base: pair i of a head turns by position * theta^(-2i/head_dim)
     # "gelu" is the exact (erf) GELU, "gelu_tanh" GPT-2's tanh approximation. The exact one is
     # the default because torch's CPU kernel for it is ~5x faster (fwd+bwd 0.34 vs 1.6 ms on a
     # 768x512 activation here); GPT-2/GPT-3 presets and imported GPT-2 models use "gelu_tanh".
-    activation: Literal["gelu", "gelu_tanh"] = "gelu"
+    # "swiglu": silu(x W_gate) * (x W_up), Llama's gated MLP; "relu2": relu(x W)^2 (modded-nanogpt).
+    activation: Literal["gelu", "gelu_tanh", "swiglu", "relu2"] = "gelu"
+    mlp_hidden: int | None = None  # the MLP's inner width; None: 4 * n_embd
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    n_kv_head: int | None = None  # key/value heads; None: n_head; fewer: grouped-query; 1: multi-query
+    head_size: int | None = None  # per-head width; None: n_embd // n_head (Qwen3 sets it apart)
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys (Qwen3, modded-nanogpt)
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2
-    layer_norm_eps: float = 1e-5
+    qkv_bias: bool | None = None  # biases on the query/key/value projection alone; None: as `bias` (Qwen2: True)
+    tie_embeddings: bool = True  # the LM head is the token embedding, as GPT-2
+    layer_norm_eps: float = 1e-5  # the epsilon of every norm (LayerNorm or RMSNorm)
 
     def __post_init__(self) -> None:
-        if self.n_embd % self.n_head:
-            raise GptkitError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
-        if self.pos_encoding not in ("learned", "sinusoidal"):
-            raise GptkitError(f"pos_encoding={self.pos_encoding!r}: expected 'learned' or 'sinusoidal'")
-        if self.activation not in ("gelu", "gelu_tanh"):
-            raise GptkitError(f"activation={self.activation!r}: expected 'gelu' or 'gelu_tanh'")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) <= 0:
+                raise GptkitError(f"{name}={getattr(self, name)} must be positive")
+        if self.head_size is None and self.n_embd % self.n_head:
+            raise GptkitError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.n_kv_head is not None and not (0 < self.n_kv_head <= self.n_head and self.n_head % self.n_kv_head == 0):
+            raise GptkitError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
+        for name, allowed in (("pos_encoding", ("learned", "sinusoidal", "rope")), ("norm", ("layernorm", "rmsnorm")),
+                              ("activation", ("gelu", "gelu_tanh", "swiglu", "relu2"))):
+            if getattr(self, name) not in allowed:
+                raise GptkitError(f"{name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+        if self.pos_encoding == "rope" and self.head_dim % 2:
+            raise GptkitError(f"rotary positions need an even head width, not {self.head_dim}")
+        for name in ("mlp_hidden", "head_size"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise GptkitError(f"{name}={getattr(self, name)} must be positive")
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_size or self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.mlp_hidden or 4 * self.n_embd
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -118,7 +118,7 @@ def test_activation_round_trips_and_old_configs_read_as_tanh_gelu():
     old = {k: v for k, v in cfg.to_dict().items() if k != "activation"}  # written before the field existed
     assert ModelConfig.from_dict(old).activation == "gelu_tanh"
     assert PRESETS["gpt2"].activation == PRESETS["gpt3-175b"].activation == "gelu_tanh"
-    with pytest.raises(GptkitError, match="activation='relu': expected 'gelu' or 'gelu_tanh'"):
+    with pytest.raises(GptkitError, match="activation='relu': expected one of gelu, gelu_tanh, swiglu, relu2"):
         ModelConfig(activation="relu")
 
 

@@ -48,7 +48,7 @@ from gptkit.text.tokenizer import Tokenizer
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TRAIN_STATE = "train_state.pt"
-TIED = ("lm_head.weight",)  # aliases of wte.weight, not stored
+TIED = ("lm_head.weight",)  # aliases of wte.weight when the head is tied: not stored
 # Tests that kill a run inside a save set this to a number of seconds to sleep after each file.
 SAVE_PAUSE_ENV = "GPTKIT_TEST_SAVE_PAUSE"
 
@@ -61,7 +61,7 @@ def save_checkpoint(folder: str | os.PathLike, model: torch.nn.Module, tokenizer
     run = Path(folder)
     model = unwrap(model)
     weights = model.state_dict() if weights is None else weights
-    state = {k: v.detach().contiguous().cpu() for k, v in weights.items() if k not in TIED}
+    state = {k: v.detach().contiguous().cpu() for k, v in weights.items() if k not in tied_keys(model)}
     if extra and extra.get("base"):  # an adapter checkpoint: only what training changed, not the base's copy
         trained = {name for name, p in model.named_parameters() if p.requires_grad}
         state = {k: v for k, v in state.items() if k in trained}
@@ -149,6 +149,11 @@ def _read_weights(folder: str | os.PathLike, cfg: dict) -> dict[str, torch.Tenso
     return state
 
 
+def tied_keys(model: GPT) -> tuple[str, ...]:
+    """The keys that alias another tensor and are not stored: the head, when tied to wte."""
+    return TIED if model.config.tie_embeddings else ()
+
+
 def check_finite(tensors: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
     """GptkitError naming the first floating-point tensor with a NaN or inf."""
     for name, t in tensors:
@@ -175,7 +180,7 @@ def _first_line(e: BaseException) -> str:
 
 def load_state(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
     """Load weights strictly, naming missing, unexpected and misshapen keys."""
-    expected = {k: v for k, v in model.state_dict().items() if k not in TIED}
+    expected = {k: v for k, v in model.state_dict().items() if k not in tied_keys(model)}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected) - set(TIED))
     if missing or unexpected:

@@ -1,4 +1,5 @@
-"""Hugging Face interoperability: GPT-2-family checkpoints in, transformers-loadable folders out.
+"""Hugging Face interoperability: GPT-2-family checkpoints in, transformers-loadable folders out;
+the Llama family (Llama, Qwen2, Qwen3, Mistral) through gptkit.checkpoint.hf_llama's tables.
 
 Conversion is data. KEY_MAP pairs each Hugging Face key with ours ({i} = layer index),
 TRANSPOSED lists the tensors GPT-2 stores as Conv1D (in, out) where we use Linear
@@ -19,7 +20,9 @@ from pathlib import Path
 
 import torch
 
-from gptkit.checkpoint.format import load_state, save_checkpoint
+from gptkit.checkpoint import hf_llama
+from gptkit.checkpoint.format import load_state, save_checkpoint, tied_keys
+from gptkit.checkpoint.hf_llama import name_keys
 from gptkit.checkpoint.open import open_checkpoint
 from gptkit.config import ModelConfig
 from gptkit.errors import GptkitError
@@ -91,6 +94,9 @@ EXPORT_FIXED = {
     "use_cache": True,
     "dtype": "float32",
 }
+# ModelConfig fields GPT-2 fixes: a model that differs exports to the Llama family (or not at all).
+GPT2_SHAPE = {"norm": "layernorm", "n_kv_head": None, "head_size": None, "qk_norm": False, "qkv_bias": None,
+              "tie_embeddings": True, "mlp_hidden": None}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
              "tokenizer.json", "vocab.json", "merges.txt"]
@@ -116,8 +122,8 @@ def hf_to_gptkit(state: dict[str, torch.Tensor], n_layer: int, source: str) -> d
     ignored = {HEAD} | {k for k in state if k.endswith(BUFFER_SUFFIXES)}
     unexpected = sorted(set(state) - set(keys) - ignored)
     if missing or unexpected:
-        raise GptkitError(f"{source}: {_name_keys('missing', missing)}{'; ' if missing and unexpected else ''}"
-                          f"{_name_keys('unexpected', unexpected)} for a {n_layer}-layer GPT-2")
+        raise GptkitError(f"{source}: {name_keys('missing', missing)}{'; ' if missing and unexpected else ''}"
+                          f"{name_keys('unexpected', unexpected)} for a {n_layer}-layer GPT-2")
     wte = state[PREFIX + "wte.weight"]
     if HEAD in state and not torch.equal(state[HEAD], wte):
         raise GptkitError(f"{source}: {HEAD} differs from wte.weight; only a head tied to the embedding is supported")
@@ -144,13 +150,6 @@ def _maybe_t(key: str, t: torch.Tensor) -> torch.Tensor:
     return t.t() if key.endswith(TRANSPOSED) else t
 
 
-def _name_keys(what: str, keys: list[str]) -> str:
-    if not keys:
-        return ""
-    more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
-    return f"{what} key(s) {', '.join(keys[:5])}{more}"
-
-
 # ---------------------------------------------------------------------------- config
 def config_from_hf(hf: dict, source: str) -> ModelConfig:
     """ModelConfig from a GPT-2 config.json dict; unsupported options are named."""
@@ -173,6 +172,9 @@ def config_to_hf(cfg: ModelConfig, eot_id: int | None) -> dict:
     if cfg.pos_encoding != "learned":
         raise GptkitError(f"pos_encoding={cfg.pos_encoding!r} has no GPT-2 equivalent "
                           "(GPT-2 learns its positions); only pos_encoding='learned' exports")
+    for field, gpt2 in GPT2_SHAPE.items():
+        if getattr(cfg, field) != gpt2:
+            raise GptkitError(f"{field}={getattr(cfg, field)!r} has no GPT-2 equivalent (GPT-2: {gpt2!r})")
     out = {theirs: getattr(cfg, ours) for theirs, ours in CONFIG_MAP.items()}
     out.update(EXPORT_FIXED, activation_function=EXPORT_ACTIVATIONS[cfg.activation], resid_pdrop=cfg.dropout,
                embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, bos_token_id=eot_id, eos_token_id=eot_id)
@@ -240,14 +242,20 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike) -> dict:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise GptkitError(f"{folder}: no config.json (not a Hugging Face model folder)")
-    cfg = config_from_hf(_read_json(config_path), str(config_path))
+    hf_config = _read_json(config_path)
+    llama = hf_config.get("model_type", "gpt2") != "gpt2"  # hf_llama names what it does not support
+    cfg = (hf_llama.config_from_hf if llama else config_from_hf)(hf_config, str(config_path))
     tokenizer = load_tokenizer(folder)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise GptkitError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                           f"vocab_size is {cfg.vocab_size}")
     hf_state, weights_path = read_hf_weights(folder)
-    state = hf_to_gptkit(hf_state, cfg.n_layer, weights_path)
     model = GPT(cfg)
+    if llama:
+        expected = {k: v for k, v in model.state_dict().items() if k not in tied_keys(model)}
+        state = hf_llama.hf_to_gptkit(hf_state, expected, cfg.n_layer, weights_path)
+    else:
+        state = hf_to_gptkit(hf_state, cfg.n_layer, weights_path)
     load_state(model, state, source=weights_path)  # asserts every shape against the config
     save_checkpoint(out, model, tokenizer, extra={"imported_from": str(src)})
     return {"source": weights_path, "out": str(out), "params": model.num_params(),
@@ -271,8 +279,13 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike) -> dict:
         raise GptkitError(f"{ckpt}: a {tokenizer.kind!r} tokenizer has no tokenizer.json form; "
                           "only 'bpe' tokenizers export to Hugging Face")
     eot_id = tokenizer.special_id(EOT)
-    hf_config = config_to_hf(model.config, eot_id)
-    state = gptkit_to_hf({k: v.detach().cpu() for k, v in model.state_dict().items()}, model.config.n_layer)
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if model.config.pos_encoding == "rope":  # the later decoders go out as their Llama-family form
+        hf_config = hf_llama.config_to_hf(model.config, eot_id)
+        state = hf_llama.gptkit_to_hf(weights, model.config)
+    else:
+        hf_config = config_to_hf(model.config, eot_id)
+        state = gptkit_to_hf(weights, model.config.n_layer)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # transformers refuses safetensors files without a format tag
@@ -285,6 +298,7 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike) -> dict:
                                                        "model_max_length": model.config.block_size,
                                                        "add_bos_token": False, **specials})
     atomic_write_json(out / "special_tokens_map.json", specials)
-    return {"out": str(out), "params": model.num_params(), "tensors": len(state),
+    return {"out": str(out), "architecture": hf_config["architectures"][0], "params": model.num_params(),
+            "tensors": len(state),
             "vocab_size": model.config.vocab_size, "tokenizer_vocab": tokenizer.vocab_size,
             "eos_token": EOT if eot_id is not None else None}

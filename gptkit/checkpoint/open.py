@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from gptkit.checkpoint.format import CONFIG, TIED, build_model, read_config, save_checkpoint
+from gptkit.checkpoint.format import CONFIG, build_model, read_config, save_checkpoint, tied_keys
 from gptkit.checkpoint.rundir import is_checkpoint, resolve_checkpoint
 from gptkit.config import ModelConfig
 from gptkit.errors import GptkitError
@@ -95,4 +95,4 @@ def _base_weights(base: str, folder: Path) -> dict[str, torch.Tensor]:
         raise GptkitError(f"{folder}: its base checkpoint {base} (extra.base in {CONFIG}) is missing; "
                           "adapter checkpoints need their base (`gptkit merge-lora` makes a standalone one)")
     base_model = open_checkpoint(base).model
-    return {k: v for k, v in base_model.state_dict().items() if k not in TIED}
+    return {k: v for k, v in base_model.state_dict().items() if k not in tied_keys(base_model)}

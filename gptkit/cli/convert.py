@@ -13,12 +13,13 @@ from gptkit.cli.common import app, human, summary
 # ---------------------------------------------------------------------------- Hugging Face
 @app.command("import-hf")
 def import_hf(
-    src: Annotated[str, typer.Argument(help="a Hugging Face GPT-2 folder (config.json + weights + tokenizer), "
+    src: Annotated[str, typer.Argument(help="a Hugging Face GPT-2 or Llama-family (Llama, Qwen2, Qwen3, Mistral) folder "
+                                            "(config.json + weights + tokenizer), "
                                             "or a hub name when huggingface_hub is installed")],
     out: Annotated[Path, typer.Argument(help="gptkit checkpoint folder to write")],
     json_out: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
-    """Convert a Hugging Face GPT-2-family model into a gptkit checkpoint (tokenizer included)."""
+    """Convert a Hugging Face GPT-2 or Llama-family model into a gptkit checkpoint (tokenizer included)."""
     from gptkit.checkpoint.hf import import_hf as run
 
     s = run(src, out)
@@ -37,6 +38,6 @@ def export_hf(
     from gptkit.checkpoint.hf import export_hf as run
 
     s = run(ckpt, out)
-    summary(s, json_out, f"exported {ckpt} -> {s['out']}: GPT2LMHeadModel, {s['tensors']} tensors, "
+    summary(s, json_out, f"exported {ckpt} -> {s['out']}: {s['architecture']}, {s['tensors']} tensors, "
                           f"{human(s['params'])} params, vocab {s['vocab_size']}; tokenizer {s['tokenizer_vocab']} "
                           f"tokens, eos {s['eos_token']}")

@@ -1,9 +1,14 @@
 """The GPT model: a decoder-only Transformer, read top to bottom.
 
-Token embedding + positions -> N pre-LayerNorm blocks (causal self-attention, GELU MLP)
--> final LayerNorm -> LM head tied to the token embedding. Parameter names follow
-GPT-2 (wte, wpe, c_attn, c_proj, c_fc, ln_1, ln_2, ln_f, lm_head) so that conversion
-to and from Hugging Face checkpoints is a key map.
+Token embedding + positions -> N pre-norm blocks (causal self-attention, MLP) -> final norm
+-> LM head (tied to the token embedding by default). Parameter names follow GPT-2 (wte, wpe,
+c_attn, c_proj, c_fc, ln_1, ln_2, ln_f, lm_head) so that conversion to and from Hugging Face
+checkpoints is a key map.
+
+The defaults are GPT-2. The later decoders (Llama, Qwen, Mistral) are options of the same
+blocks (gptkit.config.ModelConfig): rotary positions, RMSNorm, a SwiGLU MLP, fewer key/value
+heads than query heads (grouped-query attention: the KV cache holds only the KV heads),
+RMSNorm on queries and keys, biases on QKV alone, an untied head.
 
 This file is math only: no I/O, logging or data code.
 """
@@ -23,7 +28,7 @@ from gptkit.config import ModelConfig
 class KVCache:
     """Preallocated keys and values for every layer, with a cached length per row.
 
-    k, v: (n_layer, B, n_head, max_len, head_dim). Row b holds `lengths[b]` tokens.
+    k, v: (n_layer, B, n_kv_head, max_len, head_dim). Row b holds `lengths[b]` tokens.
     A forward pass of T new tokens writes them at positions lengths[b] .. lengths[b]+T-1
     of each row; nothing is allocated per step. `rows(a, b)` is a view on a slice of
     rows, so an engine can prefill one slot while the others keep their state.
@@ -37,7 +42,7 @@ class KVCache:
     def allocate(cls, config: ModelConfig, batch_size: int, max_len: int | None = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "KVCache":
         max_len = max_len or config.block_size
-        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
+        shape = (config.n_layer, batch_size, config.kv_heads, max_len, config.head_dim)
         k = torch.zeros(shape, dtype=dtype, device=device)
         return cls(k, torch.zeros_like(k), [0] * batch_size)
 
@@ -96,63 +101,115 @@ class KVCache:
         self.lengths[:] = [0] * len(self.lengths)
 
 
+def norm_layer(config: ModelConfig, width: int | None = None) -> nn.Module:
+    """LayerNorm (GPT-2) or RMSNorm (Llama: no mean subtracted, no bias)."""
+    width = width or config.n_embd
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(width, eps=config.layer_norm_eps)
+    return nn.LayerNorm(width, eps=config.layer_norm_eps, bias=config.bias)
+
+
+def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (block_size, head_dim) of rotary positions. Channel i and channel i + hs/2 of
+    a head form a pair that turns by position * theta^(-2i/hs): Llama's layout (rotate_half)."""
+    hs = config.head_dim
+    inv_freq = config.rope_theta ** (-torch.arange(0, hs, 2, dtype=torch.float64) / hs)  # (hs/2,)
+    angles = torch.arange(config.block_size, dtype=torch.float64)[:, None] * inv_freq  # (T, hs/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, hs): both channels of a pair turn alike
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (x_i, x_{i+hs/2}) pair of x (B, nh, T, hs) by its position's angle."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # under autocast x may be bf16
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention: softmax(Q K^T / sqrt(d_k)) V, one fused QKV matmul."""
+    """Multi-head causal self-attention: softmax(Q K^T / sqrt(d_k)) V, one fused QKV matmul.
+
+    With n_kv_head < n_head (grouped-query attention) each key/value head serves
+    n_head / n_kv_head query heads; keys, values and the KV cache hold only the KV heads."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        qkv_bias = config.bias if config.qkv_bias is None else config.qkv_bias
+        self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=qkv_bias)
+        self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=config.bias)
+        if config.qk_norm:
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=config.layer_norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=config.layer_norm_eps)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
 
-    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+    def _qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None):
+        B, T, _ = x.shape
+        nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.c_attn(x).split([nh * hs, nkv * hs, nkv * hs], dim=2)
+        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self._qkv(x)
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self._qkv(x, rope)
         mask = "causal"
         if kv_cache is not None:
-            k, v, mask = kv_cache.update(layer, k, v)  # (B, nh, L, hs), L = cached + T
+            k, v, mask = kv_cache.update(layer, k, v)  # (B, nkv, L, hs), L = cached + T
         dropout = self.dropout if self.training else 0.0
+        gqa = self.n_kv_head != self.n_head
         if isinstance(mask, torch.Tensor):
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=mask == "causal")
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=mask == "causal", enable_gqa=gqa)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)  # heads side by side
         return self.resid_dropout(self.c_proj(y))
 
-    def inspect(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def inspect(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None):
         """forward in eval mode without a cache, with the attention written out (the fused SDPA
         kernel never materialises it): the output and the softmax weights (B, nh, T, T), row i
         over keys 0..i. No dropout: this path is for looking, not training."""
-        B, T, C = x.shape
-        q, k, v = self._qkv(x)
+        B, T, _ = x.shape
+        q, k, v = self._qkv(x, rope)
+        group = self.n_head // self.n_kv_head  # query heads per KV head
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, nh, T, hs)
         scores = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))  # (B, nh, T, T)
         future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
         weights = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
-        y = (weights @ v).transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        y = (weights @ v).transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
         return self.c_proj(y), weights
 
 
 class MLP(nn.Module):
+    """Two matmuls around an activation; SwiGLU's first one computes the gate and the value
+    side by side (c_fc's output is [gate | up]) and multiplies them."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        hidden = config.hidden_dim
+        self.activation = config.activation
+        self.c_fc = nn.Linear(config.n_embd, (2 if self.activation == "swiglu" else 1) * hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
-        # GPT-2 uses the tanh approximation; imported GPT-2 models keep it for exact parity.
-        self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
+        h = self.c_fc(x)
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        elif self.activation == "relu2":
+            h = F.relu(h).square()
+        else:  # GPT-2 uses the tanh approximation; imported GPT-2 models keep it for exact parity
+            h = F.gelu(h, approximate="tanh" if self.activation == "gelu_tanh" else "none")
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
@@ -166,18 +223,20 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.ln_1 = norm_layer(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.ln_2 = norm_layer(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         if self.checkpoint and self.training and kv_cache is None and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._forward, x, use_reentrant=False)
-        return self._forward(x, kv_cache, layer)
+            return torch.utils.checkpoint.checkpoint(self._forward, x, None, layer, rope, use_reentrant=False)
+        return self._forward(x, kv_cache, layer, rope)
 
-    def _forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache, layer)
+    def _forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0,
+                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache, layer, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -198,13 +257,18 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         if config.pos_encoding == "learned":
             self.wpe = nn.Embedding(config.block_size, config.n_embd)
-        else:  # fixed, so a buffer that checkpoints need not store
+        elif config.pos_encoding == "sinusoidal":  # fixed, so a buffer that checkpoints need not store
             self.register_buffer("pe", sinusoidal_positions(config.block_size, config.n_embd), persistent=False)
+        else:  # rotary: nothing is added to the embedding; the blocks turn queries and keys
+            cos, sin = rope_tables(config)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.ln_f = norm_layer(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # weight tying, as GPT-2
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight  # weight tying, as GPT-2
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -213,21 +277,21 @@ class GPT(nn.Module):
         - every Linear weight and both embeddings: N(0, 0.02); biases: 0
         - residual projections (attn.c_proj, mlp.c_proj): N(0, 0.02 / sqrt(2 * n_layer)),
           since each block adds two of them to the residual stream
-        - LayerNorm: weight 1, bias 0
+        - LayerNorm, RMSNorm: weight 1, bias 0
         """
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 module.reset_parameters()
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
 
     def num_params(self, non_embedding: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())  # the tied head is counted once
+        n = sum(p.numel() for p in self.parameters())  # a tied head is counted once
         if non_embedding:
             n -= self.wte.weight.numel() + (self.wpe.weight.numel() if hasattr(self, "wpe") else 0)
         return n
@@ -242,15 +306,29 @@ class GPT(nn.Module):
         else:
             positions = kv_cache.begin(T, idx.device)  # (B, T)
         x = self._embed(idx, positions)
+        rope = self._rope(positions)
         for layer, block in enumerate(self.h):
-            x = block(x, kv_cache, layer)
+            x = block(x, kv_cache, layer, rope)
         if kv_cache is not None:
             kv_cache.end(T)
         return self.ln_f(x)
 
     def _embed(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        pos_emb = self.wpe(positions) if hasattr(self, "wpe") else self.pe[positions]
-        return self.drop(self.wte(idx) + pos_emb)
+        x = self.wte(idx)
+        if hasattr(self, "wpe"):
+            x = x + self.wpe(positions)
+        elif hasattr(self, "pe"):
+            x = x + self.pe[positions]
+        return self.drop(x)
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The rotary cos and sin for positions (T,) or (B, T), shaped to broadcast over heads."""
+        if not hasattr(self, "rope_cos"):
+            return None
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, hs) or (B, T, hs)
+        if positions.dim() == 1:
+            return cos[None, None], sin[None, None]  # (1, 1, T, hs)
+        return cos[:, None], sin[:, None]  # (B, 1, T, hs)
 
     def attention_maps(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, T, vocab) and the attention weights of every layer and head
@@ -259,10 +337,11 @@ class GPT(nn.Module):
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than the context ({self.config.block_size})")
-        x = self._embed(idx, torch.arange(T, device=idx.device))
+        positions = torch.arange(T, device=idx.device)
+        x, rope = self._embed(idx, positions), self._rope(positions)
         maps = []
         for block in self.h:
-            y, weights = block.attn.inspect(block.ln_1(x))
+            y, weights = block.attn.inspect(block.ln_1(x), rope)
             x = x + y
             x = x + block.mlp(block.ln_2(x))
             maps.append(weights)

@@ -29,15 +29,19 @@ def class_logits(model: nn.Module, x: torch.Tensor, last: torch.Tensor) -> torch
 
 @torch.no_grad()
 def resize_vocab(model: nn.Module, vocab_size: int) -> None:
-    """Grow wte to vocab_size rows (new rows = the mean embedding, a neutral start) and keep
-    the LM head tied to it."""
-    old = model.wte.weight
+    """Grow wte to vocab_size rows (new rows = the mean embedding, a neutral start); a tied LM
+    head stays tied, an untied one grows the same way."""
+    old, old_head = model.wte.weight, model.lm_head.weight
     wte = nn.Embedding(vocab_size, old.shape[1], device=old.device, dtype=old.dtype)
     wte.weight[:old.shape[0]] = old
     wte.weight[old.shape[0]:] = old.mean(dim=0)
     model.wte = wte
     model.lm_head = nn.Linear(old.shape[1], vocab_size, bias=False, device=old.device, dtype=old.dtype)
-    model.lm_head.weight = model.wte.weight
+    if model.config.tie_embeddings:
+        model.lm_head.weight = model.wte.weight
+    else:
+        model.lm_head.weight[:old_head.shape[0]] = old_head
+        model.lm_head.weight[old_head.shape[0]:] = old_head.mean(dim=0)
     model.config.vocab_size = vocab_size
 
 

@@ -1,0 +1,172 @@
+"""The later decoders (rotary positions, RMSNorm, SwiGLU, grouped-query attention, QK-norm, QKV
+biases, untied heads): random tiny Llama, Qwen2, Qwen3 and Mistral models built locally with
+transformers, imported, compared (logits, greedy tokens through the engine's KV cache), exported
+and loaded back by transformers. Odd shapes on purpose: 6 query heads over 2 KV heads, a head
+width of 10, a vocabulary that is not a multiple of 8."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+transformers = pytest.importorskip("transformers")
+
+from gptkit.checkpoint.hf import export_hf, import_hf  # noqa: E402
+from gptkit.checkpoint.open import open_checkpoint  # noqa: E402
+from gptkit.config import ModelConfig, SampleConfig  # noqa: E402
+from gptkit.errors import GptkitError  # noqa: E402
+from gptkit.inference.engine import Engine  # noqa: E402
+from gptkit.model.gpt import GPT, KVCache  # noqa: E402
+from gptkit.text.tokenizer import BPETokenizer  # noqa: E402
+
+TOL = 1e-4
+VOCAB = 301  # > the tokenizer's 300, and odd
+SHAPE = dict(vocab_size=VOCAB, hidden_size=60, intermediate_size=90, num_hidden_layers=2, num_attention_heads=6,
+             num_key_value_heads=2, max_position_embeddings=96, rms_norm_eps=1e-6, rope_theta=500.0,
+             initializer_range=0.3, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+FAMILIES = {
+    "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPE, tie_word_embeddings=True)),
+    "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**SHAPE, tie_word_embeddings=False)),
+    # Qwen3 sets its head width apart from hidden_size / heads
+    "qwen3": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**SHAPE, head_dim=14,
+                                                                            tie_word_embeddings=False)),
+    "mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(**SHAPE, sliding_window=None)),
+}
+
+
+@pytest.fixture(scope="module")
+def tok() -> BPETokenizer:
+    return BPETokenizer.train(["The quick brown fox jumps over the lazy dog. 我有一个梦想。 def f(x): return x\n"] * 20,
+                              vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, tok):
+    """saved(name): (the random transformers model of that family, the folder it was saved to)."""
+    made: dict[str, tuple] = {}
+
+    def get(name: str):
+        if name not in made:
+            torch.manual_seed(0)
+            hf = FAMILIES[name]().eval()
+            folder = tmp_path_factory.mktemp(name)
+            hf.save_pretrained(folder)
+            tok.tok.save(str(folder / "tokenizer.json"))
+            made[name] = hf, folder
+        return made[name]
+    return get
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory, saved):
+    """(name, the transformers model, its saved folder, the imported gptkit checkpoint folder)."""
+    hf, folder = saved(request.param)
+    out = tmp_path_factory.mktemp(f"{request.param}-gptkit") / "ckpt"
+    import_hf(folder, out)
+    return request.param, hf, folder, out
+
+
+def test_logits_equal_transformers(family):
+    name, hf, _, out = family
+    model = open_checkpoint(out).model
+    idx = torch.randint(0, VOCAB, (2, 40))
+    with torch.no_grad():
+        diff = (model(idx) - hf(idx).logits).abs().max().item()
+    assert diff < TOL, (name, diff)
+    cfg = model.config
+    assert (cfg.pos_encoding, cfg.norm, cfg.activation, cfg.n_kv_head) == ("rope", "rmsnorm", "swiglu", 2)
+    assert cfg.qk_norm == (name == "qwen3") and bool(cfg.qkv_bias) == (name == "qwen2")
+
+
+def test_greedy_tokens_through_the_engine_equal_transformers(family):
+    name, hf, _, out = family
+    model = open_checkpoint(out).model
+    prompt = torch.randint(0, VOCAB, (1, 7))
+    with torch.no_grad():
+        expected = hf.generate(prompt, max_new_tokens=32, do_sample=False, min_new_tokens=32)[0, 7:].tolist()
+    [got] = Engine(model, eos_ids=()).generate(prompt[0].tolist(), SampleConfig(max_tokens=32, temperature=0))
+    assert got.token_ids == expected, name
+
+
+def test_the_kv_cache_holds_only_the_kv_heads(family):
+    _, _, _, out = family
+    cfg = open_checkpoint(out).model.config
+    cache = KVCache.allocate(cfg, 3)
+    assert cache.k.shape == (cfg.n_layer, 3, 2, cfg.block_size, cfg.head_dim)  # 2 KV heads, not 6
+
+
+def test_export_loads_in_transformers_and_round_trips_byte_equal(family, tmp_path):
+    name, hf, folder, out = family
+    summary = export_hf(out, tmp_path / "hf")
+    # Mistral with no sliding window computes exactly what Llama does, and goes out as one
+    assert summary["architecture"] == ("LlamaForCausalLM" if name == "mistral" else hf.config.architectures[0])
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    idx = torch.randint(0, VOCAB, (1, 30))
+    with torch.no_grad():
+        assert (back(idx).logits - hf(idx).logits).abs().max().item() < TOL
+    original = load_file(str(folder / "model.safetensors"))
+    exported = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert set(exported) == set(original) - ({"lm_head.weight"} if hf.config.tie_word_embeddings else set())
+    assert all(torch.equal(exported[k], original[k]) for k in exported), name
+    import_hf(tmp_path / "hf", tmp_path / "again")
+    export_hf(tmp_path / "again", tmp_path / "hf2")
+    assert (tmp_path / "hf2" / "model.safetensors").read_bytes() == (tmp_path / "hf" / "model.safetensors").read_bytes()
+
+
+def test_modern_options_from_scratch_decode_the_same_with_and_without_the_cache():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=97, block_size=48, n_layer=2, n_head=4, n_kv_head=1, n_embd=32, pos_encoding="rope",
+                      norm="rmsnorm", activation="relu2", qk_norm=True, tie_embeddings=False, bias=False)
+    model = GPT(cfg).eval()
+    idx = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        full = model(idx)
+        cache = KVCache.allocate(cfg, 2)
+        steps = [model(idx[:, :12], kv_cache=cache)] + [model(idx[:, t:t + 1], kv_cache=cache) for t in range(12, 20)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    logits, maps = model.attention_maps(idx)
+    torch.testing.assert_close(logits, full, atol=1e-5, rtol=1e-5)
+    assert maps.shape == (2, 2, 4, 20, 20)  # every query head, though keys are shared
+
+
+@pytest.mark.parametrize("name, change, message", [
+    ("qwen3", {"architectures": ["Qwen3MoeForCausalLM"]}, "architectures=['Qwen3MoeForCausalLM'] is not supported"),
+    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling="),
+    ("llama", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_type='yarn' is not supported"),
+    ("qwen2", {"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
+    ("mistral", {"sliding_window": 32}, "sliding_window=32 is shorter than max_position_embeddings=96"),
+    ("llama", {"attention_bias": True}, "attention_bias=True"),
+])
+def test_what_cannot_be_computed_exactly_is_refused_in_one_line(saved, tmp_path, name, change, message):
+    _, folder = saved(name)
+    cfg = json.loads((folder / "config.json").read_text())
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in folder.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    (bad / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(GptkitError, match=message.replace("[", r"\[").replace("]", r"\]")) as e:
+        import_hf(bad, tmp_path / "out")
+    assert "\n" not in str(e.value)
+
+
+def test_missing_and_misshapen_tensors_are_named(family, tmp_path):
+    from safetensors.torch import save_file
+
+    name, _, folder, _ = family
+    state = load_file(str(folder / "model.safetensors"))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in ("config.json", "tokenizer.json"):
+        (bad / f).write_bytes((folder / f).read_bytes())
+    gone = "model.layers.1.mlp.up_proj.weight"
+    save_file({k: v for k, v in state.items() if k != gone}, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(GptkitError, match=f"missing key\\(s\\) {gone}"):
+        import_hf(bad, tmp_path / "out")
+    state["model.layers.0.self_attn.o_proj.weight"] = state["model.layers.0.self_attn.o_proj.weight"][:, :-1].contiguous()
+    save_file(state, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(GptkitError, match="h.0.attn.c_proj.weight has shape"):
+        import_hf(bad, tmp_path / "out")
