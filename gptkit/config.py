@@ -15,33 +15,39 @@ from typing import Literal
 from gptkit.errors import GptkitError
 
 
+def option(default, help: str):
+    """A config field and its help text, declared once: the CLI reads both (gptkit.cli.common)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
     # vocabulary and context
-    vocab_size: int = 50257
-    block_size: int = 1024  # the longest sequence the model attends over
+    vocab_size: int = option(50257, "vocabulary size (pretrain takes it from the data's tokenizer)")
+    block_size: int = option(1024, "context length: the longest sequence the model attends over")
     # shape
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    # options: the defaults are GPT-2's; rope + rmsnorm + swiglu + n_kv_head are the Llama family's
-    pos_encoding: Literal["learned", "sinusoidal", "rope"] = "learned"
-    rope_theta: float = 10000.0  # rotary base: pair i of a head turns by position * theta^(-2i/head_dim)
+    n_layer: int = option(12, "layers")
+    n_head: int = option(12, "attention (query) heads")
+    n_embd: int = option(768, "width of the residual stream")
+    # options: the defaults are GPT-2's; rope + rmsnorm + swiglu + n_kv_head are the Llama family's.
     # "gelu" is the exact (erf) GELU, "gelu_tanh" GPT-2's tanh approximation. The exact one is
     # the default because torch's CPU kernel for it is ~5x faster (fwd+bwd 0.34 vs 1.6 ms on a
     # 768x512 activation here); GPT-2/GPT-3 presets and imported GPT-2 models use "gelu_tanh".
-    # "swiglu": silu(x W_gate) * (x W_up), Llama's gated MLP; "relu2": relu(x W)^2 (modded-nanogpt).
-    activation: Literal["gelu", "gelu_tanh", "swiglu", "relu2"] = "gelu"
-    mlp_hidden: int | None = None  # the MLP's inner width; None: 4 * n_embd
-    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    n_kv_head: int | None = None  # key/value heads; None: n_head; fewer: grouped-query; 1: multi-query
-    head_size: int | None = None  # per-head width; None: n_embd // n_head (Qwen3 sets it apart)
-    qk_norm: bool = False  # RMSNorm on each head's queries and keys (Qwen3, modded-nanogpt)
-    dropout: float = 0.0
-    bias: bool = True  # biases in Linear and LayerNorm, as GPT-2
-    qkv_bias: bool | None = None  # biases on the query/key/value projection alone; None: as `bias` (Qwen2: True)
-    tie_embeddings: bool = True  # the LM head is the token embedding, as GPT-2
-    layer_norm_eps: float = 1e-5  # the epsilon of every norm (LayerNorm or RMSNorm)
+    pos_encoding: Literal["learned", "sinusoidal", "rope"] = option(
+        "learned", "positions: learned | sinusoidal | rope (rotary, on queries and keys)")
+    rope_theta: float = option(10000.0, "rotary base: pair i of a head turns by position * theta^(-2i/head_dim)")
+    activation: Literal["gelu", "gelu_tanh", "swiglu", "relu2"] = option(
+        "gelu", "MLP: gelu | gelu_tanh (GPT-2) | swiglu (Llama's gated MLP) | relu2 (relu squared)")
+    mlp_hidden: int | None = option(None, "the MLP's inner width (default: 4 * n_embd)")
+    norm: Literal["layernorm", "rmsnorm"] = option("layernorm", "layernorm | rmsnorm")
+    n_kv_head: int | None = option(None, "key/value heads (default: n_head); fewer: grouped-query, 1: multi-query")
+    head_size: int | None = option(None, "per-head width (default: n_embd // n_head)")
+    qk_norm: bool = option(False, "RMSNorm on each head's queries and keys (Qwen3)")
+    dropout: float = option(0.0, "dropout probability")
+    bias: bool = option(True, "biases in every Linear and LayerNorm, as GPT-2")
+    qkv_bias: bool | None = option(None, "biases on the query/key/value projection alone (default: as --bias)")
+    tie_embeddings: bool = option(True, "the LM head is the token embedding, as GPT-2")
+    layer_norm_eps: float = option(1e-5, "epsilon of every norm")
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -157,11 +163,6 @@ def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise GptkitError(f"unknown preset {name!r}; expected one of: {', '.join(PRESETS)}")
     return dataclasses.replace(PRESETS[name])
-
-
-def option(default, help: str):
-    """A config field and its help text, declared once: the CLI reads both (gptkit.cli.commands)."""
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass

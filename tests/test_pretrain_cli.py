@@ -12,7 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from gptkit.cli import app
-from gptkit.config import FinetuneTrainConfig, TrainConfig
+from gptkit.checkpoint.open import open_checkpoint
+from gptkit.config import FinetuneTrainConfig, ModelConfig, TrainConfig
 from gptkit.data.prepare import prepare
 from gptkit.text.tokenizer import BPETokenizer
 
@@ -72,11 +73,34 @@ def test_pretrain_cli_resume_and_errors(tmp_path, data_dir):
                                                    "create the folder with `gptkit prepare`"]
 
 
-@pytest.mark.parametrize("command, cls", [("pretrain", TrainConfig), ("finetune", FinetuneTrainConfig)])
+@pytest.mark.parametrize("command, cls", [("pretrain", TrainConfig), ("finetune", FinetuneTrainConfig),
+                                          ("pretrain", ModelConfig)])
 def test_every_training_option_is_reachable_from_the_cli(command, cls):
-    """The options are generated from the config's fields: each one is in --help, with its help text."""
+    """The options are generated from the config's fields: each one is in --help, with its help text
+    (the model's vocabulary comes from the data's tokenizer)."""
     text = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"}).output
     flags = {"out_dir": "--out"}
     for f in dataclasses.fields(cls):
+        if f.name == "vocab_size":
+            continue
         assert flags.get(f.name, "--" + f.name.replace("_", "-")) in text, f.name
         assert f.metadata["help"].split(";")[0][:40] in " ".join(text.split()), f.name
+
+
+def test_pretrain_a_modern_decoder_from_the_cli(tmp_path, data_dir):
+    """The model options change the preset: rotary positions, RMSNorm, SwiGLU, one KV head, QK-norm,
+    an untied head; the checkpoint records them and continues a prompt."""
+    out = tmp_path / "modern"
+    r = CliRunner().invoke(app, ["pretrain", str(data_dir), "--out", str(out), "--batch-size", "4", *ARGS,
+                                 "--pos-encoding", "rope", "--norm", "rmsnorm", "--activation", "swiglu",
+                                 "--n-kv-head", "1", "--qk-norm", "--no-tie-embeddings", "--no-bias"])
+    assert r.exit_code == 0, r.output
+    cfg = open_checkpoint(out).meta.model
+    assert (cfg.pos_encoding, cfg.norm, cfg.activation, cfg.n_kv_head, cfg.qk_norm, cfg.tie_embeddings, cfg.bias,
+            cfg.n_layer, cfg.n_embd) == ("rope", "rmsnorm", "swiglu", 1, True, False, False, 2, 32)
+    losses = _losses(out)
+    assert losses[-1][1] < losses[0][1]
+    gen = CliRunner().invoke(app, ["generate", str(out), "-p", "the", "--max-tokens", "5", "--temperature", "0"])
+    assert gen.exit_code == 0 and gen.output.startswith("the"), gen.output
+    bad = CliRunner().invoke(app, ["pretrain", str(data_dir), "--out", str(tmp_path / "bad"), "--n-kv-head", "3"])
+    assert bad.exit_code == 2 and "n_kv_head=3 must divide n_head=4" in bad.output

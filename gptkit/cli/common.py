@@ -57,26 +57,33 @@ def _root(
         set_verify_hashes(False)
 
 
-def config_options(cls: type, *, flags: dict[str, str] | None = None):
+def config_options(cls: type, *, flags: dict[str, str] | None = None, into: str = "cfg",
+                   overrides: bool = False, skip: tuple[str, ...] = ()):
     """Give a command one option per field of the dataclass `cls` (type, default and help from the
-    field, declared once in gptkit.config), and hand it the built config as its `cfg` parameter.
-    A new field appears in `--help` without another edit. flags renames options (out_dir: --out)."""
+    field, declared once in gptkit.config), and hand it the built config as its `into` parameter.
+    A new field appears in `--help` without another edit. flags renames options (out_dir: --out).
+    With overrides, every option defaults to None and the command gets a dict of the options given
+    (changes to a preset); skip leaves fields out."""
     flags = flags or {}
     hints = typing.get_type_hints(cls)
 
     def decorate(command):
         sig = inspect.signature(command)
         resolved = typing.get_type_hints(command, include_extras=True)  # the command's own, from their strings
-        own = [p.replace(annotation=resolved[p.name]) for p in sig.parameters.values() if p.name != "cfg"]
-        fields = [f for f in dataclasses.fields(cls) if f.init]
-        generated = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=_default(f),
-                                       annotation=Annotated[_cli_type(hints[f.name]), _option(f, flags)])
+        own = [p.replace(annotation=resolved.get(p.name, p.annotation)) for p in sig.parameters.values()
+               if p.name != into]
+        fields = [f for f in dataclasses.fields(cls) if f.init and f.name not in skip]
+        generated = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
+                                       default=None if overrides else _default(f),
+                                       annotation=Annotated[_cli_type(hints[f.name], overrides),
+                                                            _option(f, flags, overrides)])
                      for f in fields]
 
         @functools.wraps(command)
         def run(**kwargs):
-            cfg = cls(**{f.name: kwargs.pop(f.name) for f in fields})
-            return command(cfg=cfg, **kwargs)
+            given = {f.name: kwargs.pop(f.name) for f in fields}
+            built = {k: v for k, v in given.items() if v is not None} if overrides else cls(**given)
+            return command(**{into: built}, **kwargs)
 
         run.__signature__ = sig.replace(parameters=[*own, *generated])
         run.__annotations__ = {}  # Typer reads the signature above, not the command's own annotations
@@ -95,16 +102,20 @@ def _default(f: dataclasses.Field):
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
-def _option(f: dataclasses.Field, flags: dict[str, str]) -> typer.models.OptionInfo:
+def _option(f: dataclasses.Field, flags: dict[str, str], overrides: bool = False) -> typer.models.OptionInfo:
     name = "--" + flags.get(f.name, f.name).replace("_", "-")
     if isinstance(f.default, bool):  # a flag, with its negation: --compile / --no-compile
         name += "/--no-" + name[2:]
+    if overrides:
+        return typer.Option(name, help=f"{f.metadata.get('help')} (unset: the preset's)", show_default=False)
     return typer.Option(name, help=f.metadata.get("help"), show_default=True)
 
 
-def _cli_type(hint) -> type:
+def _cli_type(hint, optional: bool = False) -> type:
     """The type Typer parses: Literal choices as str (the config validates and names them in its
-    help), `X | None` as Optional[X]."""
+    help), `X | None` as Optional[X]; optional: every type as Optional."""
+    if optional:
+        return Optional[_cli_type(hint)]
     if typing.get_origin(hint) is Literal:
         return str
     args = [a for a in typing.get_args(hint) if a is not type(None)]

@@ -42,13 +42,18 @@ def info(
     if json_out:
         typer.echo(json.dumps({"name": name, **stats}))
         return
-    typer.echo(f"{name}: n_layer={cfg.n_layer} n_head={cfg.n_head} n_embd={cfg.n_embd} "
-               f"context={cfg.block_size} vocab={cfg.vocab_size} positions={cfg.pos_encoding}")
+    kv = f" n_kv_head={cfg.kv_heads}" if cfg.kv_heads != cfg.n_head else ""
+    typer.echo(f"{name}: n_layer={cfg.n_layer} n_head={cfg.n_head}{kv} n_embd={cfg.n_embd} "
+               f"context={cfg.block_size} vocab={cfg.vocab_size} positions={cfg.pos_encoding} norm={cfg.norm} "
+               f"mlp={cfg.activation}")
     typer.echo(f"  parameters            {human(stats['params'])} ({stats['params']:,})")
     typer.echo(f"  non-embedding params  {human(stats['non_embedding_params'])} ({stats['non_embedding_params']:,})")
     typer.echo(f"  training FLOPs/token  {stats['train_flops_per_token']:.3e}  (6N + 12·n_layer·n_embd·context)")
     typer.echo(f"  weights fp32 / bf16   {gib(stats['weights_bytes_fp32'])} / {gib(stats['weights_bytes_bf16'])}")
     typer.echo(f"  AdamW state (fp32)    {gib(stats['adamw_state_bytes'])}  (+ fp32 grads {gib(stats['grad_bytes_fp32'])})")
+    kv_token = stats["kv_cache_bytes_per_token_fp32"]
+    typer.echo(f"  KV cache (fp32)       {kv_token / 1024:,.1f} KiB per token, {gib(kv_token * cfg.block_size)} "
+               "per full-context sequence")
     if world_size is not None:
         from gptkit.model.size import format_per_device
 

@@ -9,34 +9,28 @@ from typing import Annotated, Optional
 import typer
 
 from gptkit.cli.common import app, config_options, fail, human
-from gptkit.config import FinetuneTrainConfig, TrainConfig
+from gptkit.config import FinetuneTrainConfig, ModelConfig, TrainConfig
 
 
 # ---------------------------------------------------------------------------- pretrain
 @app.command()
 @config_options(TrainConfig, flags={"out_dir": "out"})
+@config_options(ModelConfig, into="model", overrides=True, skip=("vocab_size",))
 def pretrain(
     data: Annotated[Path, typer.Argument(help="a folder made by `gptkit prepare`")],
-    preset: Annotated[str, typer.Option(help="model size preset (see `gptkit info`)")] = "tiny",
-    n_layer: Annotated[Optional[int], typer.Option(help="override the preset's layers")] = None,
-    n_head: Annotated[Optional[int], typer.Option(help="override the preset's heads")] = None,
-    n_embd: Annotated[Optional[int], typer.Option(help="override the preset's width")] = None,
-    block_size: Annotated[Optional[int], typer.Option(help="override the preset's context length")] = None,
-    dropout: Annotated[float, typer.Option(help="dropout probability")] = 0.0,
-    pos_encoding: Annotated[str, typer.Option(help="learned | sinusoidal")] = "learned",
+    preset: Annotated[str, typer.Option(help="model preset (see `gptkit info`); the model options below change it")] = "tiny",
     init_from: Annotated[Optional[Path], typer.Option(help="start from this checkpoint's weights")] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in --out exactly where it stopped")] = False,
     *,
     cfg: TrainConfig,
+    model: dict,
 ) -> None:
     """Pretrain a GPT on prepared token shards. Runs unchanged under torchrun (DDP or FSDP)."""
     from gptkit.config import preset as get_preset
     from gptkit.training.distributed import is_main_process
     from gptkit.training.pretrain import pretrain as run
 
-    overrides = {k: v for k, v in dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size).items()
-                 if v is not None}
-    model_cfg = dataclasses.replace(get_preset(preset), dropout=dropout, pos_encoding=pos_encoding, **overrides)
+    model_cfg = dataclasses.replace(get_preset(preset), **model)
     last = run(data, model_cfg, cfg, init_from=str(init_from) if init_from else None, resume=resume,
                log=lambda m: typer.echo(m, err=True))
     if is_main_process():

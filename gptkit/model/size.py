@@ -24,6 +24,8 @@ def model_stats(cfg: ModelConfig) -> dict:
         "weights_bytes_bf16": 2 * n,
         "grad_bytes_fp32": 4 * n,
         "adamw_state_bytes": 8 * n,  # exp_avg and exp_avg_sq in fp32
+        # a key and a value per layer and KV head: grouped-query attention divides it by n_head / n_kv_head
+        "kv_cache_bytes_per_token_fp32": 2 * cfg.n_layer * cfg.kv_heads * cfg.head_dim * 4,
     }
 
 
