@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install install-dev clean
+.PHONY: demo test test-stress install install-dev clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: install
 
 test: install-dev
 	$(BIN)/python -m pytest -q
+
+# The suite 3 times under load (two busy loops per core), in three file orders; RUNS=N for more.
+test-stress: install-dev
+	bash tests/stress.sh
 
 clean:
 	rm -rf $(VENV) runs
