@@ -170,3 +170,58 @@ def test_missing_and_misshapen_tensors_are_named(family, tmp_path):
     save_file(state, str(bad / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(GptkitError, match="h.0.attn.c_proj.weight has shape"):
         import_hf(bad, tmp_path / "out")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_chat_lora_merge_serve_and_export_of_an_imported_model(saved, tmp_path, name):
+    """Downstream of the import: LoRA fine-tuning on chat data, merge, chat through the engine, the
+    int8 engine, attention maps per query head, and the merged model exported back to transformers."""
+    from typer.testing import CliRunner
+
+    from gptkit.checkpoint.open import open_tokenizer
+    from gptkit.cli import app
+    from gptkit.inference.factory import build_engine
+    from gptkit.text.chat import render_chat
+
+    hf, folder = saved(name)
+    run = CliRunner().invoke
+    assert run(app, ["import-hf", str(folder), str(tmp_path / "base")]).exit_code == 0
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"hi {i}"},
+                                                     {"role": "assistant", "content": f"hello {i}"}]}) + "\n"
+                            for i in range(24)), encoding="utf-8")
+    r = run(app, ["finetune", str(tmp_path / "base"), str(chat), "--out", str(tmp_path / "lora"), "--lora-rank", "4",
+                  "--max-steps", "20", "--lr", "1e-2", "--warmup-steps", "2", "--eval-interval", "10",
+                  "--batch-size", "4"])
+    assert r.exit_code == 0, r.output
+    r = run(app, ["merge-lora", str(tmp_path / "lora"), str(tmp_path / "merged")])
+    assert r.exit_code == 0, r.output
+    merged = open_checkpoint(tmp_path / "merged").model
+    tok = open_tokenizer(tmp_path / "merged")
+    assert merged.config.tie_embeddings == hf.config.tie_word_embeddings
+    ids, _ = render_chat(tok, [{"role": "user", "content": "hi 3"}])
+    [reply] = build_engine(merged, tok, keep_model=True).generate(ids, SampleConfig(max_tokens=8, temperature=0))
+    assert reply.finish_reason in ("stop", "length") and reply.token_ids
+    [quantized] = build_engine(merged, tok, quantize="int8", keep_model=True).generate(
+        ids, SampleConfig(max_tokens=8, temperature=0))
+    assert quantized.token_ids
+    logits, maps = merged.attention_maps(torch.tensor([ids]))
+    assert maps.shape[2] == 6 and torch.allclose(maps.sum(-1), torch.ones(()))  # all 6 query heads
+    r = run(app, ["export-hf", str(tmp_path / "merged"), str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert (back(torch.tensor([ids])).logits - logits).abs().max().item() < TOL
+
+
+def test_an_untied_head_grows_with_the_vocabulary():
+    from gptkit.model.heads import resize_vocab
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8, tie_embeddings=False))
+    wte, head = model.wte.weight.clone(), model.lm_head.weight.clone()
+    resize_vocab(model, 14)
+    assert model.lm_head.weight is not model.wte.weight and model.lm_head.weight.shape == (14, 8)
+    assert torch.equal(model.lm_head.weight[:11], head) and torch.equal(model.wte.weight[:11], wte)
+    torch.testing.assert_close(model.lm_head.weight[11:], head.mean(0).expand(3, 8))

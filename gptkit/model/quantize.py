@@ -40,9 +40,10 @@ class Int8Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (N, in)
         scales = self.scales.to(torch.bfloat16)  # a no-op unless model.to(dtype) converted the buffer
-        if x.device.type == "cpu":
+        if x.device.type == "cpu" and self.in_features % 16 == 0:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, scales)
-        else:  # dequantise on the fly elsewhere
+        else:  # dequantise on the fly: on GPUs, and where the CPU kernel's blocks do not tile the input
+            # (in_features % 16 != 0: it returns garbage or crashes, measured with torch 2.13)
             y = F.linear(x2, self.weight.to(torch.bfloat16)) * scales
         y = y.to(x.dtype).view(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
