@@ -225,3 +225,54 @@ def test_an_untied_head_grows_with_the_vocabulary():
     assert model.lm_head.weight is not model.wte.weight and model.lm_head.weight.shape == (14, 8)
     assert torch.equal(model.lm_head.weight[:11], head) and torch.equal(model.wte.weight[:11], wte)
     torch.testing.assert_close(model.lm_head.weight[11:], head.mean(0).expand(3, 8))
+
+
+# A template in the form of Qwen2.5's (ChatML with a default system message), and one in the form
+# of Zephyr's (role markers as text, each turn closed by the eos token).
+QWEN_LIKE = ("{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + "
+             "'<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+             "{%- endif %}{%- for message in messages %}{%- if not (message.role == 'system' and loop.first) %}"
+             "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}{%- endif %}"
+             "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+ZEPHYR_LIKE = ("{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\\n' + message['content']"
+               " + eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\\n' + message['content'] + "
+               "eos_token }}\n{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\\n'  + message['content'] + "
+               "eos_token }}\n{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n"
+               "{% endif %}\n{% endfor %}")
+
+
+@pytest.mark.parametrize("template, end", [(QWEN_LIKE, "<|im_end|>"), (ZEPHYR_LIKE, "<|endoftext|>")])
+def test_the_models_own_chat_template_gives_transformers_ids(saved, tmp_path, template, end):
+    from gptkit.checkpoint.open import open_tokenizer
+    from gptkit.inference.factory import eos_ids
+    from gptkit.text.chat import render_chat
+
+    hf, folder = saved("qwen2")
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in folder.iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    (src / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template, "eos_token": end}))
+    import_hf(src, tmp_path / "ckpt")
+    tok = open_tokenizer(tmp_path / "ckpt")
+    assert tok.chat_template.kind == "jinja" and tok.chat_template.end == end
+    assert tok.special_id(end) in eos_ids(tok)  # a reply ends on the template's end-of-turn token
+    hf_tok = transformers.AutoTokenizer.from_pretrained(src)
+    messages = [{"role": "user", "content": "hi 我有 <|im_end|> x"}, {"role": "assistant", "content": "hello 3"},
+                {"role": "user", "content": "def f(x): return x"}]
+    for convo, gen in ((messages, True), (messages[:2], False)):
+        ids, mask = render_chat(tok, convo, add_generation_prompt=gen)
+        expected = hf_tok.apply_chat_template(convo, add_generation_prompt=gen, tokenize=False)
+        # the rendered text agrees; a message that spells <|im_end|> stays text (transformers would
+        # make it the special token: gptkit encodes message content with special tokens off)
+        assert tok.decode(ids) == expected
+        assert ids.count(tok.special_id("<|im_end|>")) == expected.count("<|im_end|>") - 1  # the user's is text
+        safe = [{**m, "content": m["content"].replace("<|im_end|>", "")} for m in convo]
+        assert render_chat(tok, safe, add_generation_prompt=gen)[0] == hf_tok.apply_chat_template(
+            safe, add_generation_prompt=gen, tokenize=True, return_dict=False)
+    targets = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert targets == "hello 3" + end  # the reply and its end-of-turn token, nothing else
+    export_hf(tmp_path / "ckpt", tmp_path / "out")
+    again = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert again.apply_chat_template(messages, tokenize=False) == hf_tok.apply_chat_template(messages, tokenize=False)

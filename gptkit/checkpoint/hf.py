@@ -28,6 +28,7 @@ from gptkit.config import ModelConfig
 from gptkit.errors import GptkitError
 from gptkit.fileio import atomic_write, atomic_write_json
 from gptkit.model.gpt import GPT
+from gptkit.text.chat import imported_chat_template
 from gptkit.text.tokenizer import EOT, load_tokenizer
 
 # Hugging Face key -> gptkit key. GPT2LMHeadModel prefixes the body with "transformer.";
@@ -246,6 +247,8 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike) -> dict:
     llama = hf_config.get("model_type", "gpt2") != "gpt2"  # hf_llama names what it does not support
     cfg = (hf_llama.config_from_hf if llama else config_from_hf)(hf_config, str(config_path))
     tokenizer = load_tokenizer(folder)
+    if (folder / "tokenizer_config.json").is_file():  # the model's own chat template, when it has one
+        tokenizer.chat_template = imported_chat_template(_read_json(folder / "tokenizer_config.json"))
     if tokenizer.vocab_size > cfg.vocab_size:
         raise GptkitError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                           f"vocab_size is {cfg.vocab_size}")
@@ -294,9 +297,10 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike) -> dict:
     atomic_write(out / "tokenizer.json", lambda tmp: tokenizer.tok.save(tmp))
     specials = {"bos_token": EOT, "eos_token": EOT} if eot_id is not None else {}
     # PreTrainedTokenizerFast loads tokenizer.json exactly as saved (no rebuild from vocab/merges)
+    chat = {"chat_template": tokenizer.chat_template.jinja()} if tokenizer.chat_template else {}
     atomic_write_json(out / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast",
                                                        "model_max_length": model.config.block_size,
-                                                       "add_bos_token": False, **specials})
+                                                       "add_bos_token": False, **specials, **chat})
     atomic_write_json(out / "special_tokens_map.json", specials)
     return {"out": str(out), "architecture": hf_config["architectures"][0], "params": model.num_params(),
             "tensors": len(state),

@@ -24,8 +24,10 @@ DTYPES = ("float32", "bfloat16")
 
 
 def eos_ids(tokenizer: Tokenizer) -> list[int]:
-    """The special tokens that end a generation, where the tokenizer has them."""
-    return [i for t in (EOT, IM_END) if (i := tokenizer.special_id(t)) is not None]
+    """The special tokens that end a generation, where the tokenizer has them: <|endoftext|>,
+    <|im_end|>, and an imported chat template's end-of-turn token (Llama 3's <|eot_id|>)."""
+    names = [EOT, IM_END] + ([tokenizer.chat_template.end] if tokenizer.chat_template else [])
+    return sorted({i for t in names if (i := tokenizer.special_id(t)) is not None})
 
 
 def build_engine(model: torch.nn.Module, tokenizer: Tokenizer, *, max_batch: int = 8, quantize: str | None = None,

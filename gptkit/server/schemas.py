@@ -289,7 +289,7 @@ class TokenizerInfo(BaseModel):
     bos_token: str | None
     pad_token: str | None
     chat_template: str = Field(description="Jinja equivalent of the template the server renders chat with")
-    chat_template_kind: Literal["chatml", "plain"]
+    chat_template_kind: Literal["chatml", "plain", "jinja"]
     chat_template_source: str = Field(description="checkpoint (stored with it), chatml / plain (--chat-template), "
                                       "default (ChatML tokens, no stored template) or fallback (no chat tokens)")
     has_chat_template: bool = Field(description="the checkpoint stores a chat template (it was fine-tuned for chat) "

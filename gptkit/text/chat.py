@@ -5,8 +5,13 @@ Training, `gptkit chat` and the server render conversations here, so all three a
 
 from __future__ import annotations
 
+import re
+
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 from gptkit.errors import GptkitError
-from gptkit.text.tokenizer import IM_END, IM_START, PLAIN_ROLES, ChatTemplate, Tokenizer
+from gptkit.text.tokenizer import EOT, IM_END, IM_START, PLAIN_ROLES, ChatTemplate, Tokenizer
 
 CHAT_TEMPLATES = ("auto", "chatml", "plain")
 
@@ -50,6 +55,8 @@ def render_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_promp
     Message content is encoded with special tokens off: text can never become <|im_end|>.
     """
     tpl = tokenizer.chat_template or default_chat_template(tokenizer)
+    if tpl.kind == "jinja":
+        return _render_jinja(tokenizer, tpl, messages, add_generation_prompt, train_on)
     if tpl.kind == "plain":
         def header(role: str) -> list[int]:
             return tokenizer.encode(f"{PLAIN_ROLES[role]}:")
@@ -100,3 +107,72 @@ def fit_conversation(tokenizer: Tokenizer, system: str | None, history: list[dic
         history = history[2:] if len(history) > 2 else history[-1:]
         ids = render(history)
     return ids, history
+
+
+# ---------------------------------------------------------------------------- Jinja templates
+# Each message's content is replaced by a marker while the template renders, so that the template's
+# own text is encoded with special tokens on and the content with them off (a message cannot spell
+# <|im_end|>), and so that the loss mask knows where each message is.
+_MARK = "\x00gptkit-message-{}\x00"
+_MARKS = re.compile("\x00gptkit-message-(\\d+)\x00")
+
+
+def _render_jinja(tokenizer: Tokenizer, tpl: ChatTemplate, messages: list[dict], add_generation_prompt: bool,
+                  train_on: str) -> tuple[list[int], list[int]]:
+    """render_chat for an imported template: the targets are the content of `train_on` messages and
+    the template's text after it up to and including the end-of-turn token."""
+    for i, m in enumerate(messages):
+        if not isinstance(m.get("content"), str):
+            raise GptkitError(f"message {i}: content must be a string")
+    marked = [{**m, "content": _MARK.format(i)} for i, m in enumerate(messages)]
+    try:
+        text = _jinja_env().from_string(tpl.source).render(
+            messages=marked, add_generation_prompt=add_generation_prompt, eos_token=tpl.end, bos_token="")
+    except TemplateError as e:
+        raise GptkitError(f"the model's chat template failed: {e}") from None
+    pieces = _MARKS.split(text)  # template text, message index, template text, ...
+    ids: list[int] = []
+    mask: list[int] = []
+    target = False  # inside a reply: from its content to the end-of-turn token
+    for j, piece in enumerate(pieces):
+        if j % 2:
+            m = messages[int(piece)]
+            part = tokenizer.encode(m["content"], special=False)
+            target = m.get("role") == train_on
+            ids += part
+            mask += [int(target)] * len(part)
+            continue
+        if target and tpl.end in piece:
+            cut = piece.index(tpl.end) + len(tpl.end)
+            head, piece = tokenizer.encode(piece[:cut]), piece[cut:]
+            ids += head
+            mask += [1] * len(head)
+        target = False
+        part = tokenizer.encode(piece)
+        ids += part
+        mask += [0] * len(part)
+    return ids, mask
+
+
+def _jinja_env() -> ImmutableSandboxedEnvironment:
+    """As transformers renders chat templates: sandboxed, trim_blocks and lstrip_blocks, and the
+    raise_exception helper templates call."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(message: str):
+        raise TemplateError(message)
+
+    env.globals["raise_exception"] = raise_exception
+    return env
+
+
+def imported_chat_template(tokenizer_config: dict) -> ChatTemplate | None:
+    """The chat template a Hugging Face tokenizer_config.json carries, with its end-of-turn token
+    (eos_token), or None when it has none."""
+    source = tokenizer_config.get("chat_template")
+    if isinstance(source, list):  # several named templates: the default one
+        source = next((t.get("template") for t in source if t.get("name") == "default"), None)
+    if not isinstance(source, str) or not source:
+        return None
+    eos = tokenizer_config.get("eos_token") or EOT
+    return ChatTemplate(kind="jinja", source=source, end=eos["content"] if isinstance(eos, dict) else eos)

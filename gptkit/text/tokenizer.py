@@ -42,12 +42,15 @@ class ChatTemplate:
     kind "plain" (for tokenizers without chat tokens, e.g. GPT-2's): "{Role}: {content}\\n" per
     message with the role as text (System, User, Assistant); the reply opens with "Assistant:"
     and ends where the model starts the next role marker (the stop strings in `stop`).
+    kind "jinja": an imported model's own template (the Jinja `source` from its
+    tokenizer_config.json, rendered sandboxed); a reply ends with the token `end`.
     """
 
     start: str = IM_START
     end: str = IM_END
     default_system: str = ""
     kind: str = "chatml"
+    source: str = ""  # kind "jinja": the template text
 
     @property
     def stop(self) -> list[str]:
@@ -57,6 +60,9 @@ class ChatTemplate:
     def jinja(self) -> str:
         """The Jinja text of this template, for clients that render chat prompts themselves
         (gptkit itself always renders token by token with render_chat)."""
+        if self.kind == "jinja":
+            return self.source
+
         def raw(s: str) -> str:
             return "{% raw %}" + s + "{% endraw %}"
         plain = self.kind == "plain"

@@ -31,7 +31,10 @@ from gptkit.training.resume import resume_checkpoint
 
 def ensure_chat_tokens(model: nn.Module, tokenizer: Tokenizer) -> list[str]:
     """Give the tokenizer the ChatML tokens and a stored template; grow the embedding when the
-    vocabulary outgrows it. Returns the tokens that were added."""
+    vocabulary outgrows it. Returns the tokens that were added. An imported model's own template
+    (kind "jinja") is kept with the tokens it already has."""
+    if tokenizer.chat_template is not None and tokenizer.chat_template.kind == "jinja":
+        return []
     missing = [t for t in (EOT, IM_START, IM_END) if tokenizer.special_id(t) is None]
     if missing:
         tokenizer.add_special_tokens(missing)
