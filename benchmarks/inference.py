@@ -17,7 +17,14 @@ gptkit's eager decode step (`static_decode=False`), next to gptkit's default the
 step captured as CUDA graphs). `--cases` runs a subset; `--tiny` swaps in a 2-layer GPT-2 shape
 to check the script quickly (its figures mean nothing).
 
+`--family llama --kv-heads N` runs the same cases on a Llama-shaped model of GPT-2 124M's width
+and depth (12 layers, 12 query heads, n_embd 768, SwiGLU 2048, rotary positions, RMSNorm, an
+untied head, vocabulary 32000) with N key/value heads: 12 is full multi-head attention, 4 is
+grouped-query. Both sides load the same random LlamaForCausalLM weights; the summary gives the KV
+cache bytes per token.
+
     python benchmarks/inference.py [--rounds 2] [--device cpu|cuda] [--cases gptkit_fp32,...] [--tiny]
+                                   [--family gpt2|llama] [--kv-heads 12]
 """
 
 from __future__ import annotations
@@ -44,6 +51,20 @@ CUDA_CASES = [("transformers-static", "float32", None), ("gptkit-eager", "float3
               ("transformers-static", "bfloat16", None), ("gptkit-eager", "bfloat16", None)]
 IMPLS = ("transformers", "transformers-static", "gptkit", "gptkit-eager")
 TINY = dict(n_layer=2, n_head=2, n_embd=64)  # --tiny: GPT-2's vocabulary and context, 2 small layers
+LLAMA = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+             max_position_embeddings=1024, tie_word_embeddings=False)
+FAMILY = {"name": "gpt2", "kv_heads": 12}  # set from --family / --kv-heads, in the parent and in each child
+VOCAB = 50257
+
+
+def llama_config(tiny: bool):
+    from transformers import LlamaConfig
+
+    shape = {**LLAMA, "num_key_value_heads": FAMILY["kv_heads"]}
+    if tiny:
+        shape.update(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=min(FAMILY["kv_heads"], 4))
+    return LlamaConfig(**shape)
 
 
 def gpt2_config(tiny: bool):
@@ -55,38 +76,57 @@ def gpt2_config(tiny: bool):
 def gptkit_config(tiny: bool):
     from gptkit.config import preset
 
+    if FAMILY["name"] == "llama":
+        from gptkit.checkpoint.hf_llama import config_from_hf
+
+        cfg = llama_config(tiny).to_dict()
+        return config_from_hf({**cfg, "architectures": ["LlamaForCausalLM"]}, "llama benchmark config")
     return dataclasses.replace(preset("gpt2"), **TINY) if tiny else preset("gpt2")
 
 
 # ------------------------------------------------------------------------------------ the two models
+def hf_class():
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM
+
+    return (LlamaForCausalLM, llama_config) if FAMILY["name"] == "llama" else (GPT2LMHeadModel, gpt2_config)
+
+
 def save_random_gpt2(path: Path, tiny: bool = False) -> None:
     from safetensors.torch import save_file
-    from transformers import GPT2LMHeadModel
 
+    cls, config = hf_class()
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(gpt2_config(tiny))
-    save_file({k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}, str(path))
+    hf = cls(config(tiny))
+    tied = FAMILY["name"] == "gpt2"  # GPT-2's head is wte; the Llama shape's is its own
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items() if not (tied and k == "lm_head.weight")},
+              str(path))
 
 
 def load_transformers(path: Path, dtype: torch.dtype, device: str, tiny: bool = False):
     from safetensors.torch import load_file
-    from transformers import GPT2LMHeadModel
 
-    hf = GPT2LMHeadModel(gpt2_config(tiny))
-    hf.load_state_dict(load_file(str(path)), strict=False)  # the head is tied to wte
+    cls, config = hf_class()
+    hf = cls(config(tiny))
+    hf.load_state_dict(load_file(str(path)), strict=False)  # GPT-2's head is tied to wte
     return hf.to(device=device, dtype=dtype).eval()
 
 
 def load_gptkit(path: Path, tiny: bool = False):
     from safetensors.torch import load_file
 
-    from gptkit.checkpoint.format import load_state
+    from gptkit.checkpoint import hf_llama
+    from gptkit.checkpoint.format import load_state, tied_keys
     from gptkit.checkpoint.hf import hf_to_gptkit
     from gptkit.model.gpt import GPT
 
     cfg = gptkit_config(tiny)
     model = GPT(cfg)
-    load_state(model, hf_to_gptkit(load_file(str(path)), cfg.n_layer, str(path)), source=str(path))
+    if FAMILY["name"] == "llama":
+        expected = {k: v for k, v in model.state_dict().items() if k not in tied_keys(model)}
+        state = hf_llama.hf_to_gptkit(load_file(str(path)), expected, cfg.n_layer, str(path))
+    else:
+        state = hf_to_gptkit(load_file(str(path)), cfg.n_layer, str(path))
+    load_state(model, state, source=str(path))
     return model.eval()
 
 
@@ -122,7 +162,7 @@ def measure_transformers(path: Path, dtype: torch.dtype, device: str, prompts: t
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
                        do_sample=False, pad_token_id=0, **cache)
 
-    long = torch.randint(0, 50257, (1, PREFILL), generator=torch.Generator().manual_seed(1)).to(device)
+    long = torch.randint(0, VOCAB, (1, PREFILL), generator=torch.Generator().manual_seed(1)).to(device)
     prefill = PREFILL / best_time(lambda: model(long, use_cache=True))
     return {"prefill": prefill, "decode_b1": decode_rate(generate, 1), "decode_b8": decode_rate(generate, BATCH),
             "peak_rss_mib": peak_rss_mib()}
@@ -142,7 +182,7 @@ def measure_gptkit(path: Path, dtype: torch.dtype, device: str, prompts: torch.T
         for h in handles:
             h.result()
 
-    long = torch.randint(0, 50257, (PREFILL,), generator=torch.Generator().manual_seed(1)).tolist()
+    long = torch.randint(0, VOCAB, (PREFILL,), generator=torch.Generator().manual_seed(1)).tolist()
     prefill = PREFILL / best_time(lambda: generate_one(engine, long))
     out = {"prefill": prefill, "decode_b1": decode_rate(generate, 1), "decode_b8": decode_rate(generate, BATCH),
            "peak_rss_mib": peak_rss_mib()}
@@ -172,7 +212,7 @@ def perplexity_increase(path: Path, quantized, device: str, tiny: bool = False) 
 
 def child(args) -> None:
     torch.manual_seed(0)
-    prompts = torch.randint(0, 50257, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
+    prompts = torch.randint(0, VOCAB, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
     dtype = getattr(torch, args.dtype)
     with torch.inference_mode():
         if args.impl.startswith("transformers"):
@@ -204,16 +244,21 @@ def read_bandwidth(device: str) -> float:
 
 
 def decode_bytes(dtype_bytes: int, tiny: bool = False) -> int:
-    """Bytes one decode step reads: every weight but the position table (one row is read)."""
+    """Bytes one decode step reads: every weight but the position table and the token embedding
+    (one row of each is read), plus the head (the embedding again when tied)."""
     from gptkit.model.gpt import GPT
 
     with torch.device("meta"):
         model = GPT(gptkit_config(tiny))
-    return (model.num_params() - model.wpe.weight.numel()) * dtype_bytes
+    n = model.num_params() - (model.wpe.weight.numel() if hasattr(model, "wpe") else 0)
+    if not model.config.tie_embeddings:  # the head is its own matrix, read whole; of wte one row is read
+        n -= model.wte.weight.numel()
+    return n * dtype_bytes
 
 
 def run_case(weights: Path, impl: str, dtype: str, quantize: str | None, device: str, tiny: bool) -> dict:
-    cmd = [sys.executable, __file__, "--child", impl, "--dtype", dtype, "--weights", str(weights), "--device", device]
+    cmd = [sys.executable, __file__, "--child", impl, "--dtype", dtype, "--weights", str(weights), "--device", device,
+           "--family", FAMILY["name"], "--kv-heads", str(FAMILY["kv_heads"])]
     if quantize:
         cmd += ["--quantize", quantize]
     if tiny:
@@ -233,11 +278,16 @@ def main() -> None:
     ap.add_argument("--cases", default=None, help="comma-separated case names to run, e.g. transformers_fp32,gptkit_fp32 "
                     "(default: all for the device)")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer GPT-2 shape: checks the script, not the speed")
+    ap.add_argument("--family", choices=("gpt2", "llama"), default="gpt2", help="the model's shape")
+    ap.add_argument("--kv-heads", type=int, default=12, help="--family llama: key/value heads (12: full, fewer: GQA)")
     ap.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     ap.add_argument("--weights", help=argparse.SUPPRESS)
     ap.add_argument("--quantize", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global VOCAB
+    FAMILY.update(name=args.family, kv_heads=args.kv_heads)
+    VOCAB = LLAMA["vocab_size"] if args.family == "llama" else 50257
     if args.child:
         args.impl = args.child
         return child(args)
@@ -271,7 +321,10 @@ def main() -> None:
 def summary(results: dict[str, dict], bandwidth: float, device: str, tiny: bool = False) -> dict:
     """Every figure, and the ratios whose two cases ran (--cases may leave some out)."""
     limit = {d: bandwidth * 1e9 / decode_bytes(b, tiny) for d, b in (("fp32", 4), ("bf16", 2), ("int8", 1))}
-    out = {"device": device, "tiny": tiny, "threads": torch.get_num_threads(), "read_bandwidth_gb_s": round(bandwidth, 1),
+    cfg = gptkit_config(tiny)
+    out = {"device": device, "tiny": tiny, "family": FAMILY["name"], "n_kv_head": cfg.kv_heads,
+           "kv_cache_bytes_per_token_fp32": 2 * cfg.n_layer * cfg.kv_heads * cfg.head_dim * 4,
+           "threads": torch.get_num_threads(), "read_bandwidth_gb_s": round(bandwidth, 1),
            **{f"bandwidth_limit_{d}_tok_s": round(v, 1) for d, v in limit.items()}}
     for key, figures in results.items():
         out.update({f"{k}_{key}": round(v, 1) for k, v in figures.items()})
