@@ -21,12 +21,18 @@ gptkit trains the same model on the same data with the same batch, with --gptkit
 (default muon) at --gptkit-lr, warmup a tenth of the steps then cosine to a tenth of the lr,
 for --gptkit-iters steps.
 
+`--gptkit-archs gpt2,modern` trains each named gptkit configuration in every round, beside the
+same nanoGPT run: `gpt2` is nanoGPT's model (learned positions, LayerNorm, GELU, tied head);
+`modern` the later decoders' choices (ARCHS: rotary positions, RMSNorm, QK-norm, a ReLU² MLP, an
+untied head), with the same width, depth, data, batch, optimizer and schedule.
+
 The last line of output is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -43,6 +49,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 CPU_SHAPE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12)
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 / H200 SXM
+ARCHS = {"gpt2": {},
+         "modern": dict(pos_encoding="rope", norm="rmsnorm", qk_norm=True, activation="relu2", tie_embeddings=False)}
 
 
 # ---------------------------------------------------------------------------- the two runs
@@ -62,11 +70,11 @@ def nanogpt_command(args, out: str) -> list[str]:
             "--always_save_checkpoint=False", "--wandb_log=False", f"--out_dir={out}"]
 
 
-def gptkit_command(args, bins: Path, out: Path) -> list[str]:
+def gptkit_command(args, bins: Path, out: Path, arch: str) -> list[str]:
     return [sys.executable, __file__, "--worker", "--device", args.device, "--bins", str(bins), "--out", str(out),
             "--gptkit-iters", str(args.gptkit_iters), "--snapshot-every", str(args.snapshot_every),
             "--seed", str(args.seed), "--gptkit-optimizer", args.gptkit_optimizer,
-            "--gptkit-lr", str(args.gptkit_lr)]
+            "--gptkit-lr", str(args.gptkit_lr), "--arch", arch]
 
 
 def timed(cmd: list[str], cwd: Path, log: Path) -> tuple[float, float]:
@@ -143,11 +151,11 @@ def worker(args) -> None:
     if args.device == "cpu":
         s = CPU_SHAPE
         model_cfg = ModelConfig(vocab_size=vocab, block_size=s["block_size"], n_layer=s["n_layer"],
-                                n_head=s["n_head"], n_embd=s["n_embd"], bias=False)
+                                n_head=s["n_head"], n_embd=s["n_embd"], bias=False, **ARCHS[args.arch])
         batch = s["batch_size"]
     else:
-        model_cfg = preset("gpt2")
-        model_cfg.vocab_size, batch = vocab, 16
+        model_cfg = dataclasses.replace(preset("gpt2"), vocab_size=vocab, **ARCHS[args.arch])
+        batch = 16
     lr = args.gptkit_lr
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
@@ -220,6 +228,8 @@ def main() -> None:
     ap.add_argument("--gptkit-lr", type=float, default=None, help="default: 3e-3 on cpu, 6e-4 on cuda")
     ap.add_argument("--snapshot-every", type=int, default=50)
     ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--gptkit-archs", default="gpt2", help=f"comma-separated gptkit configurations: {', '.join(ARCHS)}")
+    ap.add_argument("--arch", default="gpt2", choices=list(ARCHS), help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--bins", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -235,34 +245,43 @@ def main() -> None:
     shutil.copytree(args.nanogpt, nano)
     bins = prepare(args, nano)
     val = np.fromfile(bins / "val.bin", dtype=np.uint16)
-    rows = []
+    archs = args.gptkit_archs.split(",")
+    unknown = set(archs) - set(ARCHS)
+    if unknown:
+        ap.error(f"--gptkit-archs: unknown {', '.join(sorted(unknown))}; expected {', '.join(ARCHS)}")
+    rows: dict[str, list[dict]] = {a: [] for a in archs}
     for r in range(args.rounds):
         n_out = tmp / f"nanogpt-{r}"
         n_start, n_wall = timed(nanogpt_command(args, str(n_out)), nano, tmp / f"nanogpt-{r}.log")
         n_loss = nanogpt_loss(nano, n_out, val, args.device)
-        g_out = tmp / f"gptkit-{r}"
-        g_start, g_wall = timed(gptkit_command(args, bins, g_out), nano, tmp / f"gptkit-{r}.log")
-        g_stats = json.loads((tmp / f"gptkit-{r}.log").read_text().strip().splitlines()[-1])
-        curve = gptkit_losses(g_out, val, args.device, g_start)
-        reached = next((c["t"] for c in curve if c["val_loss"] <= n_loss), None)
-        rows.append({"round": r, "nanogpt_wall_s": n_wall, "gptkit_wall_s": g_wall, "nanogpt_val_loss": n_loss,
-                     "gptkit_val_loss": curve[-1]["val_loss"], "gptkit_time_to_nanogpt_loss_s": reached,
-                     "gptkit_ms_per_step": g_stats["ms_per_step"], "gptkit_tokens_per_s": g_stats["tokens_per_s"],
-                     "nanogpt_log": _nanogpt_timing(tmp / f"nanogpt-{r}.log")})
-        print(f"round {r}: nanoGPT {n_wall:.1f} s, val {n_loss:.4f} | gptkit {g_wall:.1f} s, "
-              f"val {curve[-1]['val_loss']:.4f}, reached nanoGPT's loss at "
-              f"{'never' if reached is None else f'{reached:.1f} s'}", flush=True)
-        print("  gptkit curve: " + ", ".join(f"{c['step']}:{c['val_loss']:.3f}@{c['t']:.0f}s" for c in curve[::4]),
-              flush=True)
-    result = summarise(rows, args)
-    print(f"\n| | nanoGPT | gptkit | ratio |\n|---|---|---|---|\n"
-          f"| wall s (mean of {args.rounds}) | {result['nanogpt_wall_s']:.1f} | {result['gptkit_wall_s']:.1f} | "
-          f"{result['speedup']:.2f}x |\n"
-          f"| val loss, whole split | {result['nanogpt_val_loss']:.4f} | {result['gptkit_val_loss']:.4f} | |\n"
-          f"| gptkit time to nanoGPT's loss | | {_fmt(result['gptkit_time_to_nanogpt_loss_s'])} s | "
-          f"{_fmt(result['time_to_loss_ratio'], '.2f')} of nanoGPT's wall |")
+        print(f"round {r}: nanoGPT {n_wall:.1f} s, val {n_loss:.4f}", flush=True)
+        for arch in archs:
+            g_out = tmp / f"gptkit-{arch}-{r}"
+            g_start, g_wall = timed(gptkit_command(args, bins, g_out, arch), nano, tmp / f"gptkit-{arch}-{r}.log")
+            g_stats = json.loads((tmp / f"gptkit-{arch}-{r}.log").read_text().strip().splitlines()[-1])
+            curve = gptkit_losses(g_out, val, args.device, g_start)
+            reached = next((c["t"] for c in curve if c["val_loss"] <= n_loss), None)
+            rows[arch].append({"round": r, "nanogpt_wall_s": n_wall, "gptkit_wall_s": g_wall, "nanogpt_val_loss": n_loss,
+                               "gptkit_val_loss": curve[-1]["val_loss"], "gptkit_time_to_nanogpt_loss_s": reached,
+                               "gptkit_ms_per_step": g_stats["ms_per_step"],
+                               "gptkit_tokens_per_s": g_stats["tokens_per_s"],
+                               "nanogpt_log": _nanogpt_timing(tmp / f"nanogpt-{r}.log")})
+            print(f"  gptkit {arch}: {g_wall:.1f} s, val {curve[-1]['val_loss']:.4f}, reached nanoGPT's loss at "
+                  f"{'never' if reached is None else f'{reached:.1f} s'}", flush=True)
+            print("    curve: " + ", ".join(f"{c['step']}:{c['val_loss']:.3f}@{c['t']:.0f}s" for c in curve[::4]),
+                  flush=True)
+    results = {arch: summarise(rows[arch], args) for arch in archs}
+    first = results[archs[0]]
+    print("\n| | nanoGPT | " + " | ".join(f"gptkit {a}" for a in archs) + " |\n|---|---|"
+          + "---|" * len(archs) + f"\n| wall s (mean of {args.rounds}) | {first['nanogpt_wall_s']:.1f} | "
+          + " | ".join(f"{results[a]['gptkit_wall_s']:.1f}" for a in archs)
+          + f" |\n| val loss, whole split | {first['nanogpt_val_loss']:.4f} | "
+          + " | ".join(f"{results[a]['gptkit_val_loss']:.4f}" for a in archs)
+          + " |\n| time to nanoGPT's loss, s (ratio of nanoGPT's wall) | | "
+          + " | ".join(f"{_fmt(results[a]['gptkit_time_to_nanogpt_loss_s'])} "
+                       f"({_fmt(results[a]['time_to_loss_ratio'], '.2f')})" for a in archs) + " |")
     shutil.rmtree(tmp, ignore_errors=True)
-    print(json.dumps(result))
+    print(json.dumps(results if len(archs) > 1 else first))
 
 
 def _nanogpt_timing(log: Path) -> str:
