@@ -22,7 +22,7 @@ import torch
 
 from gptkit.checkpoint import hf_llama
 from gptkit.checkpoint.format import load_state, save_checkpoint, tied_keys
-from gptkit.checkpoint.hf_llama import name_keys
+from gptkit.checkpoint.hf_llama import check_fields, name_keys
 from gptkit.checkpoint.open import open_checkpoint
 from gptkit.config import ModelConfig
 from gptkit.errors import GptkitError
@@ -154,14 +154,7 @@ def _maybe_t(key: str, t: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------- config
 def config_from_hf(hf: dict, source: str) -> ModelConfig:
     """ModelConfig from a GPT-2 config.json dict; unsupported options are named."""
-    for field, allowed in REQUIRED.items():
-        value = hf.get(field, allowed[0])  # transformers' default is the value we implement
-        if value not in allowed:
-            raise GptkitError(f"{source}: {field}={value!r} is not supported; expected "
-                              f"{' or '.join(repr(a) for a in allowed)}")
-    absent = [f for f in CONFIG_MAP if f not in hf]
-    if absent:
-        raise GptkitError(f"{source}: missing field(s) {', '.join(absent)}")
+    check_fields(hf, REQUIRED, CONFIG_MAP, source)
     # Dropout is a training choice, not part of the weights; start from 0 as for inference
     # (GPT-2's three dropout rates have no single counterpart anyway).
     return ModelConfig(**{ours: hf[theirs] for theirs, ours in CONFIG_MAP.items()}, dropout=0.0,

@@ -73,6 +73,19 @@ IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
 # ---------------------------------------------------------------------------- config
+def check_fields(hf: dict, required: dict[str, tuple], mapped: dict[str, str], source: str) -> None:
+    """One-line errors for a config.json field whose value has no counterpart (transformers' default,
+    the first allowed value, counts when the field is absent) and for missing mapped fields."""
+    for field, allowed in required.items():
+        value = hf.get(field, allowed[0])
+        if value not in allowed:
+            raise GptkitError(f"{source}: {field}={value!r} is not supported; expected "
+                              f"{' or '.join(repr(a) for a in allowed)}")
+    absent = [f for f in mapped if f not in hf]
+    if absent:
+        raise GptkitError(f"{source}: missing field(s) {', '.join(absent)}")
+
+
 def config_from_hf(hf: dict, source: str) -> ModelConfig:
     """ModelConfig from a Llama-family config.json; what it cannot compute is named."""
     archs = hf.get("architectures") or []
@@ -80,14 +93,7 @@ def config_from_hf(hf: dict, source: str) -> ModelConfig:
     if family is None:
         raise GptkitError(f"{source}: architectures={archs!r} is not supported; expected GPT2LMHeadModel or "
                           f"one of {', '.join(FAMILIES)}")
-    for field, allowed in REQUIRED.items():
-        value = hf.get(field, allowed[0])
-        if value not in allowed:
-            raise GptkitError(f"{source}: {field}={value!r} is not supported; expected "
-                              f"{' or '.join(repr(a) for a in allowed)}")
-    absent = [f for f in CONFIG_MAP if f not in hf]
-    if absent:
-        raise GptkitError(f"{source}: missing field(s) {', '.join(absent)}")
+    check_fields(hf, REQUIRED, CONFIG_MAP, source)
     window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
     if window is not None and window < hf["max_position_embeddings"]:
         raise GptkitError(f"{source}: sliding_window={window} is shorter than max_position_embeddings="
