@@ -276,3 +276,82 @@ def test_the_models_own_chat_template_gives_transformers_ids(saved, tmp_path, te
     export_hf(tmp_path / "ckpt", tmp_path / "out")
     again = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     assert again.apply_chat_template(messages, tokenize=False) == hf_tok.apply_chat_template(messages, tokenize=False)
+
+
+def test_the_tokenizer_gives_transformers_ids(saved):
+    from gptkit.text.tokenizer import load_tokenizer
+
+    _, folder = saved("llama")
+    ours, theirs = load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder)
+    text = "Hello, world! 你好，世界。 我有一个梦想 🙂\ndef add(a, b):\n    return a + b  # ok"
+    assert ours.encode(text, special=False) == theirs(text, add_special_tokens=False)["input_ids"]
+    assert ours.decode(ours.encode(text)) == text
+
+
+def test_the_server_chats_with_an_imported_qwen3_through_the_openai_client(saved, tmp_path):
+    """The model's own template (a Qwen-style one in tokenizer_config.json), its end token as the
+    stop, the official client, streaming included."""
+    import httpx
+    import openai
+    from live_server import serve
+
+    from gptkit.checkpoint.open import open_tokenizer
+    from gptkit.inference.factory import build_engine
+    from gptkit.server import ServedModel, create_app
+    from gptkit.text.chat import render_chat
+
+    _, folder = saved("qwen3")
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in folder.iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    (src / "tokenizer_config.json").write_text(json.dumps({"chat_template": QWEN_LIKE, "eos_token": "<|im_end|>"}))
+    import_hf(src, tmp_path / "ckpt")
+    ckpt = open_checkpoint(tmp_path / "ckpt")
+    tok = open_tokenizer(tmp_path / "ckpt")
+    engine = build_engine(ckpt.model, tok, max_batch=2, keep_model=True)
+    messages = [{"role": "user", "content": "hi 我有"}]
+    [alone] = engine.generate(render_chat(tok, messages)[0], SampleConfig(max_tokens=12, temperature=0))
+    with serve(create_app([ServedModel("qwen3", engine, tok)])) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        r = client.chat.completions.create(model="qwen3", messages=messages, max_tokens=12, temperature=0)
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="qwen3", messages=messages, max_tokens=12, temperature=0, stream=True) if c.choices)
+        info = httpx.get(f"{url}/tokenizer_info").json()
+    assert (info["chat_template_kind"], info["chat_template_source"]) == ("jinja", "checkpoint")
+    assert info["chat_template"] == QWEN_LIKE
+    assert r.choices[0].message.content == streamed == tok.decode(alone.token_ids)
+    assert r.choices[0].finish_reason == ("stop" if alone.finish_reason == "stop" else "length")
+
+
+def test_rope_scaling_stretches_the_trained_angles():
+    from gptkit.model.gpt import rope_tables
+
+    base = ModelConfig(vocab_size=11, block_size=64, n_layer=1, n_head=2, n_embd=16, pos_encoding="rope")
+    cos, _ = rope_tables(base)
+    linear, _ = rope_tables(ModelConfig(**{**base.__dict__, "rope_scaling": "linear", "rope_factor": 2.0}))
+    torch.testing.assert_close(linear[0::2][:32], cos[:32])  # position 2p turns as p did
+    ntk, _ = rope_tables(ModelConfig(**{**base.__dict__, "rope_scaling": "ntk", "rope_factor": 4.0}))
+    torch.testing.assert_close(ntk[:, 0], cos[:, 0])  # the fastest pair turns as before
+    slowest = 10000.0 ** (-6 / 8)  # pair 3 of a head of 8; NTK's base is theta * 4^(8/6)
+    torch.testing.assert_close(ntk[:, 3], torch.cos(torch.arange(64.0, dtype=torch.float64) * slowest / 4).float())
+    with pytest.raises(GptkitError, match="rope_factor=2.0: expected >= 1, and 1 with rope_scaling='none'"):
+        ModelConfig(rope_factor=2.0)
+
+
+def test_a_linearly_scaled_llama_matches_transformers(tmp_path, tok):
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **SHAPE, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0})).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    tok.tok.save(str(tmp_path / "hf" / "tokenizer.json"))
+    import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    model = open_checkpoint(tmp_path / "ckpt").model
+    assert (model.config.rope_scaling, model.config.rope_factor) == ("linear", 2.0)
+    idx = torch.randint(0, VOCAB, (1, 90))
+    with torch.no_grad():
+        assert (model(idx) - hf(idx).logits).abs().max().item() < TOL
+    export_hf(tmp_path / "ckpt", tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert (back(idx).logits - hf(idx).logits).abs().max().item() < TOL

@@ -102,15 +102,18 @@ def config_from_hf(hf: dict, source: str) -> ModelConfig:
     if attention_bias and not family.qkv_bias:  # Llama's flag also puts a bias on o_proj
         raise GptkitError(f"{source}: attention_bias=True (a bias on o_proj) is not supported; expected False")
     rope = hf.get("rope_parameters") or {}  # transformers 5 keeps rope_theta and the rope type here
-    if rope.get("rope_type", "default") != "default":
-        raise GptkitError(f"{source}: rope_parameters.rope_type={rope['rope_type']!r} is not supported; "
-                          "expected 'default'")
+    rope_type = rope.get("rope_type", "default")
+    if rope_type not in ("default", "linear"):
+        raise GptkitError(f"{source}: rope_parameters.rope_type={rope_type!r} is not supported; "
+                          "expected 'default' or 'linear'")
+    scaling = dict(rope_scaling="linear", rope_factor=float(rope["factor"])) if rope_type == "linear" else {}
     fields = {ours: hf[theirs] for theirs, ours in CONFIG_MAP.items()}
     n_head = fields["n_head"]
     head_dim = hf.get("head_dim") or fields["n_embd"] // n_head
     return ModelConfig(**fields, **MODERN, n_kv_head=hf.get("num_key_value_heads") or n_head,
                        head_size=None if head_dim * n_head == fields["n_embd"] else head_dim,
-                       rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), qk_norm=family.qk_norm,
+                       rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), **scaling,
+                       qk_norm=family.qk_norm,
                        qkv_bias=family.qkv_bias or None, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
                        dropout=0.0)
 
@@ -126,14 +129,24 @@ def config_to_hf(cfg: ModelConfig, eot_id: int | None) -> dict:
         raise GptkitError("qk_norm with qkv_bias has no Llama-family equivalent (Qwen3 has no QKV biases)")
     out = {theirs: getattr(cfg, ours) for theirs, ours in CONFIG_MAP.items()}
     out["intermediate_size"] = cfg.hidden_dim
+    rope = _rope_parameters(cfg)
     out.update(architectures=[arch], model_type=FAMILIES[arch].model_type, hidden_act="silu",
-               num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim, rope_theta=cfg.rope_theta,
-               rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+               num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim, rope_theta=rope["rope_theta"],
+               rope_parameters=rope,
                tie_word_embeddings=cfg.tie_embeddings, attention_bias=bool(cfg.qkv_bias),
                rope_scaling=None, use_cache=True, dtype="float32", bos_token_id=eot_id, eos_token_id=eot_id)
     if arch == "LlamaForCausalLM":
         out["mlp_bias"] = False
     return out
+
+
+def _rope_parameters(cfg: ModelConfig) -> dict:
+    """transformers' rope_parameters: linear scaling as its own type; NTK, a fixed larger base, as the
+    default type with that base (the same angles)."""
+    if cfg.rope_scaling == "linear":
+        return {"rope_type": "linear", "factor": cfg.rope_factor, "rope_theta": cfg.rope_theta}
+    theta = cfg.rope_theta * (cfg.rope_factor ** (cfg.head_dim / (cfg.head_dim - 2)) if cfg.rope_scaling == "ntk" else 1)
+    return {"rope_type": "default", "rope_theta": theta}
 
 
 # ---------------------------------------------------------------------------- weights

@@ -113,8 +113,13 @@ def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin (block_size, head_dim) of rotary positions. Channel i and channel i + hs/2 of
     a head form a pair that turns by position * theta^(-2i/hs): Llama's layout (rotate_half)."""
     hs = config.head_dim
-    inv_freq = config.rope_theta ** (-torch.arange(0, hs, 2, dtype=torch.float64) / hs)  # (hs/2,)
-    angles = torch.arange(config.block_size, dtype=torch.float64)[:, None] * inv_freq  # (T, hs/2)
+    theta, positions = config.rope_theta, torch.arange(config.block_size, dtype=torch.float64)
+    if config.rope_scaling == "linear":  # position p turns as p / factor did: the trained angles, closer together
+        positions = positions / config.rope_factor
+    elif config.rope_scaling == "ntk":  # a larger base: the slowest pair turns factor times slower, the fastest alike
+        theta = theta * config.rope_factor ** (hs / (hs - 2))
+    inv_freq = theta ** (-torch.arange(0, hs, 2, dtype=torch.float64) / hs)  # (hs/2,)
+    angles = positions[:, None] * inv_freq  # (T, hs/2)
     angles = torch.cat([angles, angles], dim=-1)  # (T, hs): both channels of a pair turn alike
     return angles.cos().float(), angles.sin().float()
 
