@@ -128,3 +128,15 @@ def test_chat_tasks_prompt_a_model_without_chat_tokens_like_the_others(setup, tm
     first, second = s["models"]
     assert "rouge_l" in first["task"] and "no chat template" in first["notes"][0] and not second["notes"]
     assert "no chat template" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_translation_into_chinese_is_scored_with_the_zh_tokenizer_and_says_so(setup):
+    tmp, a, b, _ = setup
+    pairs = [{"prompt": f"what is {i}? ", "completion": f"我有{i}个梦想。"} for i in range(6)]
+    tasks = write_jsonl(tmp / "zh.jsonl", pairs)
+    out = tmp / "zh"
+    s = compare([a, b], CompareConfig(data=tmp / "text.txt", tasks=Path(tasks), task="translate", out=out,
+                                      max_tokens=4, answer_tokens=4, bootstrap=50, speed_rounds=1))
+    assert s["task"] == "translate" and s["bleu_tokenize"] == "zh"
+    assert "sacrebleu's `zh` tokenizer" in (out / "report.md").read_text()
+    assert ev.evaluate(a, "translate", tasks)["bleu_tokenize"] == "zh"

@@ -24,6 +24,29 @@ def test_exact_match_and_token_f1_follow_squad():
     assert ev.token_f1("", "") == 1.0 and ev.token_f1("x", "") == 0.0
 
 
+def test_metrics_count_chinese_by_character_and_fold_full_width_punctuation():
+    from gptkit.evaluation.text_metrics import bleu_chrf, bleu_tokenizer, exact_match, rouge_l, token_f1, tokens
+
+    assert tokens("是的，我很喜欢看书。") == ["是", "的", "我", "很", "喜", "欢", "看", "书"]
+    assert tokens("用 Python 3 写代码！") == ["用", "python", "3", "写", "代", "码"]  # mixed: words and characters
+    assert tokens("ＡＢＣ１２３，ok") == ["abc123ok"]  # full-width letters and digits fold to ASCII (NFKC)
+    # 6 of 8 characters shared both ways: P = R = F1 = 0.75, as "yes I like reading books" vs "... drinking tea"
+    assert token_f1("是的，我很喜欢看书。", "是的，我很喜欢喝茶。") == pytest.approx(0.75)
+    assert exact_match("北京。", "北京") == 1.0 and exact_match("北京！", "北京市") == 0.0
+    assert exact_match("Ｔｈｅ Ｅｉｆｆｅｌ Ｔｏｗｅｒ！", "eiffel tower") == 1.0
+    # ROUGE-L: LCS of 我/喜/欢/书 against 7 and 6 characters -> P 4/7, R 4/6
+    assert rouge_l("我非常喜欢这书", "我喜欢那本书") == pytest.approx(2 * (4 / 7) * (4 / 6) / (4 / 7 + 4 / 6))
+    assert (bleu_tokenizer(["我有一个梦想"]), bleu_tokenizer(["a dream"])) == ("zh", "13a")
+    zh = bleu_chrf(["我有一个梦想。"], ["我有一个梦想。"])
+    assert zh["bleu"] == pytest.approx(100.0)
+    # one character differs: sacrebleu's zh tokenizer scores it 70.7; its default (13a) sees one word, 0.0
+    import sacrebleu
+
+    pred, ref = ["我有一个梦想，今天。"], ["我有一个梦想，明天。"]
+    assert bleu_chrf(pred, ref)["bleu"] == pytest.approx(70.71, abs=0.01)
+    assert sacrebleu.corpus_bleu(pred, [ref]).score == 0.0
+
+
 def test_rouge_l_is_the_lcs_f1():
     # LCS of "the cat sat on the mat" / "the cat is on the mat" = the cat on the mat (5)
     assert ev.rouge_l("the cat sat on the mat", "the cat is on the mat") == pytest.approx(5 / 6)

@@ -42,6 +42,7 @@ from gptkit.errors import GptkitError
 from gptkit.evaluation.bootstrap import paired
 from gptkit.evaluation.compare_report import write_report
 from gptkit.evaluation.evaluate import generate_all, perplexity, run_task
+from gptkit.evaluation.text_metrics import bleu_tokenizer
 from gptkit.inference.factory import build_engine
 from gptkit.model.lora import merge_lora
 from gptkit.model.quantize import quantize_model
@@ -249,7 +250,8 @@ def compare(args: list[str], cfg: CompareConfig, log: Log = lambda m: None) -> d
     _speed(specs, results, cfg, log)
     summary = {"models": [asdict(r) for r in results], "text_source": source, "task": task,
                "tasks_file": str(cfg.tasks) if cfg.tasks else None, "n_examples": len(runs[0].preds) if runs else 0,
-               "bootstrap": cfg.bootstrap, "seed": cfg.seed, "device": _device()}
+               "bootstrap": cfg.bootstrap, "seed": cfg.seed, "device": _device(),
+               "bleu_tokenize": bleu_tokenizer(runs[0].refs) if task == "translate" and runs else None}
     write_report(summary, cfg.out)
     return summary
 

@@ -74,7 +74,9 @@ def _task(rep: Report, models: list[dict], s: dict, plt) -> None:
     rep.heading(f"Task: {s['task']}")
     rep.text(f"{s['n_examples']} examples from {s['tasks_file']}. [lo, hi]: 95% bootstrap interval over examples "
              f"({s['bootstrap']} resamples). Differences are paired (the same resampled examples for both models); "
-             "* marks an interval that excludes 0, a gap unlikely to be noise from the choice of examples.",
+             "* marks an interval that excludes 0, a gap unlikely to be noise from the choice of examples."
+             + (f" BLEU is computed with sacrebleu's `{s['bleu_tokenize']}` tokenizer (chosen by the references' "
+                "language)." if s.get("bleu_tokenize") else ""),
              note=True)
     for m in models:
         for note in m["notes"]:

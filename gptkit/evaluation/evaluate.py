@@ -4,7 +4,8 @@
     classify    {"text", "label"} .jsonl             accuracy, macro-F1 (head from the checkpoint)
     qa          prompt/completion or chat .jsonl     exact match, token F1
     summarize   prompt/completion or chat .jsonl     ROUGE-L
-    translate   prompt/completion or chat .jsonl     BLEU, chrF (sacrebleu)
+    translate   prompt/completion or chat .jsonl     BLEU, chrF (sacrebleu; BLEU tokenised for the references'
+                                                     language: zh, ja-mecab or 13a, named in the result)
     code        {"prompt", "tests"} .jsonl           pass@1: prompt + completion + tests run in a
                                                      sandboxed subprocess must exit 0
 
@@ -16,9 +17,7 @@ assistant message is the reference.
 from __future__ import annotations
 
 import math
-import re
 import shutil
-import string
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from gptkit.config import ANSWER_MAX_TOKENS, SampleConfig
 from gptkit.data.records import Record, TaskBatches, class_examples, read_records
 from gptkit.device import resolve_device
 from gptkit.errors import GptkitError
+from gptkit.evaluation.text_metrics import bleu_chrf, bleu_tokenizer, exact_match, rouge_l, token_f1
 from gptkit.inference.factory import build_engine
 from gptkit.model.heads import class_logits
 from gptkit.text.chat import render_chat
@@ -45,49 +45,7 @@ TASKS = ("perplexity", "classify", "qa", "summarize", "translate", "code")
 CODE_STOPS = ["\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint("]  # the completion is one function body
 
 
-# ---------------------------------------------------------------------------- text metrics
-def normalize_answer(s: str) -> str:
-    """SQuAD's normalisation: lower case, no punctuation, no articles, single spaces."""
-    s = "".join(ch for ch in s.lower() if ch not in set(string.punctuation))
-    return " ".join(re.sub(r"\b(a|an|the)\b", " ", s).split())
-
-
-def exact_match(pred: str, ref: str) -> float:
-    return float(normalize_answer(pred) == normalize_answer(ref))
-
-
-def token_f1(pred: str, ref: str) -> float:
-    p, r = normalize_answer(pred).split(), normalize_answer(ref).split()
-    if not p or not r:
-        return float(p == r)
-    common = sum((Counter(p) & Counter(r)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(p), common / len(r)
-    return 2 * precision * recall / (precision + recall)
-
-
-def _lcs(a: list[str], b: list[str]) -> int:
-    """Length of the longest common subsequence (one row of the DP table at a time)."""
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
-
-
-def rouge_l(pred: str, ref: str) -> float:
-    """ROUGE-L F1 over lower-cased word tokens (Lin 2004, with beta = 1)."""
-    p, r = re.findall(r"\w+", pred.lower()), re.findall(r"\w+", ref.lower())
-    lcs = _lcs(p, r) if p and r else 0
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(p), lcs / len(r)
-    return 2 * precision * recall / (precision + recall)
-
-
+# ---------------------------------------------------------------------------- label metrics
 def accuracy_f1(preds: list[str], refs: list[str]) -> dict[str, float]:
     """Accuracy, macro-F1 over every label seen in refs or preds, and the majority-class baseline."""
     if not refs:
@@ -101,12 +59,6 @@ def accuracy_f1(preds: list[str], refs: list[str]) -> dict[str, float]:
     majority = Counter(refs).most_common(1)[0][1] / len(refs)
     return {"accuracy": sum(p == r for p, r in zip(preds, refs)) / len(refs), "macro_f1": sum(f1s) / len(f1s),
             "majority_baseline": majority}
-
-
-def bleu_chrf(preds: list[str], refs: list[str]) -> dict[str, float]:
-    import sacrebleu
-
-    return {"bleu": sacrebleu.corpus_bleu(preds, [refs]).score, "chrf": sacrebleu.corpus_chrf(preds, [refs]).score}
 
 
 def mean(values: list[float]) -> float:
@@ -297,6 +249,8 @@ def evaluate(ckpt: str | Path, task: str, data: str | Path, *, max_tokens: int =
         return {**out, **perplexity_of_file(model, tokenizer, data)}
     run = run_task(model, tokenizer, {**cfg, "_path": str(ckpt)}, task, data, max_tokens=max_tokens, limit=limit,
                    timeout=timeout, log=log)
+    if task == "translate":
+        out["bleu_tokenize"] = bleu_tokenizer(run.refs)
     return {**out, "n": len(run.preds), **run.metrics, "examples": run.examples}
 
 
