@@ -14,6 +14,14 @@ from pathlib import Path
 from typing import Callable
 
 
+def file_mode() -> int:
+    """The mode a plainly created file gets under this process's umask (mkstemp's files, and
+    safetensors', are 0600, which would hide checkpoints and reports from a teammate or a web server)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call write(tmp_path) to produce the file, then move it into place atomically."""
     path = Path(path)
@@ -22,6 +30,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, file_mode())  # after: a writer may have replaced the file
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -299,3 +299,19 @@ def test_partial_last_metrics_line_is_dropped_on_resume(tmp_path, sample_text, r
     model, data, cfg, tok, src = _setup(sample_text, run, resume=True)
     with pytest.raises(GptkitError, match=r"metrics.jsonl:4: damaged metrics line"):
         train(model, data, cfg, tok, resume=src, log=logs.append)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_checkpoint_files_follow_the_umask(tmp_path, umask, mode):
+    """Atomic writes go through a private temp file; the file in place has the mode the umask gives."""
+    from gptkit.checkpoint.format import save_checkpoint
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8))
+    old = os.umask(umask)
+    try:
+        step = save_checkpoint(tmp_path / "run", model, CharTokenizer.train(["abc"]), step=1)
+    finally:
+        os.umask(old)
+    files = [p for p in step.rglob("*") if p.is_file()]
+    assert files and {p.name: p.stat().st_mode & 0o777 for p in files} == {p.name: mode for p in files}

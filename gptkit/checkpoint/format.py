@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from gptkit.checkpoint.rundir import commit, temp_step_folder
 from gptkit.errors import GptkitError
+from gptkit.fileio import file_mode
 from gptkit.config import ModelConfig
 from gptkit.model.gpt import GPT
 from gptkit.model.heads import attach_heads
@@ -76,6 +77,7 @@ def save_checkpoint(folder: str | os.PathLike, model: torch.nn.Module, tokenizer
             torch.save({"step": step, **train_state}, tmp / TRAIN_STATE)
             _test_pause()
         save_file(state, str(tmp / WEIGHTS), metadata={"step": str(step)})
+        os.chmod(tmp / WEIGHTS, file_mode())  # safetensors writes 0600 whatever the umask
         _test_pause()
         if tokenizer is not None:
             tokenizer.save(tmp)
