@@ -122,6 +122,13 @@ def test_activation_round_trips_and_old_configs_read_as_tanh_gelu():
         ModelConfig(activation="relu")
 
 
+def test_version():
+    from importlib.metadata import version
+
+    out = CliRunner().invoke(app, ["--version"])
+    assert out.exit_code == 0 and out.output == f"gptkit {version('gptkit')} (torch {torch.__version__})\n"
+
+
 def test_info_command():
     runner = CliRunner()
     out = runner.invoke(app, ["info", "--preset", "gpt3-175b"])

@@ -116,6 +116,10 @@ def test_keys_file_stores_hashes_and_bad_files_are_one_line_errors(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip().startswith("gk-") and r.stdout.strip() not in keys.read_text()
     assert load_keys(keys)[1].name == "cli"
+    r = subprocess.run([sys.executable, "-m", "gptkit", "keys", "add", "bad", "--file", str(keys), "--tpm", "-1"],
+                       capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stderr) == (2, "error: --tpm -1: expected a positive integer (leave it out for no limit)\n")
+    assert len(load_keys(keys)) == 2  # nothing written
 
 
 @pytest.mark.slow

@@ -192,3 +192,15 @@ def test_weight_decay_on_matrices_only():
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
     assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+
+
+def test_a_warmup_as_long_as_the_run_becomes_a_tenth_of_it(tmp_path, char_data):
+    tok = char_data[0]
+    said: list[str] = []
+    train(_model(tok), _data(char_data), _cfg(tmp_path, max_steps=20, warmup_steps=100), tok, log=said.append)
+    assert [m for m in said if m.startswith("warning")] == [
+        "warning: --warmup-steps 100 >= --max-steps 20: the learning rate would never reach --lr nor decay; "
+        "warming up over 2 steps (a tenth of the run) instead"]
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+           if '"lr"' in line]
+    assert lrs[1] == pytest.approx(3e-3) and lrs[-1] < 3e-3 / 2  # the peak reached, then the cosine decay

@@ -45,10 +45,22 @@ app = typer.Typer(cls=Commands, add_completion=False, no_args_is_help=True, pret
                   help="Build your own GPT: tokenize, pretrain, fine-tune, evaluate, generate, serve.")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        import torch
+
+        typer.echo(f"gptkit {version('gptkit')} (torch {torch.__version__})")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     no_verify: Annotated[bool, typer.Option("--no-verify", help="check checkpoint file sizes only, not their "
                                                                 "sha256 (faster for huge checkpoints)")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="print gptkit's and torch's versions and exit")] = False,
 ) -> None:
     """gptkit: build your own GPT end to end."""
     if no_verify:

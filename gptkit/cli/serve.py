@@ -142,6 +142,9 @@ def keys_add(
     from gptkit.server.auth import add_key
     from gptkit.server.ratelimit import KeyLimits
 
+    for option, value in (("--rpm", rpm), ("--tpm", tpm), ("--concurrent", concurrent)):
+        if value is not None and value < 1:
+            fail(f"{option} {value}: expected a positive integer (leave it out for no limit)")
     model_list = [m.strip() for m in models.split(",") if m.strip()] if models else None
     key = add_key(file, name, model_list, KeyLimits(rpm, tpm, concurrent))
     typer.echo(f"added key {name!r} to {file}; the key (shown only now):", err=True)

@@ -16,6 +16,10 @@ from gptkit.errors import GptkitError
 from gptkit.text.stream import find_stop
 
 
+def _tokens(n: int) -> str:
+    return f"{n} token" if n == 1 else f"{n} tokens"
+
+
 def fit_prompt(ids: list[int], max_tokens: int | None, context: int, truncate: bool = False) -> tuple[list[int], int]:
     """(prompt ids, max_tokens) that fit the context together. max_tokens None: DEFAULT_MAX_TOKENS, or
     what the context leaves. A prompt too long is an error, or with truncate loses its start."""
@@ -26,7 +30,7 @@ def fit_prompt(ids: list[int], max_tokens: int | None, context: int, truncate: b
         if room < 1:
             raise GptkitError(f"max_tokens {max_tokens} leaves no room for a prompt in the context of {context}")
         if not truncate:
-            raise GptkitError(f"prompt of {len(ids)} tokens + max_tokens {max_tokens} = {len(ids) + max_tokens} > "
+            raise GptkitError(f"prompt of {_tokens(len(ids))} + max_tokens {max_tokens} = {len(ids) + max_tokens} > "
                               f"context {context}; --truncate keeps the prompt's last {room} tokens")
         ids = ids[-room:]
     return ids, max_tokens
@@ -178,7 +182,7 @@ def check_request(prompt: list[int], params: SampleConfig, n: int, *, config: Mo
     check_prompt(prompt, params.max_tokens, config)
     need = n * (len(prompt) + params.max_tokens)
     if need > max_cached_tokens:
-        raise GptkitError(f"n={n} x (prompt of {len(prompt)} tokens + max_tokens {params.max_tokens}) = {need} "
+        raise GptkitError(f"n={n} x (prompt of {_tokens(len(prompt))} + max_tokens {params.max_tokens}) = {need} "
                           f"tokens > the engine's max_cached_tokens={max_cached_tokens}")
     if params.stop and not has_token_bytes:
         raise GptkitError("stop strings need an engine built with token_bytes (e.g. tokenizer.token_bytes)")
@@ -195,7 +199,7 @@ def check_prompt(prompt: list[int], extra: int, config: ModelConfig) -> None:
     if not prompt:
         raise GptkitError("prompt is empty: expected at least one token id")
     if len(prompt) + extra > ctx:
-        raise GptkitError(f"prompt of {len(prompt)} tokens + max_tokens {extra} = {len(prompt) + extra} "
+        raise GptkitError(f"prompt of {_tokens(len(prompt))} + max_tokens {extra} = {len(prompt) + extra} "
                           f"> context {ctx}")
     bad = next((t for t in prompt if not (isinstance(t, int) and 0 <= t < vocab)), None)
     if bad is not None:

@@ -13,6 +13,7 @@ GPU; gptkit.training.distributed) with no code change.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -146,6 +147,7 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig, tokenizer=None, *, los
     on_step(step, metrics), if given, runs after every optimizer step (benchmarks use it to
     snapshot the weights on the way).
     """
+    cfg = _fit_warmup(cfg, log if (dist_info or Dist()).master else lambda m: None)
     run = _start(model, data, cfg, tokenizer, loss_fn, resume, extra, dist_info or Dist(), log)
     progress = history.progress_bar(run.start_step, cfg, run.dist_info)
     bpt = data.bytes_per_token() if hasattr(data, "bytes_per_token") else None
@@ -170,6 +172,17 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig, tokenizer=None, *, los
             run.checkpoint(done)
     progress.close()
     return last
+
+
+def _fit_warmup(cfg: TrainConfig, log: Callable[[str], None]) -> TrainConfig:
+    """A warmup as long as the run would never reach the learning rate nor decay it (a shortened
+    first run hits it): it becomes a tenth of the run, said in one line."""
+    if cfg.warmup_steps < cfg.max_steps:
+        return cfg
+    warmup = max(1, cfg.max_steps // 10)
+    log(f"warning: --warmup-steps {cfg.warmup_steps} >= --max-steps {cfg.max_steps}: the learning rate would never "
+        f"reach --lr nor decay; warming up over {warmup} steps (a tenth of the run) instead")
+    return dataclasses.replace(cfg, warmup_steps=warmup)
 
 
 def _start(model, data, cfg: TrainConfig, tokenizer, loss_fn: LossFn, resume: bool | Path, extra: dict | None,
