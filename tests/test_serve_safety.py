@@ -167,6 +167,9 @@ def test_moderations_endpoint_in_openais_shape(served, setup):
     assert first["categories"]["harassment"] and first["category_scores"]["harassment"] >= 0.6
     assert res.results[5].model_dump()["categories"]["blocklist"]
     assert c.moderations.create(input="please fix the printer before the meeting").results[0].flagged is False
+    r = httpx.post(f"{served}/v1/moderations", content='{"input": "\\ud800"}',  # a lone surrogate: 400, not 500
+                   headers={"Authorization": f"Bearer {setup['alice']}", "Content-Type": "application/json"})
+    assert r.status_code == 400 and "lone surrogate" in r.json()["error"]["message"]
 
 
 @pytest.mark.slow

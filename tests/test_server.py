@@ -400,7 +400,7 @@ def test_full_queue_is_429_with_retry_after(gated):
             waiting = [pool.submit(httpx.post, f"{gated.url}/v1/completions", json=body, timeout=30) for _ in range(2)]
             wait_until(lambda: gated.engine.queued == 2)
             r = httpx.post(f"{gated.url}/v1/completions", json=body)
-            assert r.status_code == 429 and r.headers["retry-after"] == "1"
+            assert r.status_code == 429 and (r.headers["retry-after"], r.headers["retry-after-ms"]) == ("1", "1000")
             assert r.json()["error"]["code"] == "queue_full"
             gated.gate.set()
             assert [f.result().status_code for f in waiting] == [200, 200]

@@ -60,7 +60,7 @@ def check_queue(name: str, queued: int, sequences: int, max_queue: int) -> None:
                        f"(--max-queue {max_queue}); send fewer prompts or a smaller n", param="prompt")
     if queued + sequences > max_queue:
         raise APIError(429, f"model {name!r} has {queued} sequences waiting (--max-queue {max_queue}); "
-                       "retry shortly", code="queue_full", headers={"Retry-After": "1"})
+                       "retry shortly", code="queue_full", headers={"Retry-After": "1", "retry-after-ms": "1000"})
 
 
 class BodyLimit:

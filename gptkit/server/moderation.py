@@ -33,6 +33,7 @@ from gptkit.errors import GptkitError
 from gptkit.inference.requests import Event
 from gptkit.server.context import current_request
 from gptkit.server.errors import APIError
+from gptkit.server.schemas import Text
 
 BLOCKLIST = "blocklist"
 MAX_INPUTS = 256  # strings per /v1/moderations request
@@ -183,7 +184,7 @@ class Moderator:
 # ------------------------------------------------------------------ POST /v1/moderations
 class ModerationRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    input: str | list[str] = Field(description="a text or a list of texts")
+    input: Text | list[Text] = Field(description="a text or a list of texts")
     model: str | None = Field(None, description="ignored: the server has one moderation model")
 
 
