@@ -193,6 +193,10 @@ def test_a_flagged_output_stops_with_content_filter_streaming_too(served, setup)
                                        temperature=0, stream=True))
     text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
     assert chunks[-1].choices[0].finish_reason == "content_filter" and "idiot" not in text and text == choice.text
+    # the logprobs of what was held back do not leak: they spell exactly the text shown
+    lp = c.completions.create(model="lm", prompt="Thank you.\nThe answer is:", max_tokens=30, temperature=0,
+                              logprobs=1).choices[0]
+    assert lp.finish_reason == "content_filter" and "".join(lp.logprobs.tokens) == lp.text == choice.text
     # a clean output is untouched
     ok = c.completions.create(model="lm", prompt="The answer", max_tokens=4, temperature=0).choices[0]
     assert ok.finish_reason == "length" and ok.text == " is:"

@@ -149,6 +149,7 @@ class Moderator:
         n = len(gen.choices)
         held: list[list] = [[] for _ in range(n)]
         passed, tokens, done, flagged = [""] * n, [0] * n, set(), set()
+        shown = [0] * n  # tokens released per choice: a flagged choice keeps only these (text and logprobs)
         try:
             async for i, ev, delta in events:
                 if i in flagged:
@@ -167,6 +168,7 @@ class Moderator:
                     yield i, Event(index=ev.index, token_id=None, finish_reason="content_filter"), ""
                 else:
                     passed[i] = text
+                    shown[i] += sum(ev.token_id is not None for _, ev, _ in held[i])
                     for item in held[i]:
                         yield item
                     held[i] = []
@@ -177,8 +179,10 @@ class Moderator:
             record.moderation = record.moderation or "ok"
         finally:
             await events.aclose()  # ends the generation: what still runs (a flagged choice's samples) is cancelled
-            for i in flagged:
-                gen.choices[i].text, gen.choices[i].finish_reason = passed[i], "content_filter"
+            for i in flagged:  # what was held back leaves no trace: not in the text, not in the logprobs
+                c = gen.choices[i]
+                c.text, c.finish_reason = passed[i], "content_filter"
+                del c.token_ids[shown[i]:], c.logprobs[shown[i]:], c.tops[shown[i]:]
 
 
 # ------------------------------------------------------------------ POST /v1/moderations
