@@ -226,6 +226,9 @@ def test_task_mismatch_is_a_user_error(tmp_path, base):
     with pytest.raises(GptkitError, match="--task classify: the data is q \\(completion\\)"):
         finetune(base, [DataSpec(write_jsonl(tmp_path / "q.jsonl", QA))], train_cfg(tmp_path / "o"),
                  FinetuneConfig(task="classify"))
+    with pytest.raises(GptkitError, match=r"--task chat: expected auto, lm \(chat, prompt/completion and text records\)"):
+        finetune(base, [DataSpec(write_jsonl(tmp_path / "q.jsonl", QA))], train_cfg(tmp_path / "o"),
+                 FinetuneConfig(task="chat"))
 
 
 # ---------------------------------------------------------------------------- LoRA

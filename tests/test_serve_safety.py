@@ -226,6 +226,14 @@ def test_audit_log_and_per_key_metrics_name_keys_never_show_them(served, setup):
     everything = audit.read_text() + metrics + (setup["dir"] / "serve.log").read_text()
     assert setup["alice"] not in everything and setup["bob"] not in everything
     assert "Thank you" not in audit.read_text()  # no text without --audit-log-text
+    # a caller without a key chooses the path's length, not the log's: 200 characters of it are kept
+    long = "/v1/" + "x" * 20_000
+    assert httpx.get(served + long).status_code == 401
+    deadline = time.monotonic() + 10
+    while "xxx" not in audit.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    [entry] = [json.loads(line) for line in audit.read_text().splitlines() if "xxx" in line]
+    assert entry["status"] == 401 and entry["route"] == long[:200] + f"...(+{len(long) - 200})"
 
 
 def test_audit_log_rotates_by_size_and_keeps_text_only_when_asked(tmp_path):

@@ -25,12 +25,19 @@ _STOP = object()
 
 def audit_entry(r: RequestRecord, text: bool) -> dict:
     entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(r.time)) + f".{int(r.time % 1 * 1000):03d}Z",
-             "key": r.key_name, "method": r.method, "route": r.route, "model": r.model, "status": r.status,
+             "key": r.key_name, "method": r.method, "route": _short(r.route), "model": r.model, "status": r.status,
              "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
              "latency_ms": round(r.latency() * 1000, 1), "moderation": r.moderation}
     if text:
         entry.update(prompt=r.prompt_text, completion=r.completion_text)
     return entry
+
+
+MAX_ROUTE = 200  # characters of a path kept: anyone, even without a key, chooses the path's length
+
+
+def _short(route: str) -> str:
+    return route if len(route) <= MAX_ROUTE else route[:MAX_ROUTE] + f"...(+{len(route) - MAX_ROUTE})"
 
 
 class AuditLog:

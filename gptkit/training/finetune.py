@@ -123,6 +123,9 @@ def load_tasks(specs: list[DataSpec], ft: FinetuneConfig) -> list[Task]:
         raise GptkitError(f"{code.train[0].where}: prompt/tests records are for `gptkit evaluate --task code`; "
                           "train on prompt/completion records")
     kinds = {t.kind for t in tasks}
+    if ft.task not in ("auto", "lm", "classify"):
+        raise GptkitError(f"--task {ft.task}: expected auto, lm (chat, prompt/completion and text records) or "
+                          "classify (text/label records)")
     if ft.task != "auto" and kinds != {ft.task}:
         raise GptkitError(f"--task {ft.task}: the data is {', '.join(f'{t.name} ({t.fmt})' for t in tasks)}")
     if sum(t.kind == "classify" for t in tasks) > 1:
