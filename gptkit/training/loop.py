@@ -147,8 +147,9 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig, tokenizer=None, *, los
     on_step(step, metrics), if given, runs after every optimizer step (benchmarks use it to
     snapshot the weights on the way).
     """
-    cfg = _fit_warmup(cfg, log if (dist_info or Dist()).master else lambda m: None)
-    run = _start(model, data, cfg, tokenizer, loss_fn, resume, extra, dist_info or Dist(), log)
+    dist_info = dist_info or Dist()
+    cfg = _fit_warmup(cfg, log if dist_info.master else lambda m: None)
+    run = _start(model, data, cfg, tokenizer, loss_fn, resume, extra, dist_info, log)
     progress = history.progress_bar(run.start_step, cfg, run.dist_info)
     bpt = data.bytes_per_token() if hasattr(data, "bytes_per_token") else None
     last: dict = {}
