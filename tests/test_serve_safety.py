@@ -299,13 +299,31 @@ def test_over_the_request_limit_is_429_and_the_client_retries_after_retry_after(
     assert time.monotonic() - limited_at >= int(r.headers["retry-after-ms"]) / 1000 - 0.05
 
 
+def test_a_request_must_fit_in_the_tokens_left_this_minute():
+    from gptkit.server.ratelimit import KeyLimiter, KeyLimits, RateLimited
+
+    now = [100.0]
+    limiter = KeyLimiter(KeyLimits(tokens_per_minute=10), period=60, clock=lambda: now[0])
+    limiter.check_cost(10)  # fits an empty window
+    limiter.charge(7)
+    with pytest.raises(RateLimited, match="may use 4 tokens and 3 of the key's 10 tokens per minute are left") as e:
+        limiter.check_cost(4)
+    assert e.value.wait == pytest.approx(60.0)  # when the 7 age out
+    limiter.check_cost(3)
+    now[0] += 61
+    limiter.check_cost(10)
+    with pytest.raises(RateLimited, match="may use 11 tokens"):
+        limiter.check_cost(11)
+
+
 def test_tokens_and_concurrency_limits(limited):
     c = client(limited, "k-tpm")
-    r = c.completions.with_raw_response.create(model="lm", prompt="The answer", max_tokens=4, temperature=0)
-    assert r.headers["x-ratelimit-limit-tokens"] == "5"
-    with pytest.raises(openai.RateLimitError) as e:  # 10 prompt + 4 completion tokens used of 5
-        c.completions.create(model="lm", prompt="The", max_tokens=1)
-    assert "tokens per minute" in e.value.message
+    # what a request may use (10 prompt + 4 completion tokens) is checked before any work, against the
+    # key's 5 tokens per minute: not only whether anything is left
+    with pytest.raises(openai.RateLimitError) as e:
+        c.completions.with_raw_response.create(model="lm", prompt="The answer", max_tokens=4, temperature=0)
+    assert "this request may use 14 tokens" in e.value.message and "lower max_tokens or n" in e.value.message
+    assert e.value.response.headers["x-ratelimit-limit-tokens"] == "5"
     assert client(limited, "k-tpm", retries=1).completions.create(model="lm", prompt="T", max_tokens=1).choices
 
     one = client(limited, "k-one")

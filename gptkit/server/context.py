@@ -17,6 +17,8 @@ from typing import Any, Callable, Protocol
 
 
 class TokenMeter(Protocol):
+    def check_cost(self, tokens: int) -> None: ...  # raises RateLimited when a request may not fit
+
     def charge(self, tokens: int) -> None: ...
 
 

@@ -57,16 +57,16 @@ class Window:
             self._log.append((now, amount))
             self._used += amount
 
-    def wait(self, now: float) -> float:
-        """Seconds until at least one unit is free again (0 when one is free now)."""
+    def wait(self, now: float, need: int = 1) -> float:
+        """Seconds until `need` units are free again (0 when they are free now)."""
         used = self.used(now)
-        if used < self.limit:
+        if used + need <= self.limit:
             return 0.0
         for t, amount in self._log:  # oldest first: when enough of them have aged out
             used -= amount
-            if used < self.limit:
+            if used + need <= self.limit:
                 return max(t + self.period - now, 0.0)
-        return self.period  # a limit of 0
+        return self.period  # more than the limit
 
     def reset(self, now: float) -> float:
         """Seconds until the window is empty again, as OpenAI's x-ratelimit-reset-* report."""
@@ -125,6 +125,20 @@ class KeyLimiter:
     def release(self) -> None:
         with self._lock:
             self.in_flight -= 1
+
+    def check_cost(self, tokens: int) -> None:
+        """Before generating: a request that may use `tokens` (its prompts + n x max_tokens) must fit
+        in what the key has left this minute, not only find something left."""
+        if self.tokens is None:
+            return
+        with self._lock:
+            now, limit = self.clock(), self.tokens.limit
+            if tokens > limit:
+                raise RateLimited("tokens", f"this request may use {tokens} tokens (prompts + n x max_tokens), more "
+                                  f"than the key's {limit} tokens per minute; lower max_tokens or n", self.tokens.period)
+            if tokens > self.tokens.remaining(now):
+                raise RateLimited("tokens", f"this request may use {tokens} tokens and {self.tokens.remaining(now)} "
+                                  f"of the key's {limit} tokens per minute are left", self.tokens.wait(now, tokens))
 
     def charge(self, tokens: int) -> None:
         if self.tokens is not None:

@@ -15,6 +15,7 @@ from gptkit.server.errors import APIError
 from gptkit.server.generation import Generation
 from gptkit.server.limits import check_queue
 from gptkit.server.metrics import Metrics
+from gptkit.server.ratelimit import RateLimited, retry_headers
 
 
 class Server:
@@ -50,6 +51,7 @@ class Server:
         started = time.perf_counter()
         engine = served.engine
         check_queue(served.name, engine.queued_sequences, len(prompts) * n, self.config.max_queue)
+        check_key_tokens(sum(len(p) for p in prompts) + len(prompts) * n * params.max_tokens)
         handles: list[RequestHandle] = []
         try:
             for p in prompts:
@@ -66,3 +68,16 @@ class Server:
         if self.moderator is not None and self.moderator.cfg.moderate_output:
             gen.guard = self.moderator
         return gen
+
+
+def check_key_tokens(tokens: int) -> None:
+    """429 before any work when a request may use more of its key's tokens per minute than are left
+    (the key check at the door only sees that something is left)."""
+    record = current_request()
+    if record.meter is None:
+        return
+    try:
+        record.meter.check_cost(tokens)
+    except RateLimited as e:
+        raise APIError(429, f"rate limit of API key {record.key_name!r}: {e.message}; retry in {e.wait:.1f}s",
+                       code="rate_limit_exceeded", headers=retry_headers(e.wait)) from None
