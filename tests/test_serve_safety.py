@@ -299,6 +299,23 @@ def test_over_the_request_limit_is_429_and_the_client_retries_after_retry_after(
     assert time.monotonic() - limited_at >= int(r.headers["retry-after-ms"]) / 1000 - 0.05
 
 
+def test_keys_list_and_revoke(tmp_path):
+    from typer.testing import CliRunner
+
+    from gptkit.cli import app
+
+    keys, run = str(tmp_path / "keys.jsonl"), CliRunner().invoke
+    assert run(app, ["keys", "add", "a", "--file", keys, "--rpm", "3"]).exit_code == 0
+    key_b = run(app, ["keys", "add", "b", "--file", keys, "--models", "demo"]).stdout.strip()
+    listed = run(app, ["keys", "list", "--file", keys])
+    assert listed.stdout == "a\tmodels: all\tlimits: rpm 3\nb\tmodels: demo\tlimits: none\n"
+    assert key_b not in listed.output and key_b not in (tmp_path / "keys.jsonl").read_text()
+    assert run(app, ["keys", "revoke", "a", "--file", keys]).exit_code == 0
+    assert [k.name for k in load_keys(keys)] == ["b"]
+    gone = run(app, ["keys", "revoke", "a", "--file", keys])
+    assert gone.exit_code == 2 and f"error: {keys}: no key named 'a' (keys: b)" in gone.output
+
+
 def test_a_request_must_fit_in_the_tokens_left_this_minute():
     from gptkit.server.ratelimit import KeyLimiter, KeyLimits, RateLimited
 

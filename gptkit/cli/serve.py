@@ -149,3 +149,32 @@ def keys_add(
     key = add_key(file, name, model_list, KeyLimits(rpm, tpm, concurrent))
     typer.echo(f"added key {name!r} to {file}; the key (shown only now):", err=True)
     typer.echo(key)
+
+
+@keys_app.command("list")
+def keys_list(
+    file: Annotated[Path, typer.Option(help="the keys file")] = Path("keys.jsonl"),
+) -> None:
+    """The keys in FILE: name, models and limits (never a key: only its hash is stored)."""
+    from gptkit.server.auth import load_keys
+
+    if not file.is_file():
+        fail(f"{file}: no such keys file (make one with `gptkit keys add NAME --file {file}`)")
+    for k in load_keys(file):
+        limits = [f"{label} {v}" for label, v in (("rpm", k.limits.requests_per_minute),
+                                                  ("tpm", k.limits.tokens_per_minute),
+                                                  ("concurrent", k.limits.concurrent_requests)) if v is not None]
+        typer.echo(f"{k.name}\tmodels: {', '.join(sorted(k.models)) if k.models else 'all'}\t"
+                   f"limits: {', '.join(limits) or 'none'}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    name: Annotated[str, typer.Argument(help="the name of the key to remove")],
+    file: Annotated[Path, typer.Option(help="the keys file")] = Path("keys.jsonl"),
+) -> None:
+    """Remove a key from FILE. A running server reads the file when it starts: restart it."""
+    from gptkit.server.auth import revoke_key
+
+    revoke_key(file, name)
+    typer.echo(f"revoked {name!r} in {file}; restart `gptkit serve` for it to take effect", err=True)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gptkit.errors import GptkitError
+from gptkit.fileio import atomic_write_text
 from gptkit.server.context import current_request
 from gptkit.server.errors import APIError, error_response
 from gptkit.server.ratelimit import KeyLimiter, KeyLimits, RateLimited, WINDOW_S, retry_headers
@@ -127,6 +128,16 @@ def add_key(path: str | Path, name: str, models: list[str] | None, limits: KeyLi
     with path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(entry.to_json()) + "\n")
     return key
+
+
+def revoke_key(path: str | Path, name: str) -> None:
+    """Remove the key called name from the keys file (rewritten atomically); a running server
+    reads the file at start, so restart it for the key to stop working."""
+    path = Path(path)
+    keys = load_keys(path) if path.is_file() else []
+    if not any(k.name == name for k in keys):
+        raise GptkitError(f"{path}: no key named {name!r} (keys: {', '.join(k.name for k in keys) or 'none'})")
+    atomic_write_text(path, "".join(json.dumps(k.to_json()) + "\n" for k in keys if k.name != name))
 
 
 class KeyRing:
