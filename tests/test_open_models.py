@@ -136,6 +136,7 @@ def test_modern_options_from_scratch_decode_the_same_with_and_without_the_cache(
     ("qwen3", {"architectures": ["Qwen3MoeForCausalLM"]}, "architectures=['Qwen3MoeForCausalLM'] is not supported"),
     ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling="),
     ("llama", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_type='yarn' is not supported"),
+    ("llama", {"rope_parameters": {"rope_type": "linear"}}, "rope_parameters.factor=None: expected a number"),
     ("qwen2", {"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
     ("mistral", {"sliding_window": 32}, "sliding_window=32 is shorter than max_position_embeddings=96"),
     ("llama", {"attention_bias": True}, "attention_bias=True"),
@@ -355,3 +356,21 @@ def test_a_linearly_scaled_llama_matches_transformers(tmp_path, tok):
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
         assert (back(idx).logits - hf(idx).logits).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("source, message", [
+    ("{% for m in messages %}", "does not parse"),
+    ("{{ raise_exception('only user turns') }}", "failed: only user turns"),
+    ("{{ messages[0]['content'] + 1 }}", "failed"),  # the template's own logic: a TypeError
+])
+def test_a_broken_chat_template_is_one_line(tok, source, message):
+    from gptkit.text.chat import render_chat
+    from gptkit.text.tokenizer import ChatTemplate
+
+    tok.chat_template = ChatTemplate(kind="jinja", source=source, end="<|im_end|>")
+    try:
+        with pytest.raises(GptkitError, match=message) as e:
+            render_chat(tok, [{"role": "user", "content": "hi"}])
+        assert "\n" not in str(e.value)
+    finally:
+        tok.chat_template = None

@@ -106,6 +106,9 @@ def config_from_hf(hf: dict, source: str) -> ModelConfig:
     if rope_type not in ("default", "linear"):
         raise GptkitError(f"{source}: rope_parameters.rope_type={rope_type!r} is not supported; "
                           "expected 'default' or 'linear'")
+    if rope_type == "linear" and not isinstance(rope.get("factor"), (int, float)):
+        raise GptkitError(f"{source}: rope_parameters.factor={rope.get('factor')!r}: expected a number for the "
+                          "'linear' rope type")
     scaling = dict(rope_scaling="linear", rope_factor=float(rope["factor"])) if rope_type == "linear" else {}
     fields = {ours: hf[theirs] for theirs, ours in CONFIG_MAP.items()}
     n_head = fields["n_head"]

@@ -6,8 +6,9 @@ Training, `gptkit chat` and the server render conversations here, so all three a
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
-from jinja2 import TemplateError
+from jinja2 import Template, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from gptkit.errors import GptkitError
@@ -126,9 +127,9 @@ def _render_jinja(tokenizer: Tokenizer, tpl: ChatTemplate, messages: list[dict],
             raise GptkitError(f"message {i}: content must be a string")
     marked = [{**m, "content": _MARK.format(i)} for i, m in enumerate(messages)]
     try:
-        text = _jinja_env().from_string(tpl.source).render(
+        text = _compiled(tpl.source).render(
             messages=marked, add_generation_prompt=add_generation_prompt, eos_token=tpl.end, bos_token="")
-    except TemplateError as e:
+    except (TemplateError, TypeError, ValueError) as e:  # the template's own logic failing on these messages
         raise GptkitError(f"the model's chat template failed: {e}") from None
     pieces = _MARKS.split(text)  # template text, message index, template text, ...
     ids: list[int] = []
@@ -152,6 +153,15 @@ def _render_jinja(tokenizer: Tokenizer, tpl: ChatTemplate, messages: list[dict],
         ids += part
         mask += [0] * len(part)
     return ids, mask
+
+
+@lru_cache(maxsize=16)
+def _compiled(source: str) -> Template:
+    """A template compiled once per source: every chat request renders with it."""
+    try:
+        return _jinja_env().from_string(source)
+    except TemplateError as e:
+        raise GptkitError(f"the model's chat template does not parse: {e}") from None
 
 
 def _jinja_env() -> ImmutableSandboxedEnvironment:
