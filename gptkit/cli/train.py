@@ -46,7 +46,14 @@ def finetune(
     base: Annotated[Path, typer.Argument(help="the checkpoint to start from")],
     data: Annotated[list[str], typer.Argument(help="data files, each PATH or PATH@WEIGHT (several: a multi-task "
                                                    "mixture). .jsonl with messages | prompt/completion | "
-                                                   "text/label | text records, or plain text")],
+                                                   "text/label | text records, plain text, or (--method dpo) "
+                                                   "prompt/chosen/rejected pairs")],
+    method: Annotated[str, typer.Option(help="sft: learn the targets | dpo: prefer each pair's chosen answer "
+                                             "over its rejected one (Direct Preference Optimization)")] = "sft",
+    beta: Annotated[float, typer.Option(help="dpo: how far the model may move from the reference (higher: "
+                                             "less)")] = 0.1,
+    ref: Annotated[Optional[Path], typer.Option(help="dpo: the reference checkpoint (default: the base itself; "
+                                                     "its log-probabilities are computed once, before training)")] = None,
     task: Annotated[str, typer.Option(help="auto | lm | classify: what the data must be")] = "auto",
     val: Annotated[Optional[list[str]], typer.Option(help="a validation file per data file, in order "
                                                           "(default: --val-fraction of each)")] = None,
@@ -60,7 +67,8 @@ def finetune(
     *,
     cfg: FinetuneTrainConfig,
 ) -> None:
-    """Fine-tune a checkpoint (full or LoRA) on chat, completion, classification or text data (torchrun: DDP/FSDP)."""
+    """Fine-tune a checkpoint (full or LoRA) on chat, completion, classification or text data, or on preference
+    pairs with DPO (torchrun: DDP/FSDP)."""
     from gptkit.model.lora import LoRAConfig
     from gptkit.training.distributed import is_main_process
     from gptkit.training.finetune import DataSpec, FinetuneConfig, finetune as run
@@ -72,12 +80,13 @@ def finetune(
         for spec, v in zip(specs, val):
             spec.val = v
     lora = LoRAConfig(lora_rank, lora_alpha, lora_dropout, tuple(lora_targets.split(","))) if lora_rank else None
-    ft = FinetuneConfig(task=task, lora=lora, val_fraction=val_fraction, skip_bad=skip_bad)
+    ft = FinetuneConfig(task=task, method=method, beta=beta, ref=str(ref) if ref else None, lora=lora,
+                        val_fraction=val_fraction, skip_bad=skip_bad)
     last = run(base, specs, cfg, ft, resume=resume, log=lambda m: typer.echo(m, err=True))
     if is_main_process():
         typer.echo(f"done: step {last.get('step')} loss {last.get('loss', float('nan')):.4f}"
                    + (f" val_loss {last['val_loss']:.4f}" if "val_loss" in last else "")
-                   + f"; {last['method']}, {last['trainable_params']:,} trained parameters; checkpoint in {cfg.out_dir}")
+                   + f"; {last['weights']} {last['method']}, {last['trainable_params']:,} trained parameters; checkpoint in {cfg.out_dir}")
 
 
 @app.command("merge-lora")

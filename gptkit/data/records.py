@@ -6,6 +6,9 @@ Formats (detected per file from the first record; every record of a file must ma
     classify    .jsonl  {"text": "...", "label": "..." | int}
     text        .jsonl  {"text": "..."}   or any other file: plain text (continued pretraining)
     code        .jsonl  {"prompt": "...", "tests": "..."}                (evaluation only: pass@1)
+    preference  .jsonl  {"prompt": "...", "chosen": "...", "rejected": "..."}   (DPO; TRL's format)
+    chat_preference     the same with "prompt" a list of messages and each answer an assistant
+                        message (or a list of one, as TRL writes it)
 
 Language-model examples learn only their targets: assistant tokens (ChatML, rendered by
 `render_chat`, the function chat and the server use), the completion, or every token of
@@ -28,7 +31,8 @@ from gptkit.errors import GptkitError
 from gptkit.text.tokenizer import Tokenizer
 from gptkit.text.chat import render_chat
 
-FORMATS = ("chat", "completion", "classify", "text", "code")
+FORMATS = ("chat", "completion", "classify", "text", "code", "preference", "chat_preference")
+PREFERENCE = ("preference", "chat_preference")
 
 
 # ---------------------------------------------------------------------------- reading records
@@ -41,6 +45,8 @@ class Record:
 
 
 def detect_format(record: dict) -> str:
+    if "chosen" in record or "rejected" in record:
+        return "chat_preference" if isinstance(record.get("prompt"), list) else "preference"
     if "messages" in record:
         return "chat"
     if "tests" in record:
@@ -52,21 +58,47 @@ def detect_format(record: dict) -> str:
     if "text" in record:
         return "text"
     raise GptkitError(f"unknown record with fields {sorted(record)}; expected messages, prompt/completion, "
-                      "text/label, text or prompt/tests")
+                      "text/label, text, prompt/tests or prompt/chosen/rejected")
 
 
 def _check_chat(r: dict) -> None:
-    messages = r["messages"]
+    _check_messages(r["messages"], "messages")
+    if not any(m["role"] == "assistant" for m in r["messages"]):
+        raise GptkitError("no assistant message to learn from")
+
+
+def _check_messages(messages, name: str) -> None:
     if not isinstance(messages, list) or not messages:
-        raise GptkitError("'messages' must be a non-empty list")
+        raise GptkitError(f"{name!r} must be a non-empty list of messages")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
             role = m.get("role") if isinstance(m, dict) else m
-            raise GptkitError(f"messages[{i}]: role {role!r}; expected system, user or assistant")
+            raise GptkitError(f"{name}[{i}]: role {role!r}; expected system, user or assistant")
         if not isinstance(m.get("content"), str):
-            raise GptkitError(f"messages[{i}]: 'content' must be a string")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise GptkitError("no assistant message to learn from")
+            raise GptkitError(f"{name}[{i}]: 'content' must be a string")
+
+
+def answer_message(answer) -> dict:
+    """A chat pair's answer as one assistant message: {"role": "assistant", ...} or TRL's list of one."""
+    return answer[0] if isinstance(answer, list) and len(answer) == 1 else answer
+
+
+def _check_pair(r: dict, chat: bool) -> None:
+    """prompt/chosen/rejected: strings, or (chat) messages and one assistant message per answer."""
+    for name in ("prompt", "chosen", "rejected"):
+        if name not in r:
+            raise GptkitError(f"missing field {name!r} (a preference pair is prompt, chosen and rejected)")
+    if not chat:
+        _check_fields(r, {"prompt": (str,), "chosen": (str,), "rejected": (str,)})
+    else:
+        _check_messages(r["prompt"], "prompt")
+        for name in ("chosen", "rejected"):
+            m = answer_message(r[name])
+            if not isinstance(m, dict) or m.get("role") != "assistant" or not isinstance(m.get("content"), str):
+                raise GptkitError(f"field {name!r} must be one assistant message {{\"role\": \"assistant\", "
+                                  f"\"content\": \"...\"}} (the prompt is a list of messages), got {r[name]!r}")
+    if r["chosen"] == r["rejected"]:
+        raise GptkitError("field 'rejected' is identical to 'chosen': a pair needs two different answers")
 
 
 def _check_fields(r: dict, fields: dict[str, tuple[type, ...]]) -> None:
@@ -83,6 +115,8 @@ CHECKS: dict[str, Callable[[dict], None]] = {
     "classify": lambda r: _check_fields(r, {"text": (str,), "label": (str, int)}),
     "text": lambda r: _check_fields(r, {"text": (str,)}),
     "code": lambda r: _check_fields(r, {"prompt": (str,), "tests": (str,)}),
+    "preference": lambda r: _check_pair(r, chat=False),
+    "chat_preference": lambda r: _check_pair(r, chat=True),
 }
 
 
@@ -103,6 +137,10 @@ def read_records(path: str | Path, skip_bad: bool = False) -> tuple[str, list[Re
             r = parse_object(line)
             fmt = fmt or detect_format(r)
             if detect_format(r) != fmt:
+                if {fmt, detect_format(r)} == set(PREFERENCE):
+                    raise GptkitError(f"field 'prompt' is {'a list of messages' if fmt == 'preference' else 'a string'}"
+                                      f" but the file's first pair has {'a string' if fmt == 'preference' else 'messages'}"
+                                      "; a file holds chat pairs or plain pairs, not both")
                 raise GptkitError(f"a {detect_format(r)} record in a {fmt} file")
             CHECKS[fmt](r)
         except GptkitError as e:
@@ -198,9 +236,12 @@ def class_examples(records: list[Record], tokenizer: Tokenizer, block_size: int,
 class TaskBatches:
     """Random training batches and fixed validation batches of one task's examples.
 
-    A batch is (x, y) for a language-model task, as `lm_loss` takes it, or (x, last, labels)
-    for classification: x (B, T) right-padded with `pad_id`, y (B, T) with -100 on padding,
-    last (B,) the index of each row's last real token. x comes first, as the trainer expects.
+    A batch is (x, y) for a language-model task, as `lm_loss` takes it, (x, last, labels)
+    for classification, or (x, y, ref) for preference pairs (gptkit.data.pairs): x (B, T)
+    right-padded with `pad_id`, y (B, T) with -100 on padding, last (B,) the index of each
+    row's last real token; a pair batch holds 2B rows, the B chosen answers then the B
+    rejected ones, and ref (2B,) their reference log-probabilities. x comes first, as the
+    trainer expects.
 
     Under torchrun, as `TokenShards`, every process draws the same global batch of
     batch_size x world_size examples and keeps its slice, followed by its share: the float
@@ -218,14 +259,23 @@ class TaskBatches:
         self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
 
-    def collate(self, examples: list[Example]) -> tuple:
-        T = max(len(e.ids) for e in examples)
-        x = torch.tensor([e.ids + [self.pad_id] * (T - len(e.ids)) for e in examples])  # (B, T)
+    def collate(self, examples: list) -> tuple:
+        if self.kind == "preference":  # every pair's chosen row, then every rejected row: one forward for both
+            x, y = self.pad_rows([e.chosen for e in examples] + [e.rejected for e in examples])
+            ref = torch.tensor([e.ref[0] for e in examples] + [e.ref[1] for e in examples])  # (2B,)
+            return x, y, ref
+        x, y = self.pad_rows(examples)
         if self.kind == "classify":
             last = torch.tensor([len(e.ids) - 1 for e in examples])  # (B,)
             return x, last, torch.tensor([e.label for e in examples])
-        y = torch.tensor([e.targets + [-100] * (T - len(e.targets)) for e in examples])  # (B, T)
         return x, y
+
+    def pad_rows(self, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        T = max(len(e.ids) for e in examples)
+        x = torch.tensor([e.ids + [self.pad_id] * (T - len(e.ids)) for e in examples])  # (B, T)
+        if examples[0].targets is None:
+            return x, None
+        return x, torch.tensor([e.targets + [-100] * (T - len(e.targets)) for e in examples])  # (B, T)
 
     def train_batch(self) -> tuple:
         idx = torch.randint(len(self.train), (self.batch_size * self.world_size,), generator=self.generator).tolist()
@@ -246,9 +296,9 @@ class TaskBatches:
             mine, share = examples[:1], 0.0
         return (*self.collate(mine), share)
 
-    def _weight(self, e: Example) -> int:
-        """What a batch's mean loss averages over: target tokens, or one label per row."""
-        return 1 if self.kind == "classify" else sum(t != -100 for t in e.targets)
+    def _weight(self, e) -> int:
+        """What a batch's mean loss averages over: target tokens, or one label or pair per row."""
+        return sum(t != -100 for t in e.targets) if self.kind == "lm" else 1
 
     def val_sets(self) -> dict[str, list]:
         return {"val": self.val_batches()} if self.val else {}

@@ -3,10 +3,12 @@
 
 Several files make a multi-task mixture sampled with weights, with one validation loss per task
 (`val_loss/<task>`). Classification trains a head on the last real token (gptkit.model.heads).
+Preference pairs train with DPO (gptkit.training.preference) instead of imitation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 from dataclasses import dataclass, field
@@ -19,13 +21,15 @@ import torch.nn.functional as F
 
 from gptkit.checkpoint.open import open_checkpoint
 from gptkit.config import TrainConfig
-from gptkit.data.records import Mixture, Record, TaskBatches, class_examples, lm_examples, read_records
+from gptkit.data.pairs import pair_examples
+from gptkit.data.records import PREFERENCE, Mixture, Record, TaskBatches, class_examples, lm_examples, read_records
 from gptkit.errors import GptkitError
 from gptkit.model.heads import CLASSIFY_HEAD, add_class_head, class_logits, resize_vocab
 from gptkit.model.lora import LoRAConfig, apply_lora, mark_trainable
 from gptkit.text.tokenizer import ChatTemplate, EOT, IM_END, IM_START, Tokenizer
 from gptkit.training.distributed import close_distributed, init_distributed, pick_device, processes
-from gptkit.training.loop import train
+from gptkit.training.loop import autocast_dtype, train
+from gptkit.training.preference import DPOLoss, fill_reference
 from gptkit.training.resume import resume_checkpoint
 
 
@@ -81,6 +85,9 @@ class DataSpec:
 @dataclass
 class FinetuneConfig:
     task: str = "auto"  # auto | lm | classify: what the data must be
+    method: str = "sft"  # sft (imitate the targets) | dpo (prefer chosen over rejected answers)
+    beta: float = 0.1  # DPO: how far the policy may move from the reference
+    ref: str | None = None  # DPO: the reference checkpoint (default: the base)
     lora: LoRAConfig | None = None  # None: full fine-tuning
     val_fraction: float = 0.05  # of a file's records, when it has no val file
     skip_bad: bool = False
@@ -98,7 +105,7 @@ class Task:
 
     @property
     def kind(self) -> str:
-        return "classify" if self.fmt == "classify" else "lm"
+        return "classify" if self.fmt == "classify" else "preference" if self.fmt in PREFERENCE else "lm"
 
 
 def load_tasks(specs: list[DataSpec], ft: FinetuneConfig) -> list[Task]:
@@ -130,7 +137,26 @@ def load_tasks(specs: list[DataSpec], ft: FinetuneConfig) -> list[Task]:
         raise GptkitError(f"--task {ft.task}: the data is {', '.join(f'{t.name} ({t.fmt})' for t in tasks)}")
     if sum(t.kind == "classify" for t in tasks) > 1:
         raise GptkitError("one classification file per run (its labels define the head)")
+    _check_method(tasks, ft)
     return tasks
+
+
+def _check_method(tasks: list[Task], ft: FinetuneConfig) -> None:
+    """DPO trains on preference pairs and nothing else; supervised methods on anything but pairs."""
+    if ft.method not in ("sft", "dpo"):
+        raise GptkitError(f"--method {ft.method}: expected sft (supervised) or dpo (preference pairs)")
+    if ft.method == "dpo":
+        other = next((t for t in tasks if t.kind != "preference"), None)
+        if other is not None:
+            raise GptkitError(f"--method dpo: {other.train[0].where.rsplit(':', 1)[0]} holds {other.fmt} records; "
+                              'DPO trains on {"prompt", "chosen", "rejected"} pairs')
+        if not ft.beta > 0:
+            raise GptkitError(f"--beta {ft.beta}: must be positive (0.1 is usual)")
+    else:
+        pairs = next((t for t in tasks if t.kind == "preference"), None)
+        if pairs is not None:
+            raise GptkitError(f"{pairs.train[0].where.rsplit(':', 1)[0]} holds preference pairs (prompt/chosen/"
+                              "rejected): train them with --method dpo")
 
 
 def _split(records: list[Record], fraction: float) -> tuple[list[Record], list[Record]]:
@@ -152,12 +178,16 @@ def build_batches(tasks: list[Task], tokenizer: Tokenizer, block_size: int, cfg:
         if t.kind == "classify":
             train, s = class_examples(t.train, tokenizer, block_size, labels)
             val, vs = class_examples(t.val, tokenizer, block_size, labels)
+        elif t.kind == "preference":
+            train, s = pair_examples(t.fmt, t.train, tokenizer, block_size)
+            val, vs = pair_examples(t.fmt, t.val, tokenizer, block_size)
         else:
             train, s = lm_examples(t.fmt, t.train, tokenizer, block_size, skip_bad)
             val, vs = lm_examples(t.fmt, t.val, tokenizer, block_size, skip_bad)
         stats[t.name] = {"format": t.fmt, "train": len(train), "val": len(val), "weight": t.weight,
                          "skipped": t.skipped + s["skipped"] + vs["skipped"],
-                         "truncated": s["truncated"] + vs["truncated"]}
+                         "truncated": s["truncated"] + vs["truncated"],
+                         "first_truncated": s.get("first_truncated") or vs.get("first_truncated")}
         batches[t.name] = TaskBatches(t.kind, train, val, cfg.batch_size, tokenizer.eot_id, seed=cfg.seed,
                                       eval_batches=cfg.eval_batches, rank=rank, world_size=world_size)
     if len(batches) == 1:
@@ -171,7 +201,7 @@ def prepare_model(base: str | Path, tasks: list[Task], ft: FinetuneConfig) -> tu
     loaded = open_checkpoint(base)
     model, tokenizer = loaded.model, loaded.tokenizer
     extra: dict = {}
-    added = ensure_chat_tokens(model, tokenizer) if any(t.fmt == "chat" for t in tasks) else []
+    added = ensure_chat_tokens(model, tokenizer) if any(t.fmt in ("chat", "chat_preference") for t in tasks) else []
     if any(t.kind == "classify" for t in tasks):
         labels = ft.labels or _labels(next(t for t in tasks if t.kind == "classify"))
         add_class_head(model, len(labels))
@@ -219,26 +249,55 @@ def finetune(base: str | Path, specs: list[DataSpec], cfg: TrainConfig, ft: Fine
         tasks = load_tasks(specs, ft)
         torch.manual_seed(cfg.seed)  # new weights (LoRA, heads) the same in every process and every rerun
         model, tokenizer, extra = prepare_model(base, tasks, ft)
-        if resume:  # the run's newest intact checkpoint, with the structure prepare_model just built
-            loaded = resume_checkpoint(cfg.out_dir, log)
-            model, tokenizer, resume = loaded.model, loaded.tokenizer, loaded.meta.path
-            _freeze_for_lora(model, extra)
         device = pick_device(dist_info)
         model.to(device).train()
         data, stats = build_batches(tasks, tokenizer, model.config.block_size, cfg, extra.get("labels", []),
                                     ft.skip_bad, dist_info.rank, dist_info.world_size)
+        if ft.method == "dpo":  # from the weights before training (or --ref), so also when resuming
+            _score_reference(model, tokenizer, data, ft, cfg, device, log)
+        if resume:  # the run's newest intact checkpoint, with the structure prepare_model just built
+            loaded = resume_checkpoint(cfg.out_dir, log)
+            model, tokenizer, resume = loaded.model, loaded.tokenizer, loaded.meta.path
+            _freeze_for_lora(model, extra)
+            model.to(device).train()
         trainable, total = count_params(model)
         summary = {"base": str(base), "tasks": stats, "trainable_params": trainable, "total_params": total,
-                   "method": "lora" if ft.lora else "full"}
+                   "method": ft.method, "weights": "lora" if ft.lora else "full"}
+        if ft.method == "dpo":
+            summary.update(beta=ft.beta, ref=ft.ref or str(base))
         extra["finetune"] = summary
-        log(f"model: {total / 1e6:.2f}M parameters, {processes(dist_info, cfg, device)}")
-        for name, s in stats.items():
-            log(f"task {name}: {s['format']}, {s['train']} train / {s['val']} val examples, weight {s['weight']}, "
-                f"{s['skipped']} skipped as bad, {s['truncated']} truncated to the context")
-        log(f"{summary['method']} fine-tuning: {trainable:,} of {total:,} parameters trained "
-            f"({100 * trainable / total:.2f}%)")
-        last = train(model, data, cfg, tokenizer, loss_fn=finetune_loss, resume=resume, extra=extra,
+        _log_summary(summary, total, trainable, processes(dist_info, cfg, device), log)
+        loss_fn = DPOLoss(ft.beta) if ft.method == "dpo" else finetune_loss
+        last = train(model, data, cfg, tokenizer, loss_fn=loss_fn, resume=resume, extra=extra,
                      dist_info=dist_info, log=log)
     finally:
         close_distributed(dist_info)
     return {**last, **summary}
+
+
+def _log_summary(summary: dict, total: int, trainable: int, where: str, log: Callable[[str], None]) -> None:
+    log(f"model: {total / 1e6:.2f}M parameters, {where}")
+    for name, s in summary["tasks"].items():
+        log(f"task {name}: {s['format']}, {s['train']} train / {s['val']} val examples, weight {s['weight']}, "
+            f"{s['skipped']} skipped as bad, {s['truncated']} truncated to the context"
+            + (f" (the first: {s['first_truncated']}, cut from its start)" if s.get("first_truncated") else ""))
+    method = f"DPO (beta {summary['beta']}, reference {summary['ref']})" if summary["method"] == "dpo" else "supervised"
+    log(f"{summary['weights']} {method} fine-tuning: {trainable:,} of {total:,} parameters trained "
+        f"({100 * trainable / total:.2f}%)")
+
+
+def _score_reference(model: nn.Module, tokenizer: Tokenizer, data, ft: FinetuneConfig, cfg: TrainConfig,
+                     device: torch.device, log: Callable[[str], None]) -> None:
+    """The reference log-probabilities of every pair, from the model before training or from --ref."""
+    amp = torch.autocast(device.type, dtype=dt) if (dt := autocast_dtype(cfg, device)) else contextlib.nullcontext()
+    ref = model
+    if ft.ref:
+        loaded = open_checkpoint(ft.ref)
+        probe = "Hello, 世界! def f(x): return x + 1"
+        if (loaded.model.config.vocab_size != model.config.vocab_size
+                or loaded.tokenizer.encode(probe) != tokenizer.encode(probe)):
+            raise GptkitError(f"--ref {ft.ref}: its tokenizer or vocabulary differs from the base's; the reference "
+                              "must score the same token ids (give a checkpoint of the same family, or leave --ref out)")
+        ref = loaded.model.to(device)
+    n = fill_reference(ref, data, amp, batch_size=cfg.batch_size)
+    log(f"reference log-probabilities of {n} pairs computed ({'--ref ' + ft.ref if ft.ref else 'the base'})")

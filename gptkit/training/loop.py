@@ -34,7 +34,8 @@ from gptkit.training.distributed import Dist, full_model_state, grad_sync, optim
 from gptkit.training.optim import Optimizers, configure_optimizer, lr_at
 from gptkit.training.resume import check_same_optimizer, read_state, resume_layout, restore, rng_state
 
-LossFn = Callable[[torch.nn.Module, tuple], torch.Tensor]
+# (model, batch) -> the loss, or a dict of metrics holding it under "loss" (evaluations log them all)
+LossFn = Callable[[torch.nn.Module, tuple], torch.Tensor | dict[str, torch.Tensor]]
 
 
 def lm_loss(model: torch.nn.Module, batch: tuple) -> torch.Tensor:
@@ -58,26 +59,36 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data, loss_fn: LossFn, amp: contextlib.AbstractContextManager,
              dist_info: Dist, bytes_per_token: float | None = None) -> dict[str, float]:
-    """Mean loss over each validation set (averaged across processes), with perplexity and
-    bits per byte for the main one."""
+    """Mean loss (and whatever else the loss function reports) over each validation set,
+    averaged across processes, with perplexity and bits per byte for a language model's."""
     model.eval()
     out: dict[str, float] = {}
     for name, batches in data.val_sets().items():
-        total = torch.zeros(2)
+        sums: dict[str, float] = {}
         for batch in batches:
             with amp:
-                total += torch.tensor([loss_fn(model, _to(batch, _device_of(model))).float().item(), 1.0])
+                for key, value in _metrics(loss_fn(model, _to(batch, _device_of(model)))).items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
+        total = torch.tensor([*sums.values(), float(len(batches))], dtype=torch.float64)
         if dist_info.world_size > 1:
             dist.all_reduce(total)
-        out[f"{name}_loss" if name == "val" else f"val_loss/{name}"] = (total[0] / total[1]).item()
+        for key, value in zip(sums, (total[:-1] / total[-1]).tolist()):
+            out[f"val_{key}" if name == "val" else f"val_{key}/{name}"] = value
     model.train()
-    if "val_loss" not in out and out:  # several named sets: their mean is the headline
-        out["val_loss"] = sum(out.values()) / len(out)
-    if "val_loss" in out:
+    losses = [v for k, v in out.items() if k.startswith("val_loss/")]
+    if "val_loss" not in out and losses:  # several named sets: their mean is the headline
+        out["val_loss"] = sum(losses) / len(losses)
+    language_model = all(k.startswith("val_loss") for k in out)  # not, e.g., DPO's loss on pairs
+    if "val_loss" in out and language_model:
         out["val_ppl"] = math.exp(min(out["val_loss"], 50))
         if bytes_per_token:
             out["val_bpb"] = out["val_loss"] / math.log(2) / bytes_per_token
     return out
+
+
+def _metrics(out: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A loss function returns the loss, or a dict of metrics with the loss under "loss"."""
+    return out if isinstance(out, dict) else {"loss": out}
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
@@ -238,7 +249,7 @@ def _optimizer_step(run: _Run, lr: float, step: int) -> tuple[float, int]:
         tokens_per_step = batch[0].numel() * dist_info.world_size * cfg.grad_accum
         sync = micro == cfg.grad_accum - 1 or dist_info.world_size == 1
         with grad_sync(run.wrapped, sync), run.amp:
-            loss = run.loss_fn(run.runner, batch) / cfg.grad_accum
+            loss = _metrics(run.loss_fn(run.runner, batch))["loss"] / cfg.grad_accum
         loss.backward()
         loss_sum += loss.detach()
     params = list(run.raw.parameters())
