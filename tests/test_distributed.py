@@ -20,6 +20,7 @@ from test_pretrain_cli import ARGS, _losses, _run, data_dir  # noqa: F401 (data_
 # completions of different lengths, so the two processes' slices hold different numbers of target tokens
 QA = [{"prompt": f"q{i} what? ", "completion": "ab" * (1 + i % 5) + f" {i}"} for i in range(20)]
 CLS = [{"text": f"{w} {i}", "label": w[:3]} for i in range(6) for w in ("apple pie", "zebra run")]
+PAIRS = [{"prompt": f"q{i} what? ", "chosen": "ab" * (1 + i % 3), "rejected": f"no {i}"} for i in range(20)]
 FT = ["--max-steps", "6", "--lr", "3e-3", "--warmup-steps", "1", "--eval-interval", "3", "--eval-batches", "4",
       "--val-fraction", "0.25", "--log-interval", "1"]
 
@@ -66,10 +67,11 @@ def base(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,mixture", [([], False), (["--lora-rank", "4"], False), ([], True)],
-                         ids=["full", "lora", "lm+classify-mixture"])
+@pytest.mark.parametrize("method,mixture", [([], False), (["--lora-rank", "4"], False), ([], True),
+                                            (["--method", "dpo", "--optimizer", "adamw"], False)],
+                         ids=["full", "lora", "lm+classify-mixture", "dpo"])
 def test_finetune_two_processes_match_one_process(tmp_path, base, method, mixture):
-    data = [write_jsonl(tmp_path / "qa.jsonl", QA)]
+    data = [write_jsonl(tmp_path / "qa.jsonl", PAIRS if "dpo" in method else QA)]
     if mixture:  # the classification head sits out the LM batches: DDP must allow unused parameters
         data.append(write_jsonl(tmp_path / "cls.jsonl", CLS))
     single = gptkit("finetune", base, *data, "--out", str(tmp_path / "one"), "--batch-size", "4", *method, *FT)
@@ -110,9 +112,10 @@ def test_fsdp_pretraining_matches_one_process_and_resumes_exactly(tmp_path, data
 
 
 @pytest.mark.slow
-def test_fsdp_lora_classification_with_activation_checkpointing_matches_one_process(tmp_path, base):
-    data = write_jsonl(tmp_path / "cls.jsonl", CLS)
-    args = [base, data, "--lora-rank", "4", *FT]
+@pytest.mark.parametrize("kind", ["classify", "dpo"])
+def test_fsdp_lora_with_activation_checkpointing_matches_one_process(tmp_path, base, kind):
+    data = write_jsonl(tmp_path / "data.jsonl", CLS if kind == "classify" else PAIRS)
+    args = [base, data, "--lora-rank", "4", *FT, *(["--method", "dpo"] if kind == "dpo" else [])]
     one = gptkit("finetune", *args, "--out", str(tmp_path / "one"), "--batch-size", "4")
     assert one.returncode == 0, one.stderr
     two = torchrun("finetune", *args, "--out", str(tmp_path / "two"), "--batch-size", "2", "--strategy", "fsdp",

@@ -34,8 +34,8 @@ def write_jsonl(path, records) -> str:
     return str(path)
 
 
-def make_base(folder, specials=None, seed=0, block_size=48):
-    tok = CharTokenizer(CHARS, specials)
+def make_base(folder, specials=None, seed=0, block_size=48, extra_chars=""):
+    tok = CharTokenizer(sorted(set(CHARS) | set(extra_chars)), specials)
     torch.manual_seed(seed)
     model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32))
     save_checkpoint(folder, model, tok)

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from gptkit.checkpoint.rundir import resolve_checkpoint
 from gptkit.cli import app
-from gptkit.recipes.finetune import first_sentence, run_recipe, sums
+from gptkit.recipes.finetune import first_sentence, sums
+from gptkit.recipes.run import run_recipe
 
 pytestmark = pytest.mark.slow
 

@@ -33,7 +33,7 @@ def demo(
 
 @app.command()
 def recipe(
-    name: Annotated[str, typer.Argument(help="arithmetic | docs | classify | multitask")],
+    name: Annotated[str, typer.Argument(help="arithmetic | docs | classify | multitask | preference")],
     out: Annotated[Path, typer.Option(help="folder for the recipe's data and checkpoints")] = Path("runs/recipes"),
     base: Annotated[Optional[Path], typer.Option(help="docs: the base checkpoint (default runs/demo/model, "
                                                       "else a small one is trained first)")] = None,
@@ -42,7 +42,7 @@ def recipe(
     optimizer: Annotated[str, field_option(TrainConfig, "optimizer")] = TrainConfig.optimizer,
 ) -> None:
     """Prove learning end to end on locally generated data; the last line is one JSON object of metrics."""
-    from gptkit.recipes.finetune import run_recipe
+    from gptkit.recipes.run import run_recipe
 
     metrics = run_recipe(name, out, base=str(base) if base else None, fast=fast, seed=seed, optimizer=optimizer,
                          log=lambda m: typer.echo(m, err=True))

@@ -61,6 +61,10 @@ class Scale:
     lora_steps: int = 2500
     batch_size: int = 32
     docs_steps: int = 400
+    pref_sft_steps: int = 1000  # the preference recipe: chat-tuning on demonstrations, then DPO
+    pref_steps: int = 400
+    pref_lr: float = 3e-4
+    pref_beta: float = 0.5
     test_size: int = 400
     base_docs: int = 0  # docstrings in the base's pretraining text (the base is for sums; 0 keeps it fast)
     optimizer: str = TrainConfig.optimizer  # of every training run (LoRA adapters and heads always use AdamW)
@@ -68,7 +72,7 @@ class Scale:
 
 FULL = Scale()
 FAST = Scale(max_operand=20, model=ModelConfig(vocab_size=512, block_size=64, n_layer=2, n_head=2, n_embd=64),
-             base_steps=600, base_batch_size=16, task_steps=500, class_steps=300, lora_steps=300, batch_size=32, docs_steps=150,
+             base_steps=600, base_batch_size=16, task_steps=500, class_steps=300, lora_steps=300, batch_size=32, docs_steps=150, pref_sft_steps=200, pref_steps=150,
              test_size=60)
 
 
@@ -318,21 +322,3 @@ def _rouge_on(ckpt: Path, conversations: list[dict], refs: list[str]) -> float:
     prompts = [render_chat(tokenizer, c["messages"])[0] for c in conversations]
     preds = generate_all(model, tokenizer, prompts, max_tokens=80)
     return mean([rouge_l(p, r) for p, r in zip(preds, refs)])
-
-
-RECIPES: dict[str, Callable[..., dict]] = {"arithmetic": arithmetic, "docs": docs_assistant,
-                                           "classify": classify_recipe, "multitask": multitask}
-
-
-def run_recipe(name: str, out: str | Path, *, base: str | None = None, fast: bool = False, seed: int = 1337,
-               optimizer: str = TrainConfig.optimizer, log: Log = print) -> dict:
-    """Run one recipe into out/ (fast: the small version); returns its metrics."""
-    if name not in RECIPES:
-        raise GptkitError(f"unknown recipe {name!r}; expected one of {', '.join(RECIPES)}")
-    import time
-
-    t0 = time.perf_counter()
-    out = Path(out) / f"{'fast' if fast else 'full'}-seed{seed}"
-    scale = dataclasses.replace(FAST if fast else FULL, optimizer=optimizer)
-    result = RECIPES[name](out, scale, seed, log, base=base)
-    return {**result, "seconds": round(time.perf_counter() - t0, 1)}
