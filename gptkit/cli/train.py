@@ -52,6 +52,8 @@ def finetune(
                                              "over its rejected one (Direct Preference Optimization)")] = "sft",
     beta: Annotated[float, typer.Option(help="dpo: how far the model may move from the reference (higher: "
                                              "less)")] = 0.1,
+    sft_weight: Annotated[float, typer.Option(help="dpo: plus this times the chosen answers' negative log-likelihood "
+                                                   "per token (RPO; keeps them likely, see docs/preference.md)")] = 0.0,
     ref: Annotated[Optional[Path], typer.Option(help="dpo: the reference checkpoint (default: the base itself; "
                                                      "its log-probabilities are computed once, before training)")] = None,
     task: Annotated[str, typer.Option(help="auto | lm | classify: what the data must be")] = "auto",
@@ -80,7 +82,7 @@ def finetune(
         for spec, v in zip(specs, val):
             spec.val = v
     lora = LoRAConfig(lora_rank, lora_alpha, lora_dropout, tuple(lora_targets.split(","))) if lora_rank else None
-    ft = FinetuneConfig(task=task, method=method, beta=beta, ref=str(ref) if ref else None, lora=lora,
+    ft = FinetuneConfig(task=task, method=method, beta=beta, sft_weight=sft_weight, ref=str(ref) if ref else None, lora=lora,
                         val_fraction=val_fraction, skip_bad=skip_bad)
     last = run(base, specs, cfg, ft, resume=resume, log=lambda m: typer.echo(m, err=True))
     if is_main_process():

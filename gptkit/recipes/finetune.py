@@ -65,6 +65,7 @@ class Scale:
     pref_steps: int = 400
     pref_lr: float = 3e-4
     pref_beta: float = 0.5
+    pref_sft_weight: float = 1.0  # plain DPO (0) lowered exact match here: see gptkit.recipes.preference
     test_size: int = 400
     base_docs: int = 0  # docstrings in the base's pretraining text (the base is for sums; 0 keeps it fast)
     optimizer: str = TrainConfig.optimizer  # of every training run (LoRA adapters and heads always use AdamW)
@@ -72,7 +73,7 @@ class Scale:
 
 FULL = Scale()
 FAST = Scale(max_operand=20, model=ModelConfig(vocab_size=512, block_size=64, n_layer=2, n_head=2, n_embd=64),
-             base_steps=600, base_batch_size=16, task_steps=500, class_steps=300, lora_steps=300, batch_size=32, docs_steps=150, pref_sft_steps=200, pref_steps=150,
+             base_steps=600, base_batch_size=16, task_steps=500, class_steps=300, lora_steps=300, batch_size=32, docs_steps=150, pref_sft_steps=500, pref_steps=150,
              test_size=60)
 
 

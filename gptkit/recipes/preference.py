@@ -74,7 +74,7 @@ def preference(out: Path, scale: Scale, seed: int, log: Log, **_) -> dict:
     dpo = folder / "dpo"
     cfg = train_cfg(dpo, scale.pref_steps, scale, seed, scale.pref_lr)
     cfg.eval_batches = -(-len(test_pairs) // cfg.batch_size)  # every held-out pair
-    last = finetune(sft, [dpo_spec], cfg, FinetuneConfig(method="dpo", beta=scale.pref_beta), log=log)
+    last = finetune(sft, [dpo_spec], cfg, FinetuneConfig(method="dpo", beta=scale.pref_beta, sft_weight=scale.pref_sft_weight), log=log)
 
     # 3. both models on the held-out questions, side by side
     qa = write_jsonl(folder / "data" / "test_qa.jsonl",

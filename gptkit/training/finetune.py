@@ -87,6 +87,7 @@ class FinetuneConfig:
     task: str = "auto"  # auto | lm | classify: what the data must be
     method: str = "sft"  # sft (imitate the targets) | dpo (prefer chosen over rejected answers)
     beta: float = 0.1  # DPO: how far the policy may move from the reference
+    sft_weight: float = 0.0  # DPO: plus this times the chosen answers' NLL per token (RPO)
     ref: str | None = None  # DPO: the reference checkpoint (default: the base)
     lora: LoRAConfig | None = None  # None: full fine-tuning
     val_fraction: float = 0.05  # of a file's records, when it has no val file
@@ -152,6 +153,8 @@ def _check_method(tasks: list[Task], ft: FinetuneConfig) -> None:
                               'DPO trains on {"prompt", "chosen", "rejected"} pairs')
         if not ft.beta > 0:
             raise GptkitError(f"--beta {ft.beta}: must be positive (0.1 is usual)")
+        if not ft.sft_weight >= 0:
+            raise GptkitError(f"--sft-weight {ft.sft_weight}: must be 0 (plain DPO) or positive")
     else:
         pairs = next((t for t in tasks if t.kind == "preference"), None)
         if pairs is not None:
@@ -264,10 +267,10 @@ def finetune(base: str | Path, specs: list[DataSpec], cfg: TrainConfig, ft: Fine
         summary = {"base": str(base), "tasks": stats, "trainable_params": trainable, "total_params": total,
                    "method": ft.method, "weights": "lora" if ft.lora else "full"}
         if ft.method == "dpo":
-            summary.update(beta=ft.beta, ref=ft.ref or str(base))
+            summary.update(beta=ft.beta, sft_weight=ft.sft_weight, ref=ft.ref or str(base))
         extra["finetune"] = summary
         _log_summary(summary, total, trainable, processes(dist_info, cfg, device), log)
-        loss_fn = DPOLoss(ft.beta) if ft.method == "dpo" else finetune_loss
+        loss_fn = DPOLoss(ft.beta, ft.sft_weight) if ft.method == "dpo" else finetune_loss
         last = train(model, data, cfg, tokenizer, loss_fn=loss_fn, resume=resume, extra=extra,
                      dist_info=dist_info, log=log)
     finally:
@@ -281,7 +284,10 @@ def _log_summary(summary: dict, total: int, trainable: int, where: str, log: Cal
         log(f"task {name}: {s['format']}, {s['train']} train / {s['val']} val examples, weight {s['weight']}, "
             f"{s['skipped']} skipped as bad, {s['truncated']} truncated to the context"
             + (f" (the first: {s['first_truncated']}, cut from its start)" if s.get("first_truncated") else ""))
-    method = f"DPO (beta {summary['beta']}, reference {summary['ref']})" if summary["method"] == "dpo" else "supervised"
+    method = "supervised"
+    if summary["method"] == "dpo":
+        method = (f"DPO (beta {summary['beta']}" + (f", sft weight {summary['sft_weight']}" if summary["sft_weight"] else "")
+                  + f", reference {summary['ref']})")
     log(f"{summary['weights']} {method} fine-tuning: {trainable:,} of {total:,} parameters trained "
         f"({100 * trainable / total:.2f}%)")
 

@@ -10,6 +10,12 @@ under the model being trained (pi) and under a frozen reference (ref). beta * [l
 is an answer's implicit reward: training raises the chosen answer's reward relative to the
 rejected one's, and beta sets how far the policy may drift from the reference to do it.
 
+DPO alone only asks the chosen answer to gain on the rejected one; it can meet that by pushing
+the rejected one down while the chosen one falls too, and the freed probability goes to
+answers neither of them is (measured in `gptkit recipe preference`: BENCHMARKS.md). sft_weight
+adds the chosen answers' negative log-likelihood per token (RPO, Pang et al. 2024; TRL's
+loss_type ["sigmoid", "sft"] with loss_weights [1, sft_weight]), which keeps them likely.
+
 The reference is the model before training (or a checkpoint given instead). Its
 log-probabilities are computed once, before the first step, and stored with the pairs, so
 memory holds one model; a resumed run computes them again from the same weights (the same
@@ -36,13 +42,18 @@ def sequence_logps(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.
     return -nll.view_as(y).sum(dim=-1)
 
 
-def dpo_terms(logps: torch.Tensor, ref: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
-    """The DPO loss and its diagnostics from (2B,) log-probabilities: B chosen rows, then B rejected."""
+def dpo_terms(logps: torch.Tensor, ref: torch.Tensor, beta: float, sft_weight: float = 0.0,
+              chosen_tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The DPO loss and its diagnostics from (2B,) log-probabilities: B chosen rows, then B rejected.
+    With sft_weight, plus that times the chosen answers' mean negative log-likelihood per token."""
     B = logps.shape[0] // 2
     chosen_reward = beta * (logps[:B] - ref[:B])
     rejected_reward = beta * (logps[B:] - ref[B:])
     margin = chosen_reward - rejected_reward
-    return {"loss": -F.logsigmoid(margin).mean(),
+    loss = -F.logsigmoid(margin).mean()
+    if sft_weight:
+        loss = loss + sft_weight * -logps[:B].sum() / chosen_tokens
+    return {"loss": loss,
             "reward_accuracy": (margin > 0).float().mean().detach(),
             "reward_margin": margin.mean().detach(),
             "logp_chosen": logps[:B].mean().detach(),
@@ -54,15 +65,16 @@ class DPOLoss:
     torchrun (see TaskBatches): the loss is a mean over pairs, so each process's mean is
     scaled by its share of the global batch's pairs."""
 
-    def __init__(self, beta: float):
-        self.beta = beta
+    def __init__(self, beta: float, sft_weight: float = 0.0):
+        self.beta, self.sft_weight = beta, sft_weight
 
     def __call__(self, model: nn.Module, batch: tuple) -> dict[str, torch.Tensor]:
         share = 1.0
         if isinstance(batch[-1], float):
             *batch, share = batch
         x, y, ref = batch
-        out = dpo_terms(sequence_logps(model, x, y), ref.to(torch.float32), self.beta)
+        chosen_tokens = (y[:y.shape[0] // 2] != -100).sum()
+        out = dpo_terms(sequence_logps(model, x, y), ref.to(torch.float32), self.beta, self.sft_weight, chosen_tokens)
         out["loss"] = out["loss"] * share
         return out
 
