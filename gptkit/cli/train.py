@@ -88,7 +88,7 @@ def finetune(
     if is_main_process():
         typer.echo(f"done: step {last.get('step')} loss {last.get('loss', float('nan')):.4f}"
                    + (f" val_loss {last['val_loss']:.4f}" if "val_loss" in last else "")
-                   + f"; {last['weights']} {last['method']}, {last['trainable_params']:,} trained parameters; checkpoint in {cfg.out_dir}")
+                   + f"; {last['weights']} {last['method'].upper()}, {last['trainable_params']:,} trained parameters; checkpoint in {cfg.out_dir}")
 
 
 @app.command("merge-lora")
