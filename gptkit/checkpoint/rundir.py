@@ -7,11 +7,14 @@
         manifest.json     written last: {"files": {name: {"size", "sha256"}}}
       step-000200/        older complete checkpoints (`--keep N`, default 2)
       metrics.jsonl, loss.png
+      .lock               held (flock) by the process that trains into RUN, with its PID and host
 
 A save builds `.step-000400.tmp-PID/`, writes the manifest last, renames the folder into
 place and then switches `latest`: a step folder with a manifest is complete, and a kill at
-any moment leaves the previous checkpoint and its pointer untouched. Leftovers (temporary
-folders and files, step folders without a manifest) are removed at the next start.
+any moment leaves the previous checkpoint and its pointer untouched. Temporary folders and
+files a killed save left are removed at the next start. A step folder without a manifest is
+never what a save leaves: it is damaged, never loaded and never deleted, but moved aside
+(`step-N.damaged`) with a warning. One run at a time: training holds RUN/.lock (see RunLock).
 
 Every command resolves the folder it is given through `resolve_checkpoint`: a run folder
 (its `latest`), one step folder, or a flat folder from before this layout (read as it is).
@@ -20,11 +23,14 @@ This module does not import torch, so the tokenizer can resolve folders too.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -151,6 +157,9 @@ def resolve_checkpoint(folder: str | os.PathLike, verify_files: bool = True) -> 
     folder = Path(folder)
     if (folder / MANIFEST).is_file():
         target = folder
+    elif STEP_RE.match(folder.name) and folder.is_dir():  # a save never leaves a step folder unsealed
+        raise GptkitError(f"{folder / MANIFEST}: missing, so the files cannot be verified (a step folder is sealed "
+                          "by its manifest; this one is damaged)" + _intact_hint(folder.parent, folder))
     elif is_run(folder):
         target = read_latest(folder) or step_folders(folder)[0]
         if not target.is_dir():
@@ -246,16 +255,71 @@ def prune(run: Path, keep: list[Path]) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def clean_leftovers(run: Path) -> list[str]:
-    """Remove what a killed save left behind: temporary folders and files, step folders
-    without a manifest. Returns their names."""
+def clean_leftovers(run: Path, warn: Callable[[str], None] = lambda m: None) -> list[str]:
+    """Remove what a killed save left behind (temporary folders and files); move step folders
+    without a manifest aside as damaged, with a warning. Returns the names removed."""
     if not run.is_dir():
         return []
     removed = []
     for p in sorted(run.iterdir()):
-        stale = (p.name.startswith(".") and (".tmp" in p.name or ".old-" in p.name)) or \
-                (STEP_RE.match(p.name) and p.is_dir() and not (p / MANIFEST).is_file())
-        if stale:
+        if p.name.startswith(".") and (".tmp" in p.name or ".old-" in p.name):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             removed.append(p.name)
+        elif STEP_RE.match(p.name) and p.is_dir() and not (p / MANIFEST).is_file():
+            aside = p.with_name(f"{p.name}.damaged")
+            os.rename(p, aside if not aside.exists() else p.with_name(f"{p.name}.damaged-{time.time_ns()}"))
+            warn(f"warning: {p} has no {MANIFEST} (a save never leaves one so): moved aside to {aside.name}, "
+                 "never loaded; delete it once you have looked")
     return removed
+
+
+class RunLock:
+    """An exclusive lock on a run folder for the life of a training run: RUN/.lock, flock'ed
+    and holding the owner's PID and host. A second run into the same folder (a second
+    --resume, workers left behind by a killed launcher) is refused in one line naming the
+    owner; the kernel drops the lock when its process dies, so a stale lock is simply taken."""
+
+    NAME = ".lock"
+
+    def __init__(self, run: str | os.PathLike):
+        self.path = Path(run) / self.NAME
+        self.fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 512).decode("utf-8", "replace").strip() or "another process"
+                os.close(fd)
+                raise GptkitError(f"{self.path.parent}: in use by {holder}; wait for that run to end (or stop it), "
+                                  "or give another --out") from None
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)  # locked a file its owner removed on release: try the current one
+        os.ftruncate(fd, 0)
+        os.write(fd, f"process {os.getpid()} on {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})\n"
+                 .encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # while still held; a newcomer checks it locked the current file
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == path.stat().st_ino
+    except FileNotFoundError:
+        return False

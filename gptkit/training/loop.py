@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from gptkit.checkpoint.format import save_checkpoint, unwrap
-from gptkit.checkpoint.rundir import clean_leftovers, prune, resume_candidate
+from gptkit.checkpoint.rundir import RunLock, clean_leftovers, prune, resume_candidate
 from gptkit.config import TrainConfig
 from gptkit.errors import GptkitError
 from gptkit.fileio import atomic_write_text
@@ -160,6 +160,13 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig, tokenizer=None, *, los
     """
     dist_info = dist_info or Dist()
     cfg = _fit_warmup(cfg, log if dist_info.master else lambda m: None)
+    # one run per folder: rank 0 holds its lock until the run ends (or its process dies)
+    with RunLock(cfg.out_dir) if dist_info.master else contextlib.nullcontext():
+        return _train(model, data, cfg, tokenizer, loss_fn, resume, extra, dist_info, log, on_step)
+
+
+def _train(model, data, cfg: TrainConfig, tokenizer, loss_fn: LossFn, resume: bool | Path, extra: dict | None,
+           dist_info: Dist, log: Callable[[str], None], on_step: Callable[[int, dict], None] | None) -> dict:
     run = _start(model, data, cfg, tokenizer, loss_fn, resume, extra, dist_info, log)
     progress = history.progress_bar(run.start_step, cfg, run.dist_info)
     bpt = data.bytes_per_token() if hasattr(data, "bytes_per_token") else None
@@ -207,7 +214,7 @@ def _start(model, data, cfg: TrainConfig, tokenizer, loss_fn: LossFn, resume: bo
     amp_dtype = autocast_dtype(cfg, device)
     amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     if dist_info.master:
-        removed = clean_leftovers(out_dir)
+        removed = clean_leftovers(out_dir, log)
         if removed:
             log(f"removed what an interrupted save left in {out_dir}: {', '.join(removed)}")
     start_step, saved = 0, []
