@@ -67,6 +67,12 @@ def test_pretrain_cli_resume_and_errors(tmp_path, data_dir):
                     "--resume", *ARGS])
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stderr and "done: step 12" in resumed.stdout
+    again = _run([sys.executable, "-m", "gptkit", "pretrain", str(data_dir), "--out", str(out), "--batch-size", "4",
+                  "--resume", *ARGS])  # a finished run: nothing to train, and its real last metrics
+    assert again.returncode == 0, again.stderr
+    assert "the run is at step 12 of --max-steps 12: nothing to train" in again.stderr
+    last_loss = resumed.stdout.split("loss ")[1].split()[0]
+    assert again.stdout.startswith(f"done: step 12 loss {last_loss}") and "nan" not in again.stdout
     missing = _run([sys.executable, "-m", "gptkit", "pretrain", str(tmp_path / "nope"), "--out", str(out)])
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: no meta.json; "

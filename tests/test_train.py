@@ -110,11 +110,20 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, char_data):
         loss = m(batch[0], targets=batch[1])
         return loss * float("nan") if calls["n"] > 10 and m.training else loss
 
-    with pytest.raises(GptkitError, match=r"loss became nan at step 11.*last good checkpoint"):
+    with pytest.raises(GptkitError, match=r"loss became nan at step 11; stopped without saving: the last good "
+                                          r"checkpoint, .*step-000010, is kept"):
         train(model, _data(char_data), _cfg(tmp_path, eval_interval=5), tok, loss_fn=poisoned, log=lambda m: None)
     good, cfg = (loaded := open_checkpoint(tmp_path)).model, loaded.meta
     assert cfg.step == 10
     assert all(torch.isfinite(p).all() for p in good.parameters())
+
+
+def test_nan_loss_before_any_save_says_there_is_none(tmp_path, char_data):
+    tok = char_data[0]
+    nan = lambda m, batch: m(batch[0], targets=batch[1]) * float("nan")  # noqa: E731
+    with pytest.raises(GptkitError, match=r"loss became nan at step 1; stopped without saving: no checkpoint had been "
+                                          r"saved in .* yet"):
+        train(_model(tok), _data(char_data), _cfg(tmp_path / "run"), tok, loss_fn=nan, log=lambda m: None)
 
 
 def _flat_checkpoint(folder, model, tok, step):

@@ -159,7 +159,8 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig, tokenizer=None, *, los
     snapshot the weights on the way).
     """
     dist_info = dist_info or Dist()
-    cfg = _fit_warmup(cfg, log if dist_info.master else lambda m: None)
+    log = log if dist_info.master else (lambda m: None)  # one process speaks for the job
+    cfg = _fit_warmup(cfg, log)
     # one run per folder: rank 0 holds its lock until the run ends (or its process dies)
     with RunLock(cfg.out_dir) if dist_info.master else contextlib.nullcontext():
         return _train(model, data, cfg, tokenizer, loss_fn, resume, extra, dist_info, log, on_step)
@@ -168,6 +169,10 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig, tokenizer=None, *, los
 def _train(model, data, cfg: TrainConfig, tokenizer, loss_fn: LossFn, resume: bool | Path, extra: dict | None,
            dist_info: Dist, log: Callable[[str], None], on_step: Callable[[int, dict], None] | None) -> dict:
     run = _start(model, data, cfg, tokenizer, loss_fn, resume, extra, dist_info, log)
+    if run.start_step >= run.end_step:  # a finished run resumed: its last metrics, nothing trained
+        log(f"the run is at step {run.start_step} of --max-steps {cfg.max_steps}: nothing to train "
+            "(raise --max-steps to train further)")
+        return _last_metrics(run.history, run.start_step)
     progress = history.progress_bar(run.start_step, cfg, run.dist_info)
     bpt = data.bytes_per_token() if hasattr(data, "bytes_per_token") else None
     last: dict = {}
@@ -191,6 +196,14 @@ def _train(model, data, cfg: TrainConfig, tokenizer, loss_fn: LossFn, resume: bo
             run.checkpoint(done)
     progress.close()
     return last
+
+
+def _last_metrics(rows: list[dict], step: int) -> dict:
+    """The newest value of every metric logged up to step (what train() returns at its end)."""
+    out: dict = {"step": step}
+    for row in rows:
+        out.update({k: v for k, v in row.items() if k != "step"})
+    return out
 
 
 def _fit_warmup(cfg: TrainConfig, log: Callable[[str], None]) -> TrainConfig:
@@ -272,8 +285,9 @@ def _optimizer_step(run: _Run, lr: float, step: int) -> tuple[float, int]:
     loss_value, norm_value = loss_sum.item(), float(grad_norm)
     if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
         what = f"loss became {loss_value}" if not math.isfinite(loss_value) else f"gradient norm became {norm_value}"
-        raise GptkitError(f"{what} at step {step + 1}; stopped without saving. "
-                          f"The last good checkpoint in {run.out_dir} is kept (lower --lr or check the data)")
+        kept = (f"the last good checkpoint, {run.saved[0]}, is kept" if run.saved
+                else f"no checkpoint had been saved in {run.out_dir} yet")
+        raise GptkitError(f"{what} at step {step + 1}; stopped without saving: {kept} (lower --lr or check the data)")
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     return loss_value, tokens_per_step

@@ -26,6 +26,7 @@ def pretrain(data_dir: str | Path, model_config, cfg: TrainConfig, *, init_from:
     init_from starts from a checkpoint's weights instead; resume continues cfg.out_dir.
     """
     dist_info = init_distributed()
+    log = log if dist_info.master else (lambda _: None)  # one process speaks for the job
     device = pick_device(dist_info)
     meta = read_meta(data_dir)
     tokenizer = load_tokenizer(Path(data_dir) / "tokenizer")
@@ -44,9 +45,8 @@ def pretrain(data_dir: str | Path, model_config, cfg: TrainConfig, *, init_from:
     model.to(device).train()
     data = TokenShards.from_dir(data_dir, model.config.block_size, cfg.batch_size, seed=cfg.seed,
                        eval_batches=cfg.eval_batches, rank=dist_info.rank, world_size=dist_info.world_size)
-    if dist_info.master:
-        log(f"model: {model.num_params() / 1e6:.2f}M parameters, {processes(dist_info, cfg, device)}; "
-            f"train tokens {meta['splits']['train']['tokens']:,}, val {meta['splits']['val']['tokens']:,}")
+    log(f"model: {model.num_params() / 1e6:.2f}M parameters, {processes(dist_info, cfg, device)}; "
+        f"train tokens {meta['splits']['train']['tokens']:,}, val {meta['splits']['val']['tokens']:,}")
     try:
         return train(model, data, cfg, tokenizer, resume=resume, dist_info=dist_info, log=log)
     finally:
