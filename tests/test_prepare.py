@@ -4,6 +4,7 @@ output independent of --workers, and one-line errors for bad input."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import sysconfig
 from pathlib import Path
@@ -197,6 +198,21 @@ def test_text_field_option(tmp_path, char_dir):
     _write(tmp_path / "a.jsonl", json.dumps({"body": "hello"}) + "\n")
     meta = _prepare([tmp_path / "a.jsonl"], char_dir, tmp_path / "out", text_field="body")
     assert meta["sources"][0]["documents"] == 1
+
+
+@pytest.mark.parametrize("content, reason", [
+    (bytes(range(256)) * 40, "it holds NUL bytes"),
+    ((b"text " + bytes(range(0x80, 0xff))) * 100, "96% of its first 64 KiB are not UTF-8"),
+    (b"plain text\n" * 7000 + bytes(range(0x80, 0xff)) * 300, "33% of its bytes are not UTF-8"),  # past the first 64 KiB
+])
+def test_binary_input_is_refused_unless_allowed(tmp_path, char_dir, content, reason):
+    (tmp_path / "blob.txt").write_bytes(content)
+    with pytest.raises(GptkitError, match=re.escape(f"{tmp_path / 'blob.txt'}: looks like a binary file, not text "
+                                                    f"({reason}); leave it out, or pass --allow-binary")):
+        _prepare([tmp_path / "blob.txt"], char_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing half-written
+    meta = _prepare([tmp_path / "blob.txt"], char_dir, tmp_path / "out", allow_binary=True, warn=lambda m: None)
+    assert meta["sources"][0]["bad_bytes"] > 0
 
 
 def test_invalid_utf8_is_replaced_counted_and_warned(tmp_path, char_dir):

@@ -61,6 +61,8 @@ def prepare(
                                                      "held out for validation")] = 0.005,
     workers: Annotated[int, typer.Option(help="encoding processes (1: this process; BPE then uses all cores)")] = 1,
     shard_tokens: Annotated[int, typer.Option(help="tokens per shard file")] = 100_000_000,
+    allow_binary: Annotated[bool, typer.Option(help="encode files that look binary (NUL bytes, over 5% invalid "
+                                                    "UTF-8) instead of refusing them")] = False,
 ) -> None:
     """Tokenize a corpus into train/val token shards (uint16/uint32 memmaps) plus meta.json."""
     from gptkit.checkpoint.rundir import resolve_checkpoint
@@ -68,7 +70,7 @@ def prepare(
 
     # a checkpoint's tokenizer may be named by its run folder: prepare reads the step folder it resolves to
     meta = run(inputs, resolve_checkpoint(tokenizer), out, text_field=text_field, val_fraction=val_fraction, workers=workers,
-               shard_tokens=shard_tokens, progress=sys.stderr.isatty(),
+               shard_tokens=shard_tokens, progress=sys.stderr.isatty(), allow_binary=allow_binary,
                warn=lambda m: typer.echo(f"warning: {m}", err=True))
     for split, s in meta["splits"].items():
         typer.echo(f"{split:5s} {s['tokens']:>12,} tokens  {s['documents']:>8,} documents  "

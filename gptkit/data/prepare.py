@@ -41,7 +41,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from gptkit.data.shards import ShardWriter, token_dtype
-from gptkit.data.sources import Source, decode_utf8, jsonl_documents, resolve_inputs
+from gptkit.data.sources import Source, binary_reason, decode_utf8, jsonl_documents, resolve_inputs
 from gptkit.data.sources import stdlib_documents  # noqa: F401  (what `prepare stdlib` reads, also named here)
 from gptkit.errors import GptkitError
 from gptkit.fileio import atomic_write_json, swap_in, temp_folder_beside
@@ -302,7 +302,7 @@ class _Totals:
 # ---------------------------------------------------------------------------- the stage
 def prepare(inputs: list[str], tokenizer_dir: str | os.PathLike, out: str | os.PathLike, *,
             text_field: str = "text", val_fraction: float = 0.005, workers: int = 1,
-            shard_tokens: int = DEFAULT_SHARD_TOKENS, progress: bool = False,
+            shard_tokens: int = DEFAULT_SHARD_TOKENS, progress: bool = False, allow_binary: bool = False,
             warn: Callable[[str], None] = lambda m: print(f"warning: {m}", file=sys.stderr)) -> dict:
     """Tokenize the inputs into OUT (see the module docstring); returns meta.json plus timing.
     tokenizer_dir is a tokenizer folder or a checkpoint's step folder (`gptkit prepare` resolves run folders)."""
@@ -313,6 +313,8 @@ def prepare(inputs: list[str], tokenizer_dir: str | os.PathLike, out: str | os.P
     t0 = time.perf_counter()
     tok = load_tokenizer(tokenizer_dir)
     sources = resolve_inputs(inputs)
+    if not allow_binary:  # before any work: a binary file would become shards of U+FFFD
+        _refuse_binary(sources)
     pieces = plan(sources, val_fraction)
     if not pieces:
         raise GptkitError(f"no text found in {' '.join(inputs)} (all files are empty)")
@@ -322,6 +324,8 @@ def prepare(inputs: list[str], tokenizer_dir: str | os.PathLike, out: str | os.P
     try:
         meta = _prepare_into(out, inputs, tok, sources, pieces, text_field, val_fraction, workers, shard_tokens,
                              progress, warn)
+        if not allow_binary:  # binary past the first 64 KiB shows in the count of the whole file
+            _refuse_binary(sources, {m["path"]: m["bad_bytes"] for m in meta["sources"]})
         swap_in(out, final)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
@@ -329,6 +333,14 @@ def prepare(inputs: list[str], tokenizer_dir: str | os.PathLike, out: str | os.P
     seconds = time.perf_counter() - t0
     n_tokens = sum(meta["splits"][s]["tokens"] for s in SPLITS)
     return {**meta, "seconds": seconds, "tokens_per_s": n_tokens / max(seconds, 1e-9)}
+
+
+def _refuse_binary(sources: list[Source], bad_bytes: dict[str, int] | None = None) -> None:
+    for src in sources:
+        reason = binary_reason(src, None if bad_bytes is None else bad_bytes[src.name])
+        if reason:
+            raise GptkitError(f"{src.name}: looks like a binary file, not text ({reason}); leave it out, or pass "
+                              "--allow-binary to encode it anyway (each invalid byte becomes U+FFFD)")
 
 
 def _prepare_into(out: Path, inputs: list[str], tok: Tokenizer, sources: list[Source], pieces: list[Piece],

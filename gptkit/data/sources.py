@@ -155,6 +155,23 @@ def decode_utf8(raw: bytes) -> tuple[str, int]:
         return _SURROGATE_ESCAPES.subn("\ufffd", text)
 
 
+BINARY_SHARE = 0.05  # invalid UTF-8 bytes above this share of a file: binary, not text with a few bad bytes
+_SNIFF_BYTES = 1 << 16
+
+
+def binary_reason(src: Source, bad_bytes: int | None = None) -> str | None:
+    """Why src looks like a binary file rather than text (None when it does not): NUL bytes or
+    more than BINARY_SHARE invalid UTF-8 (and over 64 bytes of it) in its first 64 KiB, or
+    (given the count from encoding the whole file) in all of it."""
+    head = src.read(0, min(src.size, _SNIFF_BYTES))
+    if b"\0" in head:
+        return "it holds NUL bytes"
+    bad, size = (decode_utf8(head)[1], len(head)) if bad_bytes is None else (bad_bytes, src.size)
+    if bad > max(BINARY_SHARE * size, 64):  # a short text with a few bad bytes is text
+        return f"{100 * bad / size:.0f}% of its {'first 64 KiB' if bad_bytes is None else 'bytes'} are not UTF-8"
+    return None
+
+
 def jsonl_documents(src: Source, start: int, text: str, text_field: str) -> Iterator[tuple[int, str]]:
     """(line index, text) of each document of a .jsonl piece that begins at byte `start`."""
     for lineno, line in enumerate(_lines(text)):
