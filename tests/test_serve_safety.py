@@ -70,7 +70,7 @@ def _train_classifier(folder: Path) -> Path:
 def setup(tmp_path_factory) -> dict:
     d = tmp_path_factory.mktemp("safety")
     keys = d / "keys.jsonl"
-    alice = add_key(keys, "alice", None, KeyLimits())
+    alice = add_key(keys, "alice", None, KeyLimits(), admin=True)
     bob = add_key(keys, "bob", ["lm"], KeyLimits(requests_per_minute=1000, tokens_per_minute=100000))
     (d / "blocklist.txt").write_text("# exact terms\nidiot\n坏蛋\n")
     return {"dir": d, "lm": _train_lm(d / "lm"), "cls": _train_classifier(d), "keys": keys, "alice": alice,
@@ -105,6 +105,7 @@ def test_keys_file_stores_hashes_and_bad_files_are_one_line_errors(tmp_path):
     for bad, message in [('{"name": "x"}', "sha256"), ('{"name": "x", "sha256": "' + "0" * 64 + '", "rpm": 1}',
                                                          "unknown field"),
                          ('{"name": "x", "sha256": "' + "0" * 64 + '", "concurrent_requests": 0}', "positive"),
+                         ('{"name": "x", "sha256": "' + "0" * 64 + '", "admin": "yes"}', "`admin` must be true or false"),
                          ("not json", "not JSON")]:
         (tmp_path / "bad.jsonl").write_text(bad + "\n")
         with pytest.raises(GptkitError, match=message):
@@ -116,10 +117,16 @@ def test_keys_file_stores_hashes_and_bad_files_are_one_line_errors(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip().startswith("gk-") and r.stdout.strip() not in keys.read_text()
     assert load_keys(keys)[1].name == "cli"
+    r = subprocess.run([sys.executable, "-m", "gptkit", "keys", "add", "ops", "--file", str(keys), "--admin"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and load_keys(keys)[2].admin and not load_keys(keys)[1].admin
+    listed = subprocess.run([sys.executable, "-m", "gptkit", "keys", "list", "--file", str(keys)],
+                            capture_output=True, text=True, timeout=120).stdout.splitlines()
+    assert listed[2].endswith("\tadmin") and not listed[1].endswith("admin")
     r = subprocess.run([sys.executable, "-m", "gptkit", "keys", "add", "bad", "--file", str(keys), "--tpm", "-1"],
                        capture_output=True, text=True, timeout=120)
     assert (r.returncode, r.stderr) == (2, "error: --tpm -1: expected a positive integer (leave it out for no limit)\n")
-    assert len(load_keys(keys)) == 2  # nothing written
+    assert len(load_keys(keys)) == 3  # nothing written
 
 
 @pytest.mark.slow
@@ -136,7 +143,9 @@ def test_every_route_but_the_open_ones_needs_a_key(served, setup):
     with pytest.raises(openai.AuthenticationError):
         client(served, wrong).models.list()
     ok = {"Authorization": f"Bearer {setup['alice']}"}
-    assert httpx.get(f"{served}/metrics", headers=ok).status_code == 200
+    assert httpx.get(f"{served}/metrics", headers=ok).status_code == 200  # alice is an admin key
+    r = httpx.get(f"{served}/metrics", headers={"Authorization": f"Bearer {setup['bob']}"})  # bob is not
+    assert r.status_code == 403 and r.json()["error"]["code"] == "permission_denied" and "alice" not in r.text
     assert httpx.get(f"{served}/openapi.json", headers=ok).status_code == 200
     assert httpx.get(f"{served}/docs", headers=ok).status_code == 404  # off with keys: it needs a CDN
 
@@ -146,8 +155,20 @@ def test_a_key_sees_and_uses_only_its_models(served, setup):
     assert [m.id for m in client(served, setup["alice"]).models.list()] == ["lm", "other"]
     bob = client(served, setup["bob"])
     assert [m.id for m in bob.models.list()] == ["lm"]
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.NotFoundError) as forbidden:
         bob.completions.create(model="other", prompt="The", max_tokens=2)
+    with pytest.raises(openai.NotFoundError) as missing:
+        bob.completions.create(model="ghost", prompt="The", max_tokens=2)
+    # a model the key may not use answers exactly as one that does not exist: existence does not leak
+    assert forbidden.value.body["message"].replace("'other'", "'ghost'") == missing.value.body["message"]
+    assert "other" not in missing.value.body["message"]
+    # and neither 404 counted against bob's requests per minute
+    before = bob.models.with_raw_response.list().headers["x-ratelimit-remaining-requests"]
+    for _ in range(3):
+        with pytest.raises(openai.NotFoundError):
+            bob.completions.create(model="ghost", prompt="The", max_tokens=2)
+    after = bob.models.with_raw_response.list().headers["x-ratelimit-remaining-requests"]
+    assert int(after) == int(before) - 1  # only the second models.list() counted
     r = bob.completions.with_raw_response.create(model="lm", prompt="Thank", max_tokens=3, temperature=0)
     assert r.headers["x-ratelimit-limit-requests"] == "1000" and r.headers["x-ratelimit-limit-tokens"] == "100000"
     assert int(r.headers["x-ratelimit-remaining-requests"]) < 1000 and r.headers["x-ratelimit-reset-requests"]

@@ -137,6 +137,7 @@ def keys_add(
     tpm: Annotated[Optional[int], typer.Option(help="tokens per minute, prompt + completion (default: no limit)")
                    ] = None,
     concurrent: Annotated[Optional[int], typer.Option(help="requests in flight (default: no limit)")] = None,
+    admin: Annotated[bool, typer.Option(help="may read /metrics (every key's name and traffic)")] = False,
 ) -> None:
     """Make a key, store its SHA-256 in FILE, and print the key: it is shown only this once."""
     from gptkit.server.auth import add_key
@@ -146,7 +147,7 @@ def keys_add(
         if value is not None and value < 1:
             fail(f"{option} {value}: expected a positive integer (leave it out for no limit)")
     model_list = [m.strip() for m in models.split(",") if m.strip()] if models else None
-    key = add_key(file, name, model_list, KeyLimits(rpm, tpm, concurrent))
+    key = add_key(file, name, model_list, KeyLimits(rpm, tpm, concurrent), admin)
     typer.echo(f"added key {name!r} to {file}; the key (shown only now):", err=True)
     typer.echo(key)
 
@@ -165,7 +166,7 @@ def keys_list(
                                                   ("tpm", k.limits.tokens_per_minute),
                                                   ("concurrent", k.limits.concurrent_requests)) if v is not None]
         typer.echo(f"{k.name}\tmodels: {', '.join(sorted(k.models)) if k.models else 'all'}\t"
-                   f"limits: {', '.join(limits) or 'none'}")
+                   f"limits: {', '.join(limits) or 'none'}" + ("\tadmin" if k.admin else ""))
 
 
 @keys_app.command("revoke")

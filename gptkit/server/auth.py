@@ -5,13 +5,16 @@ A keys file is JSON Lines, one key per line; the key itself is never stored, onl
     {"name": "alice", "sha256": "9f86d0...", "models": ["tiny"], "requests_per_minute": 60,
      "tokens_per_minute": 20000, "concurrent_requests": 4}
 
-`models` (default: every model) and the three limits (default: none) are optional.
+`models` (default: every model) and the three limits (default: none) are optional; `"admin": true`
+lets a key read /metrics, which names every key and its traffic (`--api-key`'s key is admin).
 `gptkit keys add NAME --file keys.jsonl ...` makes a key, appends its line and prints the key
 once. `--api-key KEY` is the one-key shortcut (name "default", no limits).
 
 With any key configured, every path needs `Authorization: Bearer KEY` except OPEN_PATHS:
 /health (load balancers), and the files of the chat page (webui.PAGE_PATHS: the page holds no
-secrets and asks its user for a key). /metrics is open only with `--public-metrics`.
+secrets and asks its user for a key). /metrics needs an admin key, or is open to all with
+`--public-metrics`. A model a key may not use answers exactly as a missing one (404), and
+requests answered 404 do not count against the key's requests per minute.
 /docs and /redoc are switched off when keys are set (they load Swagger/ReDoc from a CDN);
 /openapi.json stays, behind the key. The key never appears in logs, errors or metrics: only
 its name does.
@@ -28,7 +31,7 @@ from pathlib import Path
 from gptkit.errors import GptkitError
 from gptkit.fileio import atomic_write_text
 from gptkit.server.context import current_request
-from gptkit.server.errors import APIError, error_response
+from gptkit.server.errors import error_response
 from gptkit.server.ratelimit import KeyLimiter, KeyLimits, RateLimited, WINDOW_S, retry_headers
 from gptkit.server.webui import PAGE_PATHS
 
@@ -55,9 +58,10 @@ class ApiKey:
     sha256: str
     models: frozenset[str] | None = None  # None: every model
     limits: KeyLimits = KeyLimits()
+    admin: bool = False  # may read /metrics
 
     def to_json(self) -> dict:
-        out: dict = {"name": self.name, "sha256": self.sha256}
+        out: dict = {"name": self.name, "sha256": self.sha256, **({"admin": True} if self.admin else {})}
         if self.models is not None:
             out["models"] = sorted(self.models)
         for k in ("requests_per_minute", "tokens_per_minute", "concurrent_requests"):
@@ -72,7 +76,7 @@ _LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "concurrent_request
 def parse_key(data: dict, where: str) -> ApiKey:
     if not isinstance(data, dict):
         raise GptkitError(f"{where}: expected a JSON object")
-    unknown = set(data) - {"name", "sha256", "models", *_LIMIT_FIELDS}
+    unknown = set(data) - {"name", "sha256", "models", "admin", *_LIMIT_FIELDS}
     if unknown:
         raise GptkitError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
     name, digest = data.get("name"), data.get("sha256")
@@ -83,13 +87,16 @@ def parse_key(data: dict, where: str) -> ApiKey:
     models = data.get("models")
     if models is not None and (not isinstance(models, list) or not all(isinstance(m, str) for m in models)):
         raise GptkitError(f"{where}: `models` must be a list of model names")
+    if not isinstance(data.get("admin", False), bool):
+        raise GptkitError(f"{where}: `admin` must be true or false")
     limits = {}
     for k in _LIMIT_FIELDS:
         v = data.get(k)
         if v is not None and (type(v) is not int or v < 1):
             raise GptkitError(f"{where}: `{k}` must be a positive integer, got {v!r}")
         limits[k] = v
-    return ApiKey(name, digest, frozenset(models) if models is not None else None, KeyLimits(**limits))
+    return ApiKey(name, digest, frozenset(models) if models is not None else None, KeyLimits(**limits),
+                  data.get("admin", False))
 
 
 def load_keys(path: str | Path) -> list[ApiKey]:
@@ -115,7 +122,7 @@ def load_keys(path: str | Path) -> list[ApiKey]:
     return keys
 
 
-def add_key(path: str | Path, name: str, models: list[str] | None, limits: KeyLimits) -> str:
+def add_key(path: str | Path, name: str, models: list[str] | None, limits: KeyLimits, admin: bool = False) -> str:
     """Append a new key to the keys file (created if missing); returns the key, which is
     stored nowhere else."""
     path = Path(path)
@@ -123,7 +130,7 @@ def add_key(path: str | Path, name: str, models: list[str] | None, limits: KeyLi
     if any(k.name == name for k in existing):
         raise GptkitError(f"{path}: a key named {name!r} exists already")
     key = new_key()
-    entry = ApiKey(name, hash_key(key), frozenset(models) if models else None, limits)
+    entry = ApiKey(name, hash_key(key), frozenset(models) if models else None, limits, admin)
     parse_key(entry.to_json(), name)  # the same checks as when it is loaded
     with path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(entry.to_json()) + "\n")
@@ -158,14 +165,6 @@ class KeyRing:
         return found
 
 
-def check_model(model: str) -> None:
-    """404 for a model the request's key may not use (as if it did not exist: the key learns
-    nothing about other keys' models)."""
-    allowed = current_request().key_models
-    if allowed is not None and model not in allowed:
-        raise APIError(404, f"model {model!r} not found for this API key", param="model", code="model_not_found")
-
-
 def model_allowed(model: str) -> bool:
     allowed = current_request().key_models
     return allowed is None or model in allowed
@@ -189,13 +188,17 @@ class KeyAuth:
             message = ("incorrect API key" if presented.strip() else
                        "missing API key: send the header `Authorization: Bearer <key>`")
             return await error_response(401, message, code="invalid_api_key")(scope, receive, send)
+        if scope["path"] == METRICS_PATH and not key.admin:
+            return await error_response(403, f"API key {key.name!r} may not read {METRICS_PATH} (it names every key and "
+                                        "its traffic): use an admin key (`gptkit keys add NAME --admin`), or start the "
+                                        "server with --public-metrics", code="permission_denied")(scope, receive, send)
         record = current_request()
         record.key_name, record.key_models = key.name, key.models
         limiter = self.ring.limiters.get(key.name)
         if limiter is None:
             return await self.app(scope, receive, send)
         try:
-            limiter.admit()
+            admitted = limiter.admit()
         except RateLimited as e:
             if self.on_limited:
                 self.on_limited(key.name, e.limit)
@@ -205,8 +208,11 @@ class KeyAuth:
                                         headers=headers)(scope, receive, send)
         record.meter = limiter
 
+        status = []
+
         async def send_with_headers(message) -> None:
             if message["type"] == "http.response.start":
+                status.append(message["status"])
                 message = {**message, "headers": list(message.get("headers", [])) +
                            [(k.encode(), v.encode()) for k, v in limiter.headers().items()]}
             await send(message)
@@ -215,3 +221,5 @@ class KeyAuth:
             await self.app(scope, receive, send_with_headers)
         finally:
             limiter.release()
+            if status == [404]:  # nothing was found to serve: not a request the key used up
+                limiter.refund(admitted)

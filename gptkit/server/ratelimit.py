@@ -57,6 +57,12 @@ class Window:
             self._log.append((now, amount))
             self._used += amount
 
+    def remove(self, t: float, amount: int) -> None:
+        """Take back an amount added at time t (a request that did not count after all)."""
+        if (t, amount) in self._log:
+            self._log.remove((t, amount))
+            self._used -= amount
+
     def wait(self, now: float, need: int = 1) -> float:
         """Seconds until `need` units are free again (0 when they are free now)."""
         used = self.used(now)
@@ -105,8 +111,8 @@ class KeyLimiter:
         self.in_flight = 0
         self._lock = threading.Lock()
 
-    def admit(self) -> None:
-        """Count one request in, or raise RateLimited naming the limit and the wait."""
+    def admit(self) -> float:
+        """Count one request in (returns when, for refund), or raise RateLimited naming the limit and the wait."""
         with self._lock:
             now = self.clock()
             cap = self.limits.concurrent_requests
@@ -121,6 +127,13 @@ class KeyLimiter:
             if self.requests is not None:
                 self.requests.add(now, 1)
             self.in_flight += 1
+            return now
+
+    def refund(self, admitted: float) -> None:
+        """The request admitted at that time does not count against requests per minute (a 404)."""
+        with self._lock:
+            if self.requests is not None:
+                self.requests.remove(admitted, 1)
 
     def release(self) -> None:
         with self._lock:

@@ -8,7 +8,7 @@ import time
 
 from gptkit.config import SampleConfig
 from gptkit.inference.requests import RequestHandle
-from gptkit.server.auth import ApiKey, KeyRing, check_model, hash_key, model_allowed
+from gptkit.server.auth import ApiKey, KeyRing, hash_key, model_allowed
 from gptkit.server.config import ServedModel, ServerConfig
 from gptkit.server.context import current_request
 from gptkit.server.errors import APIError
@@ -27,18 +27,17 @@ class Server:
         self.models = {m.name: m for m in models}
         self.config = config
         self.metrics = Metrics()
-        self.keys = KeyRing(config.api_keys + ([ApiKey("default", hash_key(config.api_key))] if config.api_key else []),
+        self.keys = KeyRing(config.api_keys + ([ApiKey("default", hash_key(config.api_key), admin=True)] if config.api_key else []),
                             config.limit_window_s)
         self.moderator = config.moderator
 
     def model(self, name: str | None) -> ServedModel:
         if name is None:
             name = next((m for m in self.models if model_allowed(m)), next(iter(self.models)))
-        if name not in self.models:
+        if name not in self.models or not model_allowed(name):  # forbidden answers as missing: nothing leaks
             raise APIError(404, f"model {name!r} not found; this server has: "
                            f"{', '.join(m for m in self.models if model_allowed(m))}",
                            param="model", code="model_not_found")
-        check_model(name)
         current_request().model = name
         return self.models[name]
 
