@@ -73,7 +73,9 @@ def temp_folder_beside(out: Path) -> Path:
 
 
 def _remove_stale_temps(out: Path) -> None:
-    """Temporary folders of killed runs into the same OUT (their process is gone)."""
+    """Temporary folders of killed runs into the same OUT (their process is gone), once an
+    interrupted swap has been finished or undone."""
+    recover_swap(out)
     for p in out.parent.glob(f".{out.name}.*-*"):
         kind, _, pid = p.name.rpartition("-")
         if kind.endswith((".tmp", ".old")) and pid.isdigit() and not _alive(int(pid)):
@@ -88,6 +90,27 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def recover_swap(out: Path) -> str | None:
+    """After a kill between swap_in's two renames, OUT is missing, `.OUT.old-PID` holds its
+    previous contents and `.OUT.tmp-PID` the new ones, finished (the swap starts only then).
+    Finish the swap, or put the old contents back when the new ones are not there; never leave
+    both to be removed as leftovers. Returns what was done (None: nothing to do)."""
+    if out.exists():
+        return None
+    for old in sorted(out.parent.glob(f".{out.name}.old-*")):
+        pid = old.name.rpartition("-")[2]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        new = out.parent / f".{out.name}.tmp-{pid}"
+        if new.is_dir():
+            os.rename(new, out)
+            shutil.rmtree(old, ignore_errors=True)
+            return f"finished the interrupted replacement of {out.name} (by process {pid})"
+        os.rename(old, out)
+        return f"restored {out.name}, which an interrupted replacement (process {pid}) had moved aside"
+    return None
 
 
 def swap_in(tmp: Path, out: Path) -> None:

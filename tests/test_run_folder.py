@@ -5,6 +5,7 @@ damaged (never loaded unverified, never deleted, moved aside with a warning)."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -93,3 +94,36 @@ def test_a_second_lock_in_the_same_process_is_refused(tmp_path):
     with RunLock(tmp_path / "run"):
         with pytest.raises(GptkitError, match=rf"in use by process {os.getpid()} on "):
             RunLock(tmp_path / "run").acquire()
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+@pytest.mark.parametrize("new_there", [True, False], ids=["new-complete", "new-missing"])
+def test_a_kill_between_the_two_renames_of_a_replacement_loses_nothing(tmp_path, new_there):
+    from gptkit.fileio import temp_folder_beside
+
+    out, pid = tmp_path / "data", _dead_pid()
+    (tmp_path / f".data.old-{pid}").mkdir()
+    (tmp_path / f".data.old-{pid}" / "meta.json").write_text("old")
+    if new_there:
+        (tmp_path / f".data.tmp-{pid}").mkdir()
+        (tmp_path / f".data.tmp-{pid}" / "meta.json").write_text("new")
+    tmp = temp_folder_beside(out)  # what the next `prepare` into the same --out does first
+    assert (out / "meta.json").read_text() == ("new" if new_there else "old")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["data", tmp.name])
+
+
+def test_a_step_saved_again_and_killed_between_renames_is_finished(tmp_path):
+    run = _run_with_two_steps(tmp_path / "run")
+    pid = _dead_pid()
+    os.rename(run / "step-000002", run / f".step-000002.old-{pid}")
+    shutil.copytree(run / f".step-000002.old-{pid}", run / f".step-000002.tmp-{pid}")
+    warnings: list[str] = []
+    clean_leftovers(run, warnings.append)
+    assert resolve_checkpoint(run) == run / "step-000002"  # complete and verified
+    assert warnings == [f"finished the interrupted replacement of step-000002 (by process {pid})"]
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 from gptkit.errors import GptkitError
-from gptkit.fileio import atomic_write_text, fsync_dir
+from gptkit.fileio import atomic_write_text, fsync_dir, recover_swap
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -260,6 +260,9 @@ def clean_leftovers(run: Path, warn: Callable[[str], None] = lambda m: None) -> 
     without a manifest aside as damaged, with a warning. Returns the names removed."""
     if not run.is_dir():
         return []
+    for old in sorted(run.glob(".step-*.old-*")):  # a step saved again, killed between its two renames
+        if (done := recover_swap(run / old.name[1:].rpartition(".old-")[0])):
+            warn(done)
     removed = []
     for p in sorted(run.iterdir()):
         if p.name.startswith(".") and (".tmp" in p.name or ".old-" in p.name):
