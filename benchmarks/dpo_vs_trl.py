@@ -19,7 +19,7 @@ wall time of each trainer: from loading the model to its saved result, imports d
 Each --sft-weight is one side-by-side run: 0 is plain DPO, w > 0 adds w x the chosen answers'
 NLL per token (gptkit's --sft-weight; TRL's loss_type ["sigmoid", "sft"], loss_weights [1, w]).
 
-Needs the dev extra (transformers) and TRL: `pip install trl==1.16.0`.
+Needs the bench extra (transformers and TRL, pinned): `pip install -e ".[bench]"`.
 """
 
 from __future__ import annotations

@@ -111,10 +111,13 @@ def test_page_opens_without_the_key_and_the_api_does_not(server):
         r = httpx.get(server + path)
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
         assert '<script src="/static/chat.js">' in r.text
+        csp = r.headers["content-security-policy"]  # only this server's files and API; never framed elsewhere
+        assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp and r.headers["x-frame-options"] == "DENY"
     for name in ("chat.js", "chat.css"):
         assert httpx.get(f"{server}/static/{name}").status_code == 200
     for f in WEB.iterdir():  # nothing is fetched from outside (no CDN)
         assert "http://" not in f.read_text() and "https://" not in f.read_text(), f.name
+    assert "content-security-policy" in httpx.get(f"{server}/static/chat.js").headers
     assert httpx.post(f"{server}/v1/attention", json={"text": "hi"}).status_code == 401
     assert httpx.get(f"{server}/static/nothing.js").status_code == 401  # only the page's own files are open
 
