@@ -75,6 +75,10 @@ def test_self_comparison_has_zero_differences_and_agrees_with_evaluate(setup):
     assert "| model | bits/byte |" in md and "a#2 − a" in md
     for png in ("speed.png", "bpb.png", "task.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in md
+    # every example's answers are saved; a model against itself never disagrees
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and rows[0]["where"].endswith("qa.jsonl:1") and set(rows[0]["answers"]) == {"a", "a#2"}
+    assert rows[0]["reference"] == QA[0]["completion"] and s["disagreements"] == []
 
 
 def test_different_models_prepared_data_and_int8_through_the_cli(setup):
@@ -138,5 +142,10 @@ def test_translation_into_chinese_is_scored_with_the_zh_tokenizer_and_says_so(se
     s = compare([a, b], CompareConfig(data=tmp / "text.txt", tasks=Path(tasks), task="translate", out=out,
                                       max_tokens=4, answer_tokens=4, bootstrap=50, speed_rounds=1))
     assert s["task"] == "translate" and s["bleu_tokenize"] == "zh"
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert rows[2]["reference"] == "我有2个梦想。" and set(rows[2]["answers"]) == {"a", "b"}
+    differ = [r for r in rows if r["answers"]["a"] != r["answers"]["b"]]
+    assert s["disagreements"] == differ[:10]  # two different random models: they differ somewhere
+    assert differ and "## Examples where the answers differ" in (out / "report.md").read_text()
     assert "sacrebleu's `zh` tokenizer" in (out / "report.md").read_text()
     assert ev.evaluate(a, "translate", tasks)["bleu_tokenize"] == "zh"

@@ -70,7 +70,8 @@ def compare(
     cfg = CompareConfig(data=data, tasks=tasks, task=task, prompts=prompts, out=out, max_tokens=max_tokens,
                         limit=limit, bootstrap=bootstrap, seed=seed)
     s = run(ckpts, cfg, log=lambda m: typer.echo(m, err=True))
-    typer.echo((out / "report.md").read_text(encoding="utf-8").split("## Answers")[0].rstrip())
+    report = (out / "report.md").read_text(encoding="utf-8")
+    typer.echo(report.split("## Examples where")[0].split("## Answers")[0].rstrip())  # the rest: in the files
     typer.echo(f"wrote {out / 'index.html'}, {out / 'report.md'}, {out / 'results.json'}")
     typer.echo(json.dumps(last_line(s)))
 

@@ -6,7 +6,9 @@ For each model, in one run on this machine:
             round counts, so load from other processes hits them alike)
     text    loss, perplexity and bits per byte on the same text (evaluate.perplexity)
     task    the metrics of `gptkit evaluate` on a task file, each with a bootstrap 95% interval
-            over examples, and the paired-bootstrap difference from the first model
+            over examples, and the paired-bootstrap difference from the first model; every
+            example's reference and answers in OUT/predictions.jsonl, the first ones where the
+            models disagree in the report
     prompts greedy and sampled (seeded) answers to the same prompts
 
 Bits per byte is the one text measure comparable across tokenizers (loss and perplexity are
@@ -38,6 +40,7 @@ from gptkit.config import ANSWER_MAX_TOKENS, ModelConfig, SampleConfig
 from gptkit.data.records import read_records
 from gptkit.data.shards import split_shards
 from gptkit.device import device_name, resolve_device, synchronize
+from gptkit.fileio import atomic_write_text
 from gptkit.errors import GptkitError
 from gptkit.evaluation.bootstrap import paired
 from gptkit.evaluation.compare_report import write_report
@@ -248,12 +251,32 @@ def compare(args: list[str], cfg: CompareConfig, log: Log = lambda m: None) -> d
         for res, v, d in zip(results, values, diffs):
             res.task, res.diff = v, d
     _speed(specs, results, cfg, log)
+    disagreements = _write_predictions(cfg, task, results, runs) if runs else []
     summary = {"models": [asdict(r) for r in results], "text_source": source, "task": task,
                "tasks_file": str(cfg.tasks) if cfg.tasks else None, "n_examples": len(runs[0].preds) if runs else 0,
                "bootstrap": cfg.bootstrap, "seed": cfg.seed, "device": _device(),
-               "bleu_tokenize": bleu_tokenizer(runs[0].refs) if task == "translate" and runs else None}
+               "bleu_tokenize": bleu_tokenizer(runs[0].refs) if task == "translate" and runs else None,
+               "disagreements": disagreements}
     write_report(summary, cfg.out)
     return summary
+
+
+def _write_predictions(cfg: CompareConfig, task: str, results: list, runs: list, shown: int = 10) -> list[dict]:
+    """OUT/predictions.jsonl: each example's place in the task file, reference and every model's
+    answer (for code: whether it passed), so a reader can see why a score is what it is.
+    Returns the first `shown` examples where the models' answers differ."""
+    records = read_records(cfg.tasks)[1][:cfg.limit]
+    rows = []
+    for i, rec in enumerate(records):
+        row = {"where": rec.where, "answers": {r.label: run.preds[i] for r, run in zip(results, runs)}}
+        if task == "code":
+            row["passed"] = {r.label: run.refs[i] for r, run in zip(results, runs)}
+        else:
+            row["reference"] = runs[0].refs[i]
+        rows.append(row)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(cfg.out / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return [r for r in rows if len({json.dumps(a) for a in r["answers"].values()}) > 1][:shown]
 
 
 def last_line(summary: dict) -> dict:

@@ -22,6 +22,7 @@ def write_report(s: dict, out: Path) -> None:
         _text(rep, models, s["text_source"], plt)
     if s["task"]:
         _task(rep, models, s, plt)
+        _disagreements(rep, models, s)
     if any(m["answers"] for m in models):
         _answers(rep, models)
     atomic_write_json(Path(out) / "results.json", s)
@@ -98,6 +99,17 @@ def _task(rep: Report, models: list[dict], s: dict, plt) -> None:
     ax.set_title(f"{s['task']} (95% bootstrap intervals)")
     ax.legend(fontsize=8)
     rep.figure("task", fig)
+
+
+def _disagreements(rep: Report, models: list[dict], s: dict) -> None:
+    rep.heading("Examples where the answers differ")
+    rep.text(f"The first {len(s['disagreements'])} of the task's examples where the models' answers are not all "
+             "the same; every example's answers are in predictions.jsonl.", note=True)
+    if s["disagreements"]:
+        key = "reference" if "reference" in s["disagreements"][0] else "passed"
+        rows = [[d["where"], str(d.get("reference", d.get("passed"))), *(str(d["answers"][m["label"]]) for m in models)]
+                for d in s["disagreements"]]
+        rep.table(["example", key, *(m["label"] for m in models)], rows, text_columns=tuple(range(1, 2 + len(models))))
 
 
 def _answers(rep: Report, models: list[dict]) -> None:
