@@ -79,6 +79,8 @@ def test_long_text_keeps_the_first_context(ckpt, byte_tok):
     model = open_checkpoint(ckpt).model
     maps = A.attention_maps(model.eval(), byte_tok, "a + b " * 40)
     assert maps.truncated and len(maps.token_ids) == 32 and maps.weights.shape == (2, 3, 32, 32)
+    capped = A.attention_maps(model.eval(), byte_tok, "a + b " * 40, max_tokens=8)  # the server's cap
+    assert capped.truncated and capped.token_ids == maps.token_ids[:8] and capped.weights.shape == (2, 3, 8, 8)
 
 
 def test_cjk_font_or_a_one_line_hint(ckpt, byte_tok, tmp_path, monkeypatch, capsys):

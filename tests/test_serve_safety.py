@@ -188,6 +188,9 @@ def test_moderations_endpoint_in_openais_shape(served, setup):
     assert first["categories"]["harassment"] and first["category_scores"]["harassment"] >= 0.6
     assert res.results[5].model_dump()["categories"]["blocklist"]
     assert c.moderations.create(input="please fix the printer before the meeting").results[0].flagged is False
+    big = httpx.post(f"{served}/v1/moderations", json={"input": ["thank you " * 4000, "fine " * 6000]},
+                     headers={"Authorization": f"Bearer {setup['alice']}"})  # 70,000 characters: refused before work
+    assert big.status_code == 400 and big.json()["error"]["param"] == "input" and "--max-moderation-chars" in big.text
     r = httpx.post(f"{served}/v1/moderations", content='{"input": "\\ud800"}',  # a lone surrogate: 400, not 500
                    headers={"Authorization": f"Bearer {setup['alice']}", "Content-Type": "application/json"})
     assert r.status_code == 400 and "lone surrogate" in r.json()["error"]["message"]
@@ -202,6 +205,18 @@ def test_a_flagged_prompt_is_a_400_content_filter(served, setup):
     with pytest.raises(openai.BadRequestError) as e:
         c.completions.create(model="lm", prompt=["fine", "you idiot"], max_tokens=2)
     assert e.value.code == "content_filter"
+
+
+@pytest.mark.slow
+def test_a_prompt_over_the_context_is_refused_before_moderation_runs(served, setup):
+    c = client(served, setup["alice"])
+    with pytest.raises(openai.BadRequestError) as e:  # flagged words, but too long: the cheap check answers
+        c.chat.completions.create(model="lm", messages=[{"role": "user", "content": "I will kill you tonight " * 50}],
+                                  max_tokens=4)
+    assert e.value.code == "context_length_exceeded" and e.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="lm", prompt="you idiot " * 50, max_tokens=2)
+    assert e.value.code == "context_length_exceeded" and e.value.body["param"] == "prompt"
 
 
 @pytest.mark.slow

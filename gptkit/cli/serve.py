@@ -60,6 +60,10 @@ def serve(
     max_stop_chars: Annotated[int, typer.Option(help="characters per stop string")] = 256,
     max_prompts: Annotated[int, typer.Option(help="prompts in one /v1/completions request")] = 64,
     max_request_tokens: Annotated[int, typer.Option(help="prompts x n x max_tokens one request may ask for")] = 32768,
+    max_moderation_chars: Annotated[int, typer.Option(help="characters of all texts of one /v1/moderations "
+                                                           "request")] = 65536,
+    max_attention_tokens: Annotated[int, typer.Option(help="tokens of text /v1/attention runs (its answer grows "
+                                                           "with heads x tokens^2)")] = 256,
     chat_template: Annotated[str, typer.Option(help="auto | chatml | plain: auto is the checkpoint's template, "
                                                     "else ChatML when the tokenizer has its tokens, else plain "
                                                     "text")] = "auto",
@@ -77,7 +81,8 @@ def serve(
 
     if max_queue < 1 or max_body < 1:
         fail(f"--max-queue {max_queue} and --max-body {max_body} must be at least 1")
-    limits = Limits(max_stop, max_stop_chars, max_prompts, max_request_tokens)
+    limits = Limits(max_stop, max_stop_chars, max_prompts, max_request_tokens, max_moderation_chars,
+                    max_attention_tokens)
     served = []
     for model_name, path in _model_specs(ckpt, name, model or []):
         engine, tokenizer = engine_for(path, max_batch=max_batch, quantize=quantize, dtype=dtype)

@@ -89,13 +89,13 @@ def token_labels(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
 
 
 @torch.inference_mode()
-def attention_maps(model: GPT, tokenizer: Tokenizer, text: str) -> AttentionMaps:
-    """Run `text` through the model's inspection pass; a text longer than the context keeps
-    its first block_size tokens."""
+def attention_maps(model: GPT, tokenizer: Tokenizer, text: str, max_tokens: int | None = None) -> AttentionMaps:
+    """Run `text` through the model's inspection pass; a text longer than the context (or
+    max_tokens) keeps its first tokens."""
     ids = tokenizer.encode(text)
     if not ids:
         raise GptkitError("the text is empty: nothing to attend to")
-    context = model.config.block_size
+    context = min(model.config.block_size, max_tokens or model.config.block_size)
     truncated = len(ids) > context
     ids = ids[:context]
     device = next(model.parameters()).device

@@ -79,7 +79,7 @@ def create_app(models: list[ServedModel], config: ServerConfig | None = None) ->
     app.state.server = server
     install_handlers(app)
     app.include_router(_routes(server))
-    app.include_router(moderation_routes(server.moderator, ERROR_RESPONSES))
+    app.include_router(moderation_routes(server.moderator, ERROR_RESPONSES, cfg.limits))
     app.include_router(attention_routes(server))
     mount_page(app)
     # the last added runs first: count every response, open its record, check the key and its

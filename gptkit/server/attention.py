@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 
 from gptkit.evaluation.attention import attention_maps
 from gptkit.server import schemas as S
+from gptkit.server.context import current_request
 from gptkit.server.errors import APIError
 from gptkit.server.state import Server
 
@@ -33,7 +34,8 @@ class AttentionResponse(BaseModel):
     n_layer: int
     n_head: int
     layer: int
-    truncated: bool = Field(description="the text was longer than the context: only its first tokens ran")
+    truncated: bool = Field(description="the text was longer than the context or --max-attention-tokens: only "
+                                        "its first tokens ran")
     weights: list[list[list[float]]] = Field(description="[head][query][key]; row i sums to 1 over keys 0..i")
 
 
@@ -46,8 +48,12 @@ def attention_routes(server: Server) -> APIRouter:
         served = server.model(body.model)
         if len(body.text) > MAX_TEXT:
             raise APIError(400, f"text has {len(body.text)} characters; at most {MAX_TEXT}", param="text")
-        # a forward on the served weights, off the event loop; the engine's thread only reads them too
-        maps = await asyncio.to_thread(attention_maps, served.engine.model, served.tokenizer, body.text)
+        # a forward on the served weights, off the event loop; the engine's thread only reads them too.
+        # Its answer holds heads x tokens^2 weights: the tokens are capped (--max-attention-tokens)
+        maps = await asyncio.to_thread(attention_maps, served.engine.model, served.tokenizer, body.text,
+                                       server.config.limits.max_attention_tokens)
+        if (meter := current_request().meter) is not None:  # counted against the key's tokens per minute
+            meter.charge(len(maps.token_ids))
         layer = maps.check(body.layer)
         return AttentionResponse(model=served.name, **maps.to_json(layer))
 

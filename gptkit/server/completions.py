@@ -11,17 +11,16 @@ import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator, Iterable
 
+from gptkit.errors import GptkitError
+from gptkit.inference.requests import check_prompt
 from gptkit.server import schemas as S
 from gptkit.server.config import ServedModel
 from gptkit.server.errors import APIError
 from gptkit.server.generation import Choice, EventStream, Generation, sample_config
 from gptkit.server.limits import Limits
 from gptkit.server.state import Server
-from gptkit.text.tokenizer import Tokenizer
-
-
-# ------------------------------------------------------------------------------------ text edges
 from gptkit.text.chat import render_chat
+from gptkit.text.tokenizer import Tokenizer
 
 
 # ------------------------------------------------------------------------------------ text edges
@@ -51,6 +50,15 @@ def encode_prompts(served: ServedModel, prompt: str | list, limits: Limits) -> l
         raise APIError(400, "prompt is empty: expected text or at least one token id", param="prompt")
     check_ids(served, [t for p in prompts for t in p], "prompt")
     return prompts
+
+
+def check_context(served: ServedModel, prompts: list[list[int]], max_tokens: int, param: str) -> None:
+    """400 context_length_exceeded (OpenAI's code) for a prompt that cannot fit with max_tokens."""
+    for p in prompts:
+        try:
+            check_prompt(p, max_tokens, served.engine.config)
+        except GptkitError as e:
+            raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
 
 
 def check_ids(served: ServedModel, ids: Iterable[int], param: str) -> None:
@@ -98,8 +106,9 @@ async def completions(server: Server, body: S.CompletionRequest) -> S.Completion
                        param="best_of")
     limits = server.config.limits
     limits.check_stop(body.stop)
-    prompts = encode_prompts(served, body.prompt, limits)
+    prompts = await asyncio.to_thread(encode_prompts, served, body.prompt, limits)  # a long body: off the event loop
     limits.check_tokens(len(prompts), body.n, body.max_tokens)
+    check_context(served, prompts, body.max_tokens, "prompt")  # the cheap checks first, moderation after them
     await server.moderate_input([served.tokenizer.decode(p) for p in prompts], "prompt")
     gen = server.generate(served, prompts, sample_config(body, body.max_tokens, body.logprobs), body.n)
     try:
@@ -170,12 +179,13 @@ async def chat_completions(server: Server, body: S.ChatCompletionRequest) -> S.C
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in body.messages]
     limits = server.config.limits
     limits.check_stop(body.stop)
-    ids, _ = render_chat(served.tokenizer, messages)
-    await server.moderate_input([m["content"] for m in messages], "messages")
+    ids, _ = await asyncio.to_thread(render_chat, served.tokenizer, messages)  # a long body: off the event loop
     # default: the rest of the context (at least 1, so a full context is a 400 naming both numbers)
     max_tokens = (body.max_completion_tokens or body.max_tokens
                   or limits.default_max_tokens(served.context - len(ids), body.n))
     limits.check_tokens(1, body.n, max_tokens, "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
+    check_context(served, [ids], max_tokens, "messages")  # the cheap checks first, moderation after them
+    await server.moderate_input([m["content"] for m in messages], "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sample_config(body, max_tokens, logprobs)
     params.stop += served.tokenizer.chat_template.stop  # the plain template ends at the next role marker

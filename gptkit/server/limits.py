@@ -21,6 +21,8 @@ class Limits:
     max_stop_chars: int = 256  # characters per stop string (matching cost grows with length)
     max_prompts: int = 64  # prompts in one /v1/completions request (a list of texts or of id lists)
     max_request_tokens: int = 32768  # prompts x n x max_tokens: tokens one request may ask to generate
+    max_moderation_chars: int = 65536  # characters of all the texts of one /v1/moderations request
+    max_attention_tokens: int = 256  # tokens /v1/attention runs: its answer grows with heads x tokens^2
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -47,6 +49,12 @@ class Limits:
             raise APIError(400, f"{prompts} prompt(s) x n={n} x max_tokens {max_tokens} = {total} tokens is over "
                            f"the limit of {self.max_request_tokens} per request (--max-request-tokens)",
                            param=param)
+
+    def check_moderation(self, texts: list[str]) -> None:
+        total = sum(map(len, texts))
+        if total > self.max_moderation_chars:
+            raise APIError(400, f"input of {total} characters is over the limit of {self.max_moderation_chars} per "
+                           "request (--max-moderation-chars); send it in parts", param="input")
 
     def default_max_tokens(self, room: int, n: int) -> int:
         """max_tokens when a chat request gives none: the rest of the context, within the limit."""

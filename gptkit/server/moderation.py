@@ -204,7 +204,7 @@ class ModerationResponse(BaseModel):
     results: list[ModerationResult]
 
 
-def moderation_routes(moderator: Moderator | None, responses: dict) -> APIRouter:
+def moderation_routes(moderator: Moderator | None, responses: dict, limits) -> APIRouter:
     router = APIRouter(prefix="/v1", responses=responses)
 
     @router.post("/moderations", response_model=ModerationResponse)
@@ -215,6 +215,7 @@ def moderation_routes(moderator: Moderator | None, responses: dict) -> APIRouter
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts or len(texts) > MAX_INPUTS:
             raise APIError(400, f"input: expected 1 to {MAX_INPUTS} texts, got {len(texts)}", param="input")
+        limits.check_moderation(texts)  # the classifier's work grows with the text: bounded before it runs
         verdicts = await moderator.acheck(texts)
         name = Path(moderator.cfg.ckpt).name if moderator.cfg.ckpt else BLOCKLIST
         current_request().model = name
