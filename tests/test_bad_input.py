@@ -55,7 +55,7 @@ CASES = [
     (CMPL, {"prompt": {"a": 1}}, 400, "prompt"), (CMPL, {"prompt": MISSING}, 400, "prompt"),
     (CMPL, {"prompt": ["x"] * 20, "n": 4}, 400, "prompt"),  # 80 sequences > --max-queue 64
     (CMPL, {"prompt": ["x"] * 64, "n": 4, "max_tokens": 200}, 400, "max_tokens"),  # > --max-request-tokens
-    (CMPL, {"max_tokens": 100}, 400, None), (CMPL, {"n": 5}, 400, None),  # context 64, max_batch 4
+    (CMPL, {"max_tokens": 100}, 400, "prompt"), (CMPL, {"n": 5}, 400, None),  # context 64, max_batch 4
     # model names
     (CMPL, {"model": MISSING}, 400, "model"), (CMPL, {"model": "nope"}, 404, "model"),
     (CMPL, {"model": "\ud800"}, 400, "model"), (CMPL, {"model": 5}, 400, "model"),

@@ -26,6 +26,7 @@ from gptkit.model.gpt import GPT
 from gptkit.server.audit import AuditLog
 from gptkit.server.auth import add_key, load_keys
 from gptkit.server.context import RequestRecord
+from gptkit.server.moderation import ModerationConfig, Moderator
 from gptkit.server.ratelimit import KeyLimits, Window, duration
 from gptkit.text.tokenizer import EOT, IM_END, IM_START, CharTokenizer
 from live_server import serve as serve_in_thread, serve_cli
@@ -194,6 +195,23 @@ def test_moderations_endpoint_in_openais_shape(served, setup):
     r = httpx.post(f"{served}/v1/moderations", content='{"input": "\\ud800"}',  # a lone surrogate: 400, not 500
                    headers={"Authorization": f"Bearer {setup['alice']}", "Content-Type": "application/json"})
     assert r.status_code == 400 and "lone surrogate" in r.json()["error"]["message"]
+
+
+def test_the_blocklist_sees_through_rewrites(tmp_path):
+    (tmp_path / "block.txt").write_text("idiot\n坏蛋\n")
+    mod = Moderator(ModerationConfig(blocklist=str(tmp_path / "block.txt")))
+    caught = ["you idiots", "you IDIOT", "id1ot", "i d i o t", "i.d.i.o.t", "id\u200biot", "іdiоt", "ＩＤＩＯＴ",
+              "坏 蛋", "他是个坏\u200b蛋", "he is a 坏蛋"]
+    passed = ["the class idiom", "an idiotic plan", "I have 1 idea", "坏天气", "a b c"]
+    assert [v.flagged for v in mod.check(caught)] == [True] * len(caught)
+    assert [v.flagged for v in mod.check(passed)] == [False] * len(passed)
+
+
+@pytest.mark.slow
+def test_a_benign_sentence_around_a_flagged_one_does_not_hide_it(served, setup):
+    c = client(served, setup["alice"])
+    texts = ["I will stab you tonight", "hello! I will stab you tonight", "I will stab you tonight. thank you for the gift"]
+    assert [r.flagged for r in c.moderations.create(input=texts).results] == [True, True, True]
 
 
 @pytest.mark.slow

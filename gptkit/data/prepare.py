@@ -41,7 +41,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from gptkit.data.shards import ShardWriter, token_dtype
-from gptkit.data.sources import Source, binary_reason, decode_utf8, jsonl_documents, resolve_inputs
+from gptkit.data.sources import Source, decode_utf8, jsonl_documents, refuse_binary, resolve_inputs
 from gptkit.data.sources import stdlib_documents  # noqa: F401  (what `prepare stdlib` reads, also named here)
 from gptkit.errors import GptkitError
 from gptkit.fileio import atomic_write_json, swap_in, temp_folder_beside
@@ -314,7 +314,7 @@ def prepare(inputs: list[str], tokenizer_dir: str | os.PathLike, out: str | os.P
     tok = load_tokenizer(tokenizer_dir)
     sources = resolve_inputs(inputs)
     if not allow_binary:  # before any work: a binary file would become shards of U+FFFD
-        _refuse_binary(sources)
+        refuse_binary(sources)
     pieces = plan(sources, val_fraction)
     if not pieces:
         raise GptkitError(f"no text found in {' '.join(inputs)} (all files are empty)")
@@ -325,7 +325,7 @@ def prepare(inputs: list[str], tokenizer_dir: str | os.PathLike, out: str | os.P
         meta = _prepare_into(out, inputs, tok, sources, pieces, text_field, val_fraction, workers, shard_tokens,
                              progress, warn)
         if not allow_binary:  # binary past the first 64 KiB shows in the count of the whole file
-            _refuse_binary(sources, {m["path"]: m["bad_bytes"] for m in meta["sources"]})
+            refuse_binary(sources, {m["path"]: m["bad_bytes"] for m in meta["sources"]})
         swap_in(out, final)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
@@ -333,14 +333,6 @@ def prepare(inputs: list[str], tokenizer_dir: str | os.PathLike, out: str | os.P
     seconds = time.perf_counter() - t0
     n_tokens = sum(meta["splits"][s]["tokens"] for s in SPLITS)
     return {**meta, "seconds": seconds, "tokens_per_s": n_tokens / max(seconds, 1e-9)}
-
-
-def _refuse_binary(sources: list[Source], bad_bytes: dict[str, int] | None = None) -> None:
-    for src in sources:
-        reason = binary_reason(src, None if bad_bytes is None else bad_bytes[src.name])
-        if reason:
-            raise GptkitError(f"{src.name}: looks like a binary file, not text ({reason}); leave it out, or pass "
-                              "--allow-binary to encode it anyway (each invalid byte becomes U+FFFD)")
 
 
 def _prepare_into(out: Path, inputs: list[str], tok: Tokenizer, sources: list[Source], pieces: list[Piece],

@@ -172,6 +172,15 @@ def binary_reason(src: Source, bad_bytes: int | None = None) -> str | None:
     return None
 
 
+def refuse_binary(sources: list[Source], bad_bytes: dict[str, int] | None = None) -> None:
+    """A one-line error for the first source that looks binary (see binary_reason)."""
+    for src in sources:
+        reason = binary_reason(src, None if bad_bytes is None else bad_bytes[src.name])
+        if reason:
+            raise GptkitError(f"{src.name}: looks like a binary file, not text ({reason}); leave it out, or pass "
+                              "--allow-binary to encode it anyway (each invalid byte becomes U+FFFD)")
+
+
 def jsonl_documents(src: Source, start: int, text: str, text_field: str) -> Iterator[tuple[int, str]]:
     """(line index, text) of each document of a .jsonl piece that begins at byte `start`."""
     for lineno, line in enumerate(_lines(text)):

@@ -12,6 +12,15 @@ flags the category "blocklist" with score 1.0. The same verdicts serve
 Output is checked every `check_every` tokens and at its end, on the whole text so far; the
 tokens since the last check are held back until they pass, so flagged text is never sent
 (streaming arrives in bursts of `check_every` tokens).
+
+Not trivially bypassed: the classifier scores the whole text and each of its sentences and
+clauses on its own, and each category takes its worst score, so a benign sentence before or
+after a flagged one does not hide it (a benign word added without punctuation still can: see
+BENCHMARKS.md). The blocklist matches a normalised
+copy of the text (NFKC, case folded, zero-width characters removed, Cyrillic and Greek
+look-alikes folded to Latin, s p a c e d or d.o.t.t.e.d letters and spaces between CJK
+characters joined) and a leetspeak-folded one (1 -> i, 0 -> o, ...), with plurals of its
+English terms. BENCHMARKS.md has the detection rates on adversarial rewrites, before and after.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
+import unicodedata
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,9 +80,57 @@ def read_blocklist(path: str | Path) -> list[str]:
 
 
 def _term_pattern(term: str) -> str:
-    # ASCII words match whole words ("ass" is not in "class"); other scripts (Chinese has no
-    # spaces between words) match anywhere
-    return rf"(?<![A-Za-z0-9_]){re.escape(term)}(?![A-Za-z0-9_])" if term.isascii() else re.escape(term)
+    # ASCII words match whole words ("ass" is not in "class"), plurals too; other scripts
+    # (Chinese has no spaces between words) match anywhere
+    term = normalize(term)
+    return rf"(?<![a-z0-9_]){re.escape(term)}(?:e?s)?(?![a-z0-9_])" if term.isascii() else re.escape(term)
+
+
+_INVISIBLE = re.compile("[\u00ad\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
+_LOOKALIKES = str.maketrans("аеорсухіјѕԁοαιενκτρԛ", "aeopcyxijsdoaievktpq")
+_LEET = str.maketrans("013457@$!", "oieastasi")
+_SPACED = re.compile(r"(?<!\w)(?:\w[ .\-_*]){2,}\w(?!\w)")  # i d i o t, i.d.i.o.t, i-d-i-o-t
+_CJK_GAP = re.compile(r"(?<=[\u3400-\u9fff])[\s.\-_*]+(?=[\u3400-\u9fff])")
+
+
+def normalize(text: str) -> str:
+    """The text as the blocklist reads it (see the module docstring)."""
+    text = _INVISIBLE.sub("", unicodedata.normalize("NFKC", text)).casefold().translate(_LOOKALIKES)
+    text = _CJK_GAP.sub("", text)
+    return _SPACED.sub(lambda m: re.sub(r"[ .\-_*]", "", m.group()), text)
+
+
+def blocklist_forms(text: str) -> list[str]:
+    """The normalised text and its leetspeak-folded twin."""
+    norm = normalize(text)
+    return [norm, norm.translate(_LEET)]
+
+
+_CLAUSE_END = re.compile(r"(?<=[.!?;,:\n。！？；，：、])\s*")
+
+
+def clauses(text: str) -> list[str]:
+    """The text's sentences and clauses (split after . ! ? ; , : and their CJK forms, and newlines)."""
+    parts = [p for p in _CLAUSE_END.split(text) if p.strip()]
+    return parts if len(parts) > 1 else []
+
+
+@torch.no_grad()
+def class_probs(model, tokenizer, labels: list[str], text: str, by_clause: bool = True) -> dict[str, float]:
+    """Label probabilities of a text, each label taking its highest probability over the text's
+    context windows and (by_clause) over each of its sentences and clauses on its own: a benign
+    sentence around a flagged one does not hide it. The classifier reads each piece's last token."""
+    T = model.config.block_size
+    pieces = [text, *clauses(text)] if by_clause else [text]
+    windows = []
+    for piece in pieces:
+        ids = tokenizer.encode(piece) or [tokenizer.eot_id]
+        windows += [ids[i:i + T] for i in range(0, len(ids), T)]
+    x = torch.tensor([w + [tokenizer.eot_id] * (T - len(w)) for w in windows])[:, :max(map(len, windows))]
+    h = model.hidden(x)  # (W, T', C)
+    last = torch.tensor([len(w) - 1 for w in windows])
+    probs = model.heads["classify"](h[torch.arange(len(windows)), last]).float().softmax(-1)  # (W, L)
+    return dict(zip(labels, probs.max(0).values.tolist()))
 
 
 class Moderator:
@@ -86,7 +144,7 @@ class Moderator:
                 raise GptkitError(f"{cfg.ckpt}: no classification head; fine-tune one with "
                                   "`gptkit finetune BASE data.jsonl --task classify`")
         terms = read_blocklist(cfg.blocklist) if cfg.blocklist else []
-        self.blocklist = re.compile("|".join(_term_pattern(t) for t in terms), re.IGNORECASE) if terms else None
+        self.blocklist = re.compile("|".join(_term_pattern(t) for t in terms)) if terms else None
         if self.model is None and self.blocklist is None:
             raise GptkitError("moderation needs a classifier checkpoint (--moderation) or a blocklist "
                               "(--moderation-blocklist)")
@@ -97,18 +155,8 @@ class Moderator:
                               f"{', '.join(sorted(unknown))}; the categories are {', '.join(self.categories)}")
         self._lock = threading.Lock()  # one forward pass at a time: the CPU is the engines' too
 
-    @torch.no_grad()
     def _class_probs(self, text: str) -> dict[str, float]:
-        """Label probabilities of a text; a text longer than the context is scored window by
-        window, each label taking its highest probability."""
-        T = self.model.config.block_size
-        ids = self.tokenizer.encode(text) or [self.tokenizer.eot_id]
-        windows = [ids[i:i + T] for i in range(0, len(ids), T)]
-        x = torch.tensor([w + [self.tokenizer.eot_id] * (T - len(w)) for w in windows])[:, :max(map(len, windows))]
-        h = self.model.hidden(x)  # (W, T', C)
-        last = torch.tensor([len(w) - 1 for w in windows])
-        probs = self.model.heads["classify"](h[torch.arange(len(windows)), last]).float().softmax(-1)  # (W, L)
-        return dict(zip(self.labels, probs.max(0).values.tolist()))
+        return class_probs(self.model, self.tokenizer, self.labels, text)
 
     def check(self, texts: list[str]) -> list[Verdict]:
         out = []
@@ -119,7 +167,7 @@ class Moderator:
                     probs = self._class_probs(text)
                 scores = {c: probs[c] for c in self.labels if c not in self.cfg.safe_labels}
             if self.blocklist is not None:
-                scores[BLOCKLIST] = 1.0 if self.blocklist.search(text) else 0.0
+                scores[BLOCKLIST] = 1.0 if any(map(self.blocklist.search, blocklist_forms(text))) else 0.0
             flags = {c: s >= self.cfg.thresholds.get(c, self.cfg.threshold) for c, s in scores.items()}
             out.append(Verdict(any(flags.values()), flags, {c: round(s, 6) for c, s in scores.items()}))
         return out
