@@ -88,7 +88,7 @@ def _term_pattern(term: str) -> str:
 
 _INVISIBLE = re.compile("[\u00ad\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
 _LOOKALIKES = str.maketrans("аеорсухіјѕԁοαιενκτρԛ", "aeopcyxijsdoaievktpq")
-_LEET = str.maketrans("013457@$!", "oieastasi")
+_LEET = str.maketrans("013457@$", "oieastas")  # not "!" -> "i": it ends sentences (fool! -> fooli)
 _SPACED = re.compile(r"(?<!\w)(?:\w[ .\-_*]){2,}\w(?!\w)")  # i d i o t, i.d.i.o.t, i-d-i-o-t
 _CJK_GAP = re.compile(r"(?<=[\u3400-\u9fff])[\s.\-_*]+(?=[\u3400-\u9fff])")
 
