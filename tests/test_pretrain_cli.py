@@ -73,6 +73,20 @@ def test_pretrain_cli_resume_and_errors(tmp_path, data_dir):
     assert "the run is at step 12 of --max-steps 12: nothing to train" in again.stderr
     last_loss = resumed.stdout.split("loss ")[1].split()[0]
     assert again.stdout.startswith(f"done: step 12 loss {last_loss}") and "nan" not in again.stdout
+    # options that contradict the run are refused in one line; leaving them out resumes it
+    more = ["--max-steps", "14", "--batch-size", "4", "--eval-interval", "7"]
+    wider = _run([sys.executable, "-m", "gptkit", "pretrain", str(data_dir), "--out", str(out), "--resume",
+                  "--n-embd", "48", "--n-head", "2", *more])
+    assert wider.returncode == 2 and wider.stderr.strip().splitlines() == [
+        f"error: --resume: the run in {out} has block_size=32, not 256; n_layer=2, not 4; n_embd=32, not 48; "
+        "leave --preset and the model options out to resume it, or start a new run (--init-from to begin from "
+        "its weights)"], wider.stderr
+    other = tmp_path / "other"
+    prepare([str(data_dir.parent / "a.txt")], data_dir.parent / "tok", other, val_fraction=0.1)
+    moved = _run([sys.executable, "-m", "gptkit", "pretrain", str(other), "--out", str(out), "--resume", *more])
+    assert moved.returncode == 2 and "--resume: the run was trained on" in moved.stderr and str(other) in moved.stderr
+    longer = _run([sys.executable, "-m", "gptkit", "pretrain", str(data_dir), "--out", str(out), "--resume", *more])
+    assert longer.returncode == 0 and "done: step 14" in longer.stdout, longer.stderr
     missing = _run([sys.executable, "-m", "gptkit", "pretrain", str(tmp_path / "nope"), "--out", str(out)])
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: no meta.json; "

@@ -127,3 +127,17 @@ def test_a_step_saved_again_and_killed_between_renames_is_finished(tmp_path):
     assert resolve_checkpoint(run) == run / "step-000002"  # complete and verified
     assert warnings == [f"finished the interrupted replacement of step-000002 (by process {pid})"]
     assert not [p for p in run.iterdir() if p.name.startswith(".")]
+
+
+def test_resuming_a_muon_run_under_fsdp_gets_advice_that_works(tmp_path):
+    from gptkit.config import TrainConfig
+    from gptkit.training.resume import check_same_optimizer
+
+    tok = CharTokenizer(sorted(set("abc")))
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    step = save_checkpoint(tmp_path / "run", model, tok, step=1, train_config=TrainConfig(optimizer="muon"))
+    with pytest.raises(GptkitError, match=r"trained with Muon, which --strategy fsdp cannot run .* resume it with "
+                                          r"--strategy ddp$"):
+        check_same_optimizer(step, TrainConfig(strategy="fsdp"))
+    with pytest.raises(GptkitError, match=r"resume it with --optimizer muon \(not adamw\)"):
+        check_same_optimizer(step, TrainConfig(optimizer="adamw"))

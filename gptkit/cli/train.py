@@ -18,7 +18,8 @@ from gptkit.config import FinetuneTrainConfig, ModelConfig, TrainConfig
 @config_options(ModelConfig, into="model", overrides=True, skip=("vocab_size",))
 def pretrain(
     data: Annotated[Path, typer.Argument(help="a folder made by `gptkit prepare`")],
-    preset: Annotated[str, typer.Option(help="model preset (see `gptkit info`); the model options below change it")] = "tiny",
+    preset: Annotated[Optional[str], typer.Option(help="model preset (see `gptkit info`; default tiny); the model "
+                                                      "options below change it")] = None,
     init_from: Annotated[Optional[Path], typer.Option(help="start from this checkpoint's weights")] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in --out exactly where it stopped")] = False,
     *,
@@ -30,9 +31,9 @@ def pretrain(
     from gptkit.training.distributed import is_main_process
     from gptkit.training.pretrain import pretrain as run
 
-    model_cfg = dataclasses.replace(get_preset(preset), **model)
+    model_cfg = dataclasses.replace(get_preset(preset or "tiny"), **model)
     last = run(data, model_cfg, cfg, init_from=str(init_from) if init_from else None, resume=resume,
-               log=lambda m: typer.echo(m, err=True))
+               log=lambda m: typer.echo(m, err=True), model_asked=preset is not None or bool(model))
     if is_main_process():
         typer.echo(f"done: step {last.get('step')} loss {last.get('loss', float('nan')):.4f}"
                    + (f" val_loss {last['val_loss']:.4f}" if "val_loss" in last else "")

@@ -7,6 +7,7 @@ the optimizer, data order and RNG state restored once the optimizer exists (bit-
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -16,7 +17,7 @@ import torch
 from gptkit.checkpoint.format import WEIGHTS, check_finite, load_train_state, read_config, unwrap
 from gptkit.checkpoint.open import Checkpoint, open_checkpoint
 from gptkit.checkpoint.rundir import point_latest, resume_candidate, step_folders, step_of
-from gptkit.config import TrainConfig
+from gptkit.config import ModelConfig, TrainConfig
 from gptkit.errors import GptkitError
 from gptkit.training.distributed import Dist, load_optimizer_state
 
@@ -37,9 +38,34 @@ def read_state(src: Path, model: torch.nn.Module) -> dict:
 def check_same_optimizer(src: Path, cfg: TrainConfig) -> None:
     """Resuming needs the optimizer that wrote the state (AdamW before Muon became the default)."""
     saved = (read_config(src).get("train") or {}).get("optimizer", "adamw")  # runs before the option: AdamW
+    if saved == "muon" and cfg.strategy == "fsdp":  # advice that FSDP would then refuse helps nobody
+        raise GptkitError(f"{src} was trained with Muon, which --strategy fsdp cannot run (it shards the matrices "
+                          "Muon orthogonalizes); resume it with --strategy ddp")
     if saved != cfg.optimizer:
         raise GptkitError(f"{src} was trained with --optimizer {saved}; resume it with --optimizer {saved} "
                           f"(not {cfg.optimizer})")
+
+
+def check_same_run(ckpt: Checkpoint, asked: ModelConfig | None, data: dict) -> None:
+    """--resume continues a run as it was: model options that contradict its checkpoint, or
+    another dataset, are refused in one line (what may change: lr, steps, eval and checkpoint
+    cadence, batch and process count)."""
+    if asked is not None:
+        have = ckpt.model.config
+        asked = dataclasses.replace(asked, vocab_size=have.vocab_size)
+        diff = [f"{f.name}={getattr(have, f.name)!r}, not {getattr(asked, f.name)!r}"
+                for f in dataclasses.fields(have) if getattr(have, f.name) != getattr(asked, f.name)]
+        if diff:
+            raise GptkitError(f"--resume: the run in {ckpt.meta.path.parent} has {'; '.join(diff[:4])}; leave --preset "
+                              "and the model options out to resume it, or start a new run (--init-from to begin from "
+                              "its weights)")
+    trained_on = ckpt.meta.extra.get("data")
+    same = ("vocab_size", "train_tokens", "val_tokens")  # the content, wherever the folder now is
+    if trained_on is not None and any(trained_on.get(k) != data[k] for k in same):
+        raise GptkitError(f"--resume: the run was trained on {trained_on['path']} ({trained_on['train_tokens']:,} "
+                          f"train tokens, vocab {trained_on['vocab_size']}), not on {data['path']} "
+                          f"({data['train_tokens']:,}, vocab {data['vocab_size']}); resume with that data, or start a "
+                          "new run with --init-from")
 
 
 def restore(state: dict, model: torch.nn.Module, optimizer, data) -> int:
