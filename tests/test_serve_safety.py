@@ -305,6 +305,22 @@ def test_audit_log_rotates_by_size_and_keeps_text_only_when_asked(tmp_path):
     assert last["prompt"] == ["prompt 19"] and last["completion"] == ["done 19"] and last["key"] == "k"
 
 
+def test_requests_without_a_key_cannot_flood_the_audit_log(tmp_path):
+    now = [0.0]
+    log = AuditLog(tmp_path / "a.jsonl", noise_per_minute=5, clock=lambda: now[0])
+    log.start()
+    for i in range(50):  # a flood of 401s with long paths
+        log.log(RequestRecord(route="/x" * 5000, method="GET", status=401))
+    log.log(RequestRecord(route="/v1/models", method="GET", status=200, key_name="alice"))  # never held back
+    now[0] = 61.0
+    log.log(RequestRecord(route="/y", method="GET", status=401))  # a new minute: the count, then this one
+    log.close()
+    lines = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert [x.get("status") for x in lines] == [401] * 5 + [200, 401, 401]
+    assert lines[6]["unlogged_401s"] == 45 and lines[7]["route"] == "/y"
+    assert all(len(x.get("route", "")) < 260 for x in lines)  # and each logged path is cut short
+
+
 # ------------------------------------------------------------------------------------ rate limits
 def test_window_counts_wait_and_reset():
     w = Window(limit=3, period=10.0)

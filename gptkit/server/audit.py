@@ -6,6 +6,9 @@ on the disk, and rotated by size (FILE -> FILE.1 -> ... -> FILE.<backups>, the o
      "completion_tokens": 30, "latency_ms": 412.5, "moderation": "ok"}
 
 No prompt or completion text unless the log is opened with `text=True` (`--audit-log-text`).
+Requests refused for want of a key (401) are logged one by one up to `noise_per_minute` a
+minute; past that they are counted and the count is written as one line when the minute ends
+(`{"unlogged_401s": N, ...}`), so nobody without a key can rotate the log's history away.
 """
 
 from __future__ import annotations
@@ -43,8 +46,11 @@ def _short(route: str) -> str:
 class AuditLog:
     """`log(record)` from the event loop enqueues; the writer thread appends and rotates."""
 
-    def __init__(self, path: str | Path, max_bytes: int = 100 * 2**20, backups: int = 5, text: bool = False):
+    def __init__(self, path: str | Path, max_bytes: int = 100 * 2**20, backups: int = 5, text: bool = False,
+                 noise_per_minute: int = 60, clock=time.monotonic):
         self.path, self.max_bytes, self.backups, self.text = Path(path), max_bytes, backups, text
+        self.noise_per_minute, self.clock = noise_per_minute, clock
+        self._noise_start, self._noise_logged, self._noise_unlogged = clock(), 0, 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -55,8 +61,26 @@ class AuditLog:
             self._thread.start()
 
     def log(self, record: RequestRecord) -> None:
+        if record.status == 401 and record.key_name is None and not self._admit_noise():
+            return
         # the entry is built now, on the event loop, so it sees the record as it is at the end
         self._queue.put(json.dumps(audit_entry(record, self.text), ensure_ascii=False) + "\n")
+
+    def _admit_noise(self) -> bool:
+        """Whether this minute may log one more unauthenticated request; a new minute first
+        writes how many the last one left out."""
+        now = self.clock()
+        if now - self._noise_start >= 60:
+            if self._noise_unlogged:
+                stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                self._queue.put(json.dumps({"time": stamp, "status": 401, "unlogged_401s": self._noise_unlogged,
+                                            "note": f"over {self.noise_per_minute} a minute"}) + "\n")
+            self._noise_start, self._noise_logged, self._noise_unlogged = now, 0, 0
+        if self._noise_logged < self.noise_per_minute:
+            self._noise_logged += 1
+            return True
+        self._noise_unlogged += 1
+        return False
 
     def close(self) -> None:
         """Write what is queued, then stop the thread."""
