@@ -175,6 +175,12 @@ def test_chat_command_keeps_history_and_handles_reset_system_exit(tmp_path):
     assert replies == [first, second, fresh, system]
     assert len({first, second, system}) == 3  # the history changes the answer: the test can fail
     assert "(history cleared)" in r.output and "(system message set)" in r.output
+    # the same weights quantised to int8 (as `generate --quantize int8`): the chat runs and answers
+    q = CliRunner().invoke(app, ["chat", str(out), "--temperature", "0", "--max-tokens", "8", "--quantize", "int8"],
+                           input="hi 1\n/exit\n")
+    assert q.exit_code == 0 and "model> " in q.output, q.output
+    bad = CliRunner().invoke(app, ["chat", str(out), "--dtype", "float8"], input="/exit\n")
+    assert bad.exit_code == 2 and "float8" in bad.output and "Traceback" not in bad.output
 
 
 # ---------------------------------------------------------------------------- padding

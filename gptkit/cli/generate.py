@@ -11,6 +11,10 @@ import typer
 from gptkit.cli.common import app, engine_for
 from gptkit.config import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P
 
+# how the weights run, the same for generate and chat
+Quantize = Annotated[Optional[str], typer.Option(help="int8: weight-only int8 quantisation")]
+Dtype = Annotated[str, typer.Option(help="float32 | bfloat16")]
+
 
 @app.command()
 def generate(
@@ -25,8 +29,8 @@ def generate(
     n: Annotated[int, typer.Option(help="number of samples")] = 1,
     seed: Annotated[Optional[int], typer.Option(help="random seed for reproducible samples")] = None,
     truncate: Annotated[bool, typer.Option(help="drop the start of a prompt too long for the context")] = False,
-    quantize: Annotated[Optional[str], typer.Option(help="int8: weight-only int8 quantisation")] = None,
-    dtype: Annotated[str, typer.Option(help="float32 | bfloat16")] = "float32",
+    quantize: Quantize = None,
+    dtype: Dtype = "float32",
 ) -> None:
     """Continue a prompt, streaming the text to the terminal (KV-cached)."""
     from gptkit.config import SampleConfig
@@ -66,13 +70,15 @@ def chat(
     top_k: Annotated[int, typer.Option(help="sample from the k most likely tokens (0 = off)")] = DEFAULT_TOP_K,
     top_p: Annotated[float, typer.Option(help="nucleus sampling threshold")] = DEFAULT_TOP_P,
     seed: Annotated[Optional[int], typer.Option(help="random seed")] = None,
+    quantize: Quantize = None,
+    dtype: Dtype = "float32",
 ) -> None:
     """Interactive chat with streaming replies. Commands: /reset, /system TEXT, /exit."""
     from gptkit.config import SampleConfig
     from gptkit.text.stream import TextStream
     from gptkit.text.chat import fit_conversation, use_chat_template
 
-    engine, tokenizer = engine_for(ckpt, max_batch=1)
+    engine, tokenizer = engine_for(ckpt, max_batch=1, quantize=quantize, dtype=dtype)
     source = use_chat_template(tokenizer)
     if source == "fallback":
         typer.echo("(the tokenizer has no chat tokens: chatting with the plain-text template)", err=True)
