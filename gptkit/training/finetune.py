@@ -253,16 +253,15 @@ def finetune(base: str | Path, specs: list[DataSpec], cfg: TrainConfig, ft: Fine
         torch.manual_seed(cfg.seed)  # new weights (LoRA, heads) the same in every process and every rerun
         model, tokenizer, extra = prepare_model(base, tasks, ft)
         device = pick_device(dist_info)
-        model.to(device).train()
         data, stats = build_batches(tasks, tokenizer, model.config.block_size, cfg, extra.get("labels", []),
                                     ft.skip_bad, dist_info.rank, dist_info.world_size)
         if ft.method == "dpo":  # from the weights before training (or --ref), so also when resuming
-            _score_reference(model, tokenizer, data, ft, cfg, device, log)
+            _score_reference(model.to(device), tokenizer, data, ft, cfg, device, log)
         if resume:  # the run's newest intact checkpoint, with the structure prepare_model just built
             loaded = resume_checkpoint(cfg.out_dir, log)
             model, tokenizer, resume = loaded.model, loaded.tokenizer, loaded.meta.path
             _freeze_for_lora(model, extra)
-            model.to(device).train()
+        model.to(device).train()
         trainable, total = count_params(model)
         summary = {"base": str(base), "tasks": stats, "trainable_params": trainable, "total_params": total,
                    "method": ft.method, "weights": "lora" if ft.lora else "full"}
