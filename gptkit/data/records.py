@@ -97,7 +97,7 @@ def _check_pair(r: dict, chat: bool) -> None:
             if not isinstance(m, dict) or m.get("role") != "assistant" or not isinstance(m.get("content"), str):
                 raise GptkitError(f"field {name!r} must be one assistant message {{\"role\": \"assistant\", "
                                   f"\"content\": \"...\"}} (the prompt is a list of messages), got {r[name]!r}")
-    if r["chosen"] == r["rejected"]:
+    if answer_message(r["chosen"]) == answer_message(r["rejected"]):  # TRL's list of one is the message
         raise GptkitError("field 'rejected' is identical to 'chosen': a pair needs two different answers")
 
 
