@@ -23,7 +23,6 @@ This module does not import torch, so the tokenizer can resolve folders too.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -35,6 +34,11 @@ from pathlib import Path
 from typing import Callable
 
 from gptkit.errors import GptkitError
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked there (everything else works)
+    fcntl = None
 from gptkit.fileio import atomic_write_text, fsync_dir, recover_swap
 
 MANIFEST = "manifest.json"
@@ -292,6 +296,8 @@ class RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            if fcntl is None:
+                break
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import functools
 import gc
 import os
 from dataclasses import dataclass, fields
@@ -83,11 +84,18 @@ def release_memory() -> None:
     """Collect garbage and return freed heap pages to the system (glibc's malloc_trim; a no-op
     elsewhere): without it a few large requests keep the server's memory at their peak for good."""
     gc.collect()
-    name = ctypes.util.find_library("c")
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, looked up once (find_library may run ldconfig); None where there is none."""
     try:
-        ctypes.CDLL(name).malloc_trim(0)
+        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
     except (OSError, AttributeError, TypeError):
-        pass
+        return None
 
 
 class BodyLimit:
