@@ -151,8 +151,10 @@ def plot(maps: AttentionMaps, out: str | Path, layer: int | None = None, head: i
                                  layout="constrained")
         for ax in axes.flat[len(heads):]:
             ax.axis("off")
+        future = np.triu(np.ones((T, T), dtype=bool), 1)  # keys after the query: masked, not weight 0
+        cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
         for ax, h in zip(axes.flat, heads):
-            image = ax.imshow(maps.weights[layer, h], cmap="viridis", vmin=0, vmax=1)
+            image = ax.imshow(np.ma.masked_array(maps.weights[layer, h], future), cmap=cmap, vmin=0, vmax=1)
             ax.set_title(f"layer {layer}, head {h}", fontsize=fontsize + 1)
             upright = max(len(t) for t in maps.tokens) <= 2  # single characters read best unrotated
             ax.set_xticks(range(T), maps.tokens, rotation=0 if upright else 90, fontsize=fontsize)
@@ -160,6 +162,9 @@ def plot(maps: AttentionMaps, out: str | Path, layer: int | None = None, head: i
             ax.set_xlabel("attends to (key)", fontsize=fontsize)
             ax.set_ylabel("token (query)", fontsize=fontsize)
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="attention weight")
+        preview = maps.text if len(maps.text) <= 40 else maps.text[:40] + "…"
+        fig.suptitle(f"attention over {T} tokens of {preview!r}" + (" (cut to the context)" if maps.truncated else "")
+                     + "; blank: later tokens, masked", fontsize=fontsize + 2)
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():  # without a CJK font: the one-line hint, not a warning per glyph
