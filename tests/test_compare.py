@@ -5,6 +5,7 @@ the report files exist and parse."""
 from __future__ import annotations
 
 import json
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -73,6 +74,8 @@ def test_self_comparison_has_zero_differences_and_agrees_with_evaluate(setup):
     assert "<script" not in page
     md = (out / "report.md").read_text()
     assert "| model | bits/byte |" in md and "a#2 − a" in md
+    assert "One round only: no measure of this machine's noise" in md  # speed_rounds=1
+    assert len(first["speed"]["decode_tokens_per_s_by_round"]) == 1
     for png in ("speed.png", "bpb.png", "task.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in md
     # every example's answers are saved; a model against itself never disagrees
@@ -96,6 +99,7 @@ def test_different_models_prepared_data_and_int8_through_the_cli(setup):
         assert last[label]["bpb"] == pytest.approx(ev.evaluate(ckpt, "perplexity", decoded)["bpb"], rel=1e-6)
     assert last["a8"]["bpb"] != last["a"]["bpb"] and last["a8"]["bpb"] == pytest.approx(last["a"]["bpb"], rel=0.05)
     assert "(best)" in r.output
+    assert re.search(r"Noise: one model's speed moved by up to \d+% between rounds", (out / "report.md").read_text())
 
 
 def test_a_prepared_folder_of_a_foreign_tokenizer_is_refused(setup, tmp_path):

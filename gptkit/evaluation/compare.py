@@ -322,7 +322,9 @@ def _speed(specs: list[ModelSpec], results: list[ModelResult], cfg: CompareConfi
             got = measure_speed(model, tokenizer)
             log(f"{res.label}: speed round {r + 1}: prefill {got['prefill_tokens_per_s']:,.0f} tokens/s, "
                 f"decode {got['decode_tokens_per_s']:,.0f} tokens/s")
-            res.speed = {k: max(res.speed.get(k, 0), v) for k, v in got.items()} | {"rounds": r + 1}
+            by_round = {f"{k}_by_round": res.speed.get(f"{k}_by_round", []) + [got[k]]  # to show the noise
+                        for k in ("prefill_tokens_per_s", "decode_tokens_per_s")}
+            res.speed = {k: max(res.speed.get(k, 0), v) for k, v in got.items()} | {"rounds": r + 1} | by_round
 
 
 def _device() -> str:

@@ -40,13 +40,23 @@ def _size_speed(rep: Report, models: list[dict], plt) -> None:
     rep.text("FLOPs/token: 2N + 4·n_layer·n_embd·context. Weights: the bytes of every tensor as loaded "
              "(int8 weights count 1 byte). Speed: the engine at batch 1 on this machine in this run, best of "
              f"{models[0]['speed'].get('rounds', 'all')} rounds with the models alternating; prefill of "
-             f"{models[0]['speed']['prefill_tokens']} tokens, decode of {models[0]['speed']['decode_tokens']}.",
-             note=True)
+             f"{models[0]['speed']['prefill_tokens']} tokens, decode of {models[0]['speed']['decode_tokens']}. "
+             + _speed_noise(models), note=True)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     for ax, key, title in zip(axes, ("prefill_tokens_per_s", "decode_tokens_per_s"),
                               ("prefill tokens/s", "decode tokens/s")):
         _bars(ax, [m["label"] for m in models], [m["speed"][key] for m in models], title)
     rep.figure("speed", fig)
+
+
+def _speed_noise(models: list[dict]) -> str:
+    """How much one model's speed moved between rounds here: differences below that are noise."""
+    spreads = [max(v) / min(v) - 1 for m in models for k, v in m["speed"].items()
+               if k.endswith("_by_round") and len(v) > 1 and min(v) > 0]
+    if not spreads:
+        return "One round only: no measure of this machine's noise, so read small speed differences with care."
+    return (f"Noise: one model's speed moved by up to {100 * max(spreads):.0f}% between rounds on this machine; "
+            "differences smaller than that say nothing.")
 
 
 def _text(rep: Report, models: list[dict], source: str, plt) -> None:
@@ -64,9 +74,11 @@ def _text(rep: Report, models: list[dict], source: str, plt) -> None:
     for i, m in enumerate(models):
         ax.scatter(m["size"]["params"], m["text"]["bpb"], color=COLORS[i % len(COLORS)], label=m["label"], s=40)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1e6:g}M")  # 1M, 10M: not 10^6 over each other
+    ax.xaxis.set_minor_formatter(lambda x, _: "")
     ax.set_xlabel("parameters")
     ax.set_ylabel("bits per byte")
-    ax.set_title("loss vs parameters")
+    ax.set_title("bits per byte vs parameters")
     ax.legend(fontsize=8)
     rep.figure("bpb", fig)
 
