@@ -259,29 +259,47 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike) -> dict:
             "tokenizer_vocab": tokenizer.vocab_size}
 
 
+def open_for_export(ckpt: str | os.PathLike):
+    """A checkpoint opened for export (export-hf, export-gguf): LoRA adapters folded into their
+    layers (the exported model computes what the adapter checkpoint did), and a byte-level BPE
+    tokenizer, the one kind the exported formats hold."""
+    from gptkit.model.lora import merge_lora
+
+    if "@" in str(ckpt) and not Path(ckpt).exists():
+        raise GptkitError(f"{ckpt}: export takes the checkpoint itself; quantisation is a way of loading it, "
+                          "not a checkpoint (export-gguf --dtype q8_0 writes an 8-bit file)")
+    loaded = open_checkpoint(ckpt)
+    if loaded.meta.is_lora:
+        merge_lora(loaded.model)
+    if loaded.tokenizer.kind != "bpe":
+        raise GptkitError(f"{ckpt}: a {loaded.tokenizer.kind!r} tokenizer has no tokenizer.json form; "
+                          "only 'bpe' tokenizers export (pretrain with --tokenizer bpe)")
+    return loaded
+
+
+def hf_form(model: GPT, eot_id: int | None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The Hugging Face config.json dict and state dict of a model: GPT2LMHeadModel, or the
+    Llama family for rotary models. What neither can express is named in one line."""
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if model.config.pos_encoding == "rope":  # the later decoders go out as their Llama-family form
+        return hf_llama.config_to_hf(model.config, eot_id), hf_llama.gptkit_to_hf(weights, model.config)
+    return config_to_hf(model.config, eot_id), gptkit_to_hf(weights, model.config.n_layer)
+
+
 def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike) -> dict:
     """Write a gptkit checkpoint as a folder transformers loads with no custom code:
-    config.json + model.safetensors (GPT2LMHeadModel) and tokenizer.json + tokenizer_config.json.
+    config.json + model.safetensors (GPT2LMHeadModel or the Llama family) and tokenizer.json +
+    tokenizer_config.json. A LoRA checkpoint goes out merged.
 
     Only byte-level BPE tokenizers export (tokenizer.json is their native format); a char or
     tiktoken tokenizer is an error, raised before anything is written.
     """
     from safetensors.torch import save_file
 
-
-    loaded = open_checkpoint(ckpt)
+    loaded = open_for_export(ckpt)
     model, tokenizer = loaded.model, loaded.tokenizer
-    if tokenizer.kind != "bpe":
-        raise GptkitError(f"{ckpt}: a {tokenizer.kind!r} tokenizer has no tokenizer.json form; "
-                          "only 'bpe' tokenizers export to Hugging Face")
     eot_id = tokenizer.special_id(EOT)
-    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if model.config.pos_encoding == "rope":  # the later decoders go out as their Llama-family form
-        hf_config = hf_llama.config_to_hf(model.config, eot_id)
-        state = hf_llama.gptkit_to_hf(weights, model.config)
-    else:
-        hf_config = config_to_hf(model.config, eot_id)
-        state = gptkit_to_hf(weights, model.config.n_layer)
+    hf_config, state = hf_form(model, eot_id)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # transformers refuses safetensors files without a format tag
