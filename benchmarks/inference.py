@@ -3,7 +3,8 @@
 Both load the same randomly initialised GPT-2 124M weights. For each (implementation,
 dtype) a fresh child process measures prefill tokens/s (one 512-token prompt), decode
 tokens/s at batch 1 and batch 8 (128 new tokens after a 32-token prompt, greedy), and its
-peak RSS; rounds alternate the implementations so load from other processes on a shared
+peak RSS (gptkit's batch 1 on an engine of one row, as `generate` and `chat` run, and again on
+the engine of 8 rows that `serve` runs); rounds alternate the implementations so load from other processes on a shared
 machine hits both alike, and each figure is the best of its rounds. Decode speed is
 (new tokens - 1) / (time for all new tokens - time for the first one), so prefill is left out.
 
@@ -16,6 +17,12 @@ On CUDA two more cases run beside those: transformers with `cache_implementation
 gptkit's eager decode step (`static_decode=False`), next to gptkit's default there (the static
 step captured as CUDA graphs). `--cases` runs a subset; `--tiny` swaps in a 2-layer GPT-2 shape
 to check the script quickly (its figures mean nothing).
+
+llama.cpp runs beside them on CPU (llama-cpp-python, the dev extra): the same weights exported by
+`gptkit export-gguf` in f32 and q8_0, the prompt evaluated in one batch, then greedy tokens one at a
+time by argmax over its logits, with llama.cpp's default settings otherwise (f16 KV cache) and the
+same threads. Batch 8 is not measured for it (its batched decoding is a server feature, not this
+API's). Its q8_0 perplexity change is measured as for gptkit's int8, by llama.cpp itself.
 
 `--family llama --kv-heads N` runs the same cases on a Llama-shaped model of GPT-2 124M's width
 and depth (12 layers, 12 query heads, n_embd 768, SwiGLU 2048, rotary positions, RMSNorm, an
@@ -47,9 +54,10 @@ PROMPT, NEW, PREFILL, BATCH = 32, 128, 512, 8
 REPEATS = 3  # per figure inside a child; the best one counts (other processes only ever slow us down)
 CASES = [("transformers", "float32", None), ("gptkit", "float32", None),
          ("transformers", "bfloat16", None), ("gptkit", "bfloat16", None), ("gptkit", "float32", "int8")]
+LLAMACPP_CASES = [("llamacpp", "float32", None), ("llamacpp", "float32", "q8_0")]  # CPU only
 CUDA_CASES = [("transformers-static", "float32", None), ("gptkit-eager", "float32", None),
               ("transformers-static", "bfloat16", None), ("gptkit-eager", "bfloat16", None)]
-IMPLS = ("transformers", "transformers-static", "gptkit", "gptkit-eager")
+IMPLS = ("transformers", "transformers-static", "gptkit", "gptkit-eager", "llamacpp")
 TINY = dict(n_layer=2, n_head=2, n_embd=64)  # --tiny: GPT-2's vocabulary and context, 2 small layers
 LLAMA = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
              max_position_embeddings=1024, tie_word_embeddings=False)
@@ -170,25 +178,100 @@ def measure_transformers(path: Path, dtype: torch.dtype, device: str, prompts: t
 
 def measure_gptkit(path: Path, dtype: torch.dtype, device: str, prompts: torch.Tensor, quantize: str | None,
                    static_decode: bool | None = None, tiny: bool = False) -> dict:
+    """Batch 1 on an engine of one row, as `generate` and `chat` build it (on CPU in fp32 it keeps
+    MKL's plain weight layout), then prefill, batch 8 and batch 1 again on an engine of 8 rows, as
+    `serve` builds it (weights prepacked for oneDNN's batched products)."""
+    import gc
+
     from gptkit.config import SampleConfig
     from gptkit.inference.engine import Engine
 
     choice = {} if static_decode is None else {"static_decode": static_decode}  # None: the engine's default
-    engine = Engine(load_gptkit(path, tiny), max_batch=BATCH, device=device, dtype=dtype, quantize=quantize, **choice)
     rows = prompts.tolist()
 
-    def generate(batch: int, new: int) -> None:
-        handles = [engine.submit(rows[i], SampleConfig(max_tokens=new, temperature=0.0)) for i in range(batch)]
-        for h in handles:
-            h.result()
+    def engine_of(max_batch: int) -> Engine:
+        return Engine(load_gptkit(path, tiny), max_batch=max_batch, device=device, dtype=dtype, quantize=quantize,
+                      **choice)
 
+    def generator(engine: Engine):
+        def generate(batch: int, new: int) -> None:
+            handles = [engine.submit(rows[i], SampleConfig(max_tokens=new, temperature=0.0)) for i in range(batch)]
+            for h in handles:
+                h.result()
+        return generate
+
+    one_row = engine_of(1)
+    decode_b1 = decode_rate(generator(one_row), 1)
+    del one_row
+    gc.collect()
+    engine = engine_of(BATCH)
     long = torch.randint(0, VOCAB, (PREFILL,), generator=torch.Generator().manual_seed(1)).tolist()
     prefill = PREFILL / best_time(lambda: generate_one(engine, long))
-    out = {"prefill": prefill, "decode_b1": decode_rate(generate, 1), "decode_b8": decode_rate(generate, BATCH),
-           "peak_rss_mib": peak_rss_mib()}
+    out = {"prefill": prefill, "decode_b1": decode_b1, "decode_b8": decode_rate(generator(engine), BATCH),
+           "decode_b1_batching": decode_rate(generator(engine), 1), "peak_rss_mib": peak_rss_mib()}
     if quantize:  # after the RSS reading: this loads a second, fp32 model
         out["ppl_increase_pct"] = perplexity_increase(path, engine.model, device, tiny)
     return out
+
+
+def save_gguf(weights: Path, dtype: str, tiny: bool = False) -> Path:
+    """The benchmark's weights as `gptkit export-gguf` writes them (f32 or q8_0). The tokenizer is a
+    small BPE trained on this file, its vocabulary padded to the model's: the measurement feeds ids."""
+    from gptkit.checkpoint.format import save_checkpoint
+    from gptkit.checkpoint.llamacpp import export_gguf
+    from gptkit.text.tokenizer import BPETokenizer
+
+    out = weights.with_name(f"model-{dtype}.gguf")
+    if not out.exists():
+        ckpt = weights.with_name("ckpt")
+        if not ckpt.exists():
+            save_checkpoint(ckpt, load_gptkit(weights, tiny), BPETokenizer.train([Path(__file__).read_text()], 512))
+        export_gguf(ckpt, out, dtype=dtype)
+    return out
+
+
+def measure_llamacpp(weights: Path, prompts: torch.Tensor, quantize: str | None) -> dict:
+    import llama_cpp
+    import numpy as np
+
+    path = weights.with_name(f"model-{quantize or 'f32'}.gguf")
+    threads = torch.get_num_threads()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024 + 2, n_batch=PREFILL, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    prompt = prompts[0].tolist()
+
+    def generate(batch: int, new: int) -> None:
+        assert batch == 1
+        llm.reset()
+        llm.eval(prompt)
+        for _ in range(new - 1):
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+
+    long = torch.randint(0, VOCAB, (PREFILL,), generator=torch.Generator().manual_seed(1)).tolist()
+
+    def prefill_once() -> None:
+        llm.reset()
+        llm.eval(long)
+
+    out = {"prefill": PREFILL / best_time(prefill_once), "decode_b1": decode_rate(generate, 1),
+           "peak_rss_mib": peak_rss_mib()}
+    if quantize:
+        out["ppl_increase_pct"] = 100 * (gguf_perplexity(path) / gguf_perplexity(weights.with_name("model-f32.gguf"))
+                                         - 1)
+    return out
+
+
+def gguf_perplexity(path: Path) -> float:
+    """llama.cpp's perplexity of a GGUF file on the held-out text perplexity_increase uses."""
+    import llama_cpp
+    import numpy as np
+
+    ids = list(Path(__file__).read_bytes()[:1025])
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=1026, n_batch=1026, logits_all=True, verbose=False,
+                          n_threads=torch.get_num_threads())
+    llm.eval(ids[:-1])
+    logits = torch.from_numpy(np.array(llm.scores[:len(ids) - 1]))
+    return math.exp(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:])).item())
 
 
 def generate_one(engine, prompt: list[int]) -> None:
@@ -215,7 +298,9 @@ def child(args) -> None:
     prompts = torch.randint(0, VOCAB, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
     dtype = getattr(torch, args.dtype)
     with torch.inference_mode():
-        if args.impl.startswith("transformers"):
+        if args.impl == "llamacpp":
+            out = measure_llamacpp(Path(args.weights), prompts, args.quantize)
+        elif args.impl.startswith("transformers"):
             out = measure_transformers(Path(args.weights), dtype, args.device, prompts,
                                        static=args.impl == "transformers-static", tiny=args.tiny)
         else:
@@ -271,6 +356,9 @@ def name(impl: str, dtype: str, quantize: str | None) -> str:
     return f"{impl}_{quantize or {'float32': 'fp32', 'bfloat16': 'bf16'}[dtype]}"
 
 
+ALL_CASES = CASES + CUDA_CASES + LLAMACPP_CASES
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds; each figure is the best")
@@ -292,18 +380,21 @@ def main() -> None:
         args.impl = args.child
         return child(args)
 
-    cases = CASES + (CUDA_CASES if args.device.startswith("cuda") else [])
+    cases = CASES + (CUDA_CASES if args.device.startswith("cuda") else LLAMACPP_CASES)
     if args.cases:
         wanted = args.cases.split(",")
-        unknown = set(wanted) - {name(*c) for c in CASES + CUDA_CASES}
+        unknown = set(wanted) - {name(*c) for c in ALL_CASES}
         if unknown:
             ap.error(f"unknown case(s) {', '.join(sorted(unknown))}: expected names from "
-                     f"{', '.join(name(*c) for c in CASES + CUDA_CASES)}")
-        cases = [c for c in CASES + CUDA_CASES if name(*c) in wanted]
+                     f"{', '.join(name(*c) for c in ALL_CASES)}")
+        cases = [c for c in ALL_CASES if name(*c) in wanted]
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "gpt2-random.safetensors"
         save_random_gpt2(weights, args.tiny)
+        for dtype in sorted({q or "f32" for impl, _, q in cases if impl == "llamacpp"} | ({"f32"} if any(
+                impl == "llamacpp" and q for impl, _, q in cases) else set())):
+            save_gguf(weights, dtype, args.tiny)
         bandwidth = read_bandwidth(args.device)
         for r in range(args.rounds):
             for impl, dtype, quantize in cases:
@@ -320,7 +411,9 @@ def main() -> None:
 
 def summary(results: dict[str, dict], bandwidth: float, device: str, tiny: bool = False) -> dict:
     """Every figure, and the ratios whose two cases ran (--cases may leave some out)."""
-    limit = {d: bandwidth * 1e9 / decode_bytes(b, tiny) for d, b in (("fp32", 4), ("bf16", 2), ("int8", 1))}
+    # q8_0 stores 32 int8 weights and one fp16 scale per block: 34 bytes per 32 weights
+    limit = {d: bandwidth * 1e9 / decode_bytes(b, tiny) for d, b in (("fp32", 4), ("bf16", 2), ("int8", 1),
+                                                                       ("q8_0", 34 / 32))}
     cfg = gptkit_config(tiny)
     out = {"device": device, "tiny": tiny, "family": FAMILY["name"], "n_kv_head": cfg.kv_heads,
            "kv_cache_bytes_per_token_fp32": 2 * cfg.n_layer * cfg.kv_heads * cfg.head_dim * 4,
@@ -339,20 +432,30 @@ def summary(results: dict[str, dict], bandwidth: float, device: str, tiny: bool 
         ratio(f"{d}_speedup_vs_eager_step", f"gptkit_{d}", f"gptkit-eager_{d}", ("decode_b1", "decode_b8"))
         if f"gptkit_{d}" in results:
             out[f"decode_b1_{d}_frac_of_limit"] = round(results[f"gptkit_{d}"]["decode_b1"] / limit[d], 2)
+            out[f"decode_b1_batching_{d}_frac_of_limit"] = round(results[f"gptkit_{d}"]["decode_b1_batching"]
+                                                                 / limit[d], 2)
+    for key, d in (("llamacpp_fp32", "fp32"), ("llamacpp_q8_0", "q8_0"), ("gptkit_int8", "int8")):
+        if key in results:
+            out[f"decode_b1_{key}_frac_of_limit"] = round(results[key]["decode_b1"] / limit[d], 2)
+    ratio("fp32_ratio_vs_llamacpp", "gptkit_fp32", "llamacpp_fp32", ("prefill", "decode_b1"))
+    ratio("int8_ratio_vs_llamacpp_q8_0", "gptkit_int8", "llamacpp_q8_0", ("prefill", "decode_b1"))
     if "gptkit_int8" in results:
         if "gptkit_fp32" in results:
             out["int8_decode_b1_speedup_vs_fp32"] = round(results["gptkit_int8"]["decode_b1"]
                                                           / results["gptkit_fp32"]["decode_b1"], 2)
         out["int8_ppl_increase_pct"] = round(results["gptkit_int8"]["ppl_increase_pct"], 3)
+    if "llamacpp_q8_0" in results:
+        out["llamacpp_q8_0_ppl_increase_pct"] = round(results["llamacpp_q8_0"]["ppl_increase_pct"], 3)
     return out
 
 
 def print_table(results: dict[str, dict]) -> None:
-    print(f"\n| {'model':<25} | prefill tok/s | decode b1 tok/s | decode b8 tok/s | peak RSS MiB |")
-    print(f"|{'-' * 27}|---------------|-----------------|-----------------|--------------|")
+    print(f"\n| {'model':<25} | prefill tok/s | decode b1 tok/s | decode b8 tok/s | b1 in an 8-row engine | peak RSS MiB |")
+    print(f"|{'-' * 27}|---------------|-----------------|-----------------|-----------------------|--------------|")
     for key, f in results.items():
-        print(f"| {key:<25} | {f['prefill']:13.0f} | {f['decode_b1']:15.1f} | {f['decode_b8']:15.1f} "
-              f"| {f['peak_rss_mib']:12.0f} |")
+        b8 = f"{f['decode_b8']:15.1f}" if "decode_b8" in f else f"{'—':>15}"
+        b1b = f"{f['decode_b1_batching']:21.1f}" if "decode_b1_batching" in f else f"{'—':>21}"
+        print(f"| {key:<25} | {f['prefill']:13.0f} | {f['decode_b1']:15.1f} | {b8} | {b1b} | {f['peak_rss_mib']:12.0f} |")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -69,3 +71,20 @@ def test_one_device_resolver_prefers_cuda_then_mps_then_cpu(monkeypatch):
     assert resolve_device().type == "mps"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device() == torch.device("cuda") and resolve_device(index=1) == torch.device("cuda", 1)
+
+
+def test_fp32_weights_are_packed_only_for_an_engine_that_batches():
+    """One row (generate, chat): MKL's matrix-vector product on the plain layout is the faster one;
+    several rows (serve): oneDNN's prepacked layout. Both compute the same logits."""
+    from gptkit.model.quantize import PackedLinear, _can_pack
+
+    if not _can_pack(torch.float32):
+        pytest.skip("oneDNN cannot pack fp32 weights on this CPU")
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32))
+    one, eight = Engine(copy.deepcopy(model), max_batch=1), Engine(copy.deepcopy(model), max_batch=8)
+    kinds = [{type(m) for m in e.model.modules()} for e in (one, eight)]
+    assert PackedLinear not in kinds[0] and torch.nn.Linear in kinds[0]
+    assert PackedLinear in kinds[1] and torch.nn.Linear not in kinds[1]
+    params = SampleConfig(max_tokens=12, temperature=0)
+    assert one.generate([1, 2, 3], params)[0].token_ids == eight.generate([1, 2, 3], params)[0].token_ids

@@ -105,7 +105,7 @@ class Engine:
         which attends only over the cached length, is faster)."""
         if max_batch < 1:
             raise GptkitError(f"max_batch={max_batch} must be at least 1")
-        self.model = prepare_model(model, device=device, dtype=dtype, quantize=quantize)
+        self.model = prepare_model(model, device=device, dtype=dtype, quantize=quantize, max_batch=max_batch)
         self.config = model.config
         self.device = next(self.model.parameters()).device
         self.max_batch = max_batch

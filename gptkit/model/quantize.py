@@ -5,10 +5,12 @@ memory bandwidth: int8 weights are a quarter of fp32's bytes. Each output channe
 Linear gets its own scale (max |w| / 127, symmetric, round to nearest); activations stay in
 floating point, so the only error is the weight rounding (about 0.2% of a channel's range).
 
-fp32 and bf16 weights are prepacked into oneDNN's blocked layout: the same numbers, but
-decoding's skinny products read them faster than from the plain layout (measured on a
-2-core AVX-512 Xeon: bf16 at batch 1 about 1.4x; fp32 at batch 4-8 about 1.5-2x, at batch 1
-the same).
+bf16 weights, and fp32 weights of an engine that batches, are prepacked into oneDNN's blocked
+layout: the same numbers, but decoding's skinny products read them faster than from the plain
+layout (measured on a 2-core AVX-512 Xeon: bf16 at batch 1 about 1.4x; fp32 at batch 8 1.5-2.4x).
+An fp32 engine of one row (`generate`, `chat`) keeps the plain layout: there MKL's matrix-vector
+product reads 24-31 GB/s where oneDNN's reads 19-22 (fp32 GPT-2 124M: 21 vs 28 ms of matmuls per
+token).
 """
 
 from __future__ import annotations
@@ -105,10 +107,10 @@ def _replace_linears(model: nn.Module, make) -> nn.Module:
 
 # ------------------------------------------------------------------------------------ model set-up
 def prepare_model(model: nn.Module, *, device=None, dtype: torch.dtype | None = None,
-                  quantize: str | None = None) -> nn.Module:
+                  quantize: str | None = None, max_batch: int = 8) -> nn.Module:
     """Put the model in eval mode on device/dtype (in place: no second copy of the weights),
-    optionally with int8 weight-only linear layers; fp32/bf16 linear weights on CPU are
-    prepacked for oneDNN."""
+    optionally with int8 weight-only linear layers; on CPU, bf16 linear weights and the fp32
+    ones of an engine of more than one row are prepacked for oneDNN."""
     model.eval()
     if device is not None:
         model.to(device)
@@ -117,6 +119,7 @@ def prepare_model(model: nn.Module, *, device=None, dtype: torch.dtype | None = 
     on_cpu = next(model.parameters()).device.type == "cpu"
     if quantize is not None:
         quantize_model(model, quantize)
-    elif on_cpu and model.lm_head.weight.dtype in (torch.float32, torch.bfloat16):
+    elif on_cpu and (model.lm_head.weight.dtype == torch.bfloat16
+                     or (model.lm_head.weight.dtype == torch.float32 and max_batch > 1)):
         pack_linears(model)
     return model
