@@ -310,3 +310,17 @@ def test_a_failed_write_leaves_no_partial_file(exported, tmp_path, monkeypatch):
 def test_an_unknown_pre_tokenizer_is_refused_in_one_line():
     with pytest.raises(GptkitError, match="pre_tokenizer .* is not one llama.cpp knows"):
         pre_tokenizer_name({"pre_tokenizer": {"type": "Whitespace"}}, "tokenizer.json")
+
+
+def test_the_exact_gelu_runs_as_llama_cpp_tanh_gelu_and_the_export_says_so(tok, tmp_path):
+    """gptkit's default MLP is the exact (erf) GELU, which llama.cpp's gpt2 does not have: the
+    export says so, and the logits still agree to the table's precision."""
+    save_checkpoint(tmp_path / "ckpt", random_model(tok, 331, n_head=4, n_embd=64), tok)
+    r = gptkit("export-gguf", tmp_path / "ckpt", tmp_path / "m.gguf")
+    assert r.exit_code == 0 and "note: this model uses the exact (erf) GELU" in r.output
+    assert "note: ids 320..330 are rows beyond the tokenizer" in r.output
+    ids = tok.encode(MIXED)
+    with torch.no_grad():
+        ours = open_checkpoint(tmp_path / "ckpt").model(torch.tensor([ids]))[0].numpy()
+    diff = np.abs(llama_logits(load(tmp_path / "m.gguf", logits_all=True), ids) - ours).max()
+    assert diff < TOL * np.abs(ours).max(), diff

@@ -97,7 +97,19 @@ def export_gguf(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: str = "f
     return {"out": str(out), "architecture": arch, "dtype": dtype, "bytes": out.stat().st_size,
             "params": model.num_params(), "vocab_size": model.config.vocab_size, "pre_tokenizer": vocab["pre"],
             "chat_template": template.kind, "modelfile": str(modelfile) if ollama else None,
-            "lora_merged": loaded.meta.is_lora, **summary}
+            "lora_merged": loaded.meta.is_lora, "notes": notes(model.config, tokenizer), **summary}
+
+
+def notes(cfg, tokenizer) -> list[str]:
+    """What llama.cpp will compute differently from gptkit, said rather than left to be found."""
+    out = []
+    if cfg.pos_encoding == "learned" and cfg.activation == "gelu":
+        out.append("this model uses the exact (erf) GELU; llama.cpp's gpt2 computes the tanh form (from an fp16 "
+                   "table): activations differ by up to ~5e-4")
+    if cfg.vocab_size > tokenizer.vocab_size:
+        out.append(f"ids {tokenizer.vocab_size}..{cfg.vocab_size - 1} are rows beyond the tokenizer: gptkit never "
+                   "samples them, llama.cpp may (an untrained row is not unlikely)")
+    return out
 
 
 def _file_type(dtype: str):

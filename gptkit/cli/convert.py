@@ -63,3 +63,6 @@ def export_gguf(
     summary(s, json_out, f"exported {ckpt} -> {s['out']}: llama.cpp {s['architecture']}, {s['dtype']}{fallback}, "
                           f"{s['tensors']} tensors, {human(s['params'])} params, {s['bytes'] / 2**20:.1f} MiB; "
                           f"tokenizer pre {s['pre_tokenizer']}, chat template {s['chat_template']}{modelfile}")
+    if not json_out:
+        for note in s["notes"]:
+            typer.echo(f"note: {note}", err=True)
