@@ -152,8 +152,10 @@ class CausalSelfAttention(nn.Module):
     def _qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None):
         B, T, _ = x.shape
         nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
-        qkv = self.c_attn(x).view(B, T, nh + 2 * nkv, hs).transpose(1, 2)  # (B, heads, T, hs): one view for all
-        q, k, v = qkv.split([nh, nkv, nkv], dim=1)  # (B, nh, T, hs), (B, nkv, T, hs), (B, nkv, T, hs)
+        q, k, v = self.c_attn(x).split([nh * hs, nkv * hs, nkv * hs], dim=2)
+        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
