@@ -28,6 +28,7 @@ from gptkit.config import ModelConfig
 from gptkit.errors import GptkitError
 from gptkit.fileio import atomic_write, atomic_write_json
 from gptkit.model.gpt import GPT
+from gptkit.model.lora import merge_lora
 from gptkit.text.chat import imported_chat_template
 from gptkit.text.tokenizer import EOT, load_tokenizer
 
@@ -263,8 +264,6 @@ def open_for_export(ckpt: str | os.PathLike):
     """A checkpoint opened for export (export-hf, export-gguf): LoRA adapters folded into their
     layers (the exported model computes what the adapter checkpoint did), and a byte-level BPE
     tokenizer, the one kind the exported formats hold."""
-    from gptkit.model.lora import merge_lora
-
     if "@" in str(ckpt) and not Path(ckpt).exists():
         raise GptkitError(f"{ckpt}: export takes the checkpoint itself; quantisation is a way of loading it, "
                           "not a checkpoint (export-gguf --dtype q8_0 writes an 8-bit file)")
