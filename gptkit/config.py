@@ -274,6 +274,7 @@ class SampleConfig:
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
     logprobs: int | None = None  # None: off; k: chosen token's logprob and the top k
+    grammar: str | None = None  # an llguidance grammar the output must match (structured outputs)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 0:

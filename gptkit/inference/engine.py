@@ -63,6 +63,7 @@ from gptkit.errors import GptkitError
 from gptkit.config import SampleConfig
 from gptkit.model.gpt import GPT, KVCache
 from gptkit.model.quantize import prepare_model
+from gptkit.inference.constrain import Constraint, GrammarVocab, apply_masks
 from gptkit.inference.requests import Completion, RequestHandle, Row, check_prompt, check_request
 from gptkit.inference.sampling import RowParams, SamplingError, sample_batch, top_dicts
 from gptkit.inference.static_decode import StaticDecoder
@@ -97,7 +98,8 @@ class Engine:
     def __init__(self, model: GPT, *, max_batch: int = 8, max_cached_tokens: int | None = None,
                  token_bytes: Callable[[int], bytes] | None = None, eos_ids: Sequence[int] = (),
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 quantize: str | None = None, vocab_size: int | None = None, static_decode: bool | None = None):
+                 quantize: str | None = None, vocab_size: int | None = None, static_decode: bool | None = None,
+                 grammar_vocab: GrammarVocab | None = None):
         """vocab_size: how many ids the tokenizer can decode, when fewer than the model's
         (a vocabulary padded for speed, or an imported model's): the rest are never sampled.
         static_decode: decode with static shapes (gptkit/inference/static_decode.py), as CUDA graphs on
@@ -130,6 +132,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._seeds = random.SystemRandom()
+        self.grammar_vocab = grammar_vocab  # the tokenizer as the grammar matcher sees it (structured outputs)
 
     # --- public entry points (thread-safe)
     def submit(self, prompt: list[int], params: SampleConfig, n: int = 1) -> RequestHandle:
@@ -298,8 +301,16 @@ class Engine:
             self.sampling.set(slot + i, h.params, h.params.seed + i if h.params.seed is not None
                               else self._seeds.getrandbits(63))
         stop_ids = self.eos_ids | set(h.params.stop_token_ids)
-        self._rows.extend(Row(h, i, h.stop_bytes, stop_ids) for i in range(h.n))
+        self._rows.extend(Row(h, i, h.stop_bytes, stop_ids, constraint=self._constraint(h.params))
+                          for i in range(h.n))
         self._sample_and_emit(logits.expand(h.n, -1), start=slot)
+
+    def _constraint(self, params: SampleConfig) -> Constraint | None:
+        if params.grammar is None:
+            return None
+        if self.grammar_vocab is None:
+            raise GptkitError("this engine has no tokenizer for grammars (build it with gptkit.inference.factory)")
+        return Constraint(self.grammar_vocab, params.grammar)
 
     def _decode(self) -> None:
         tokens = [r.next_token for r in self._rows]
@@ -314,10 +325,16 @@ class Engine:
         """Sample for rows start.. (one logits row each), emit their events, drop finished rows."""
         rows = self._rows[start:]
         logits = logits[:, :self.vocab_limit].float()  # ids the tokenizer cannot decode are never drawn
+        constraints = [r.constraint for r in rows]
+        if any(c is not None for c in constraints):  # structured-output rows: what their grammar forbids is -inf
+            logits = apply_masks(logits, constraints)
         params = self.sampling.rows(start, start + len(rows))
         tokens, bad = sample_batch(logits, params)
         params.advance(tokens)
         token_list, bad_list = torch.stack([tokens, bad.long()]).tolist()  # the step's one host sync
+        for c, tok in zip(constraints, token_list):
+            if c is not None:
+                c.consume(tok)
         errors = {i: SamplingError("the next-token distribution is not finite (NaN or infinite logits)")
                   for i, b in enumerate(bad_list) if b}
         k = max((r.params.logprobs or 0) for r in rows)

@@ -16,6 +16,7 @@ import torch
 from gptkit.checkpoint.open import Checkpoint, open_checkpoint
 from gptkit.device import resolve_device
 from gptkit.errors import GptkitError
+from gptkit.inference.constrain import GrammarVocab
 from gptkit.inference.engine import Engine
 from gptkit.model.lora import merge_lora
 from gptkit.text.tokenizer import EOT, IM_END, Tokenizer
@@ -42,9 +43,13 @@ def build_engine(model: torch.nn.Module, tokenizer: Tokenizer, *, max_batch: int
         raise GptkitError(f"--dtype {dtype!r}: expected {' or '.join(DTYPES)}")
     model = copy.deepcopy(model) if keep_model else model
     merge_lora(model)  # a no-op without LoRA layers
-    return Engine(model, max_batch=max_batch, token_bytes=tokenizer.token_bytes, eos_ids=eos_ids(tokenizer) if stop_at_eos else [],
+    eos = eos_ids(tokenizer)
+    vocab = min(tokenizer.vocab_size, model.config.vocab_size)
+    grammar_vocab = GrammarVocab(tokenizer.token_bytes, lambda s: tokenizer.encode(s, special=False), vocab, eos,
+                                 list(tokenizer.special_tokens.values()))  # built when a request first uses it
+    return Engine(model, max_batch=max_batch, token_bytes=tokenizer.token_bytes, eos_ids=eos if stop_at_eos else [],
                   dtype=getattr(torch, dtype), quantize=quantize, device=resolve_device(device),
-                  vocab_size=tokenizer.vocab_size)
+                  vocab_size=tokenizer.vocab_size, grammar_vocab=grammar_vocab)
 
 
 def open_engine(folder: str | os.PathLike, **kw) -> tuple[Engine, Checkpoint]:

@@ -218,6 +218,7 @@ class Row:
     next_token: int = -1  # sampled, not yet fed to the model
     n_out: int = 0  # tokens emitted
     out_bytes: bytearray = field(default_factory=bytearray)  # only kept when there are stop strings
+    constraint: object = None  # gptkit.inference.constrain.Constraint for a structured-output row
 
     @property
     def params(self) -> SampleConfig:

@@ -110,7 +110,8 @@ async def completions(server: Server, body: S.CompletionRequest) -> S.Completion
     limits.check_tokens(len(prompts), body.n, body.max_tokens)
     check_context(served, prompts, body.max_tokens, "prompt")  # the cheap checks first, moderation after them
     await server.moderate_input([served.tokenizer.decode(p) for p in prompts], "prompt")
-    gen = server.generate(served, prompts, sample_config(body, body.max_tokens, body.logprobs), body.n)
+    gen = server.generate(served, prompts, await sample_config(served, body, body.max_tokens, body.logprobs),
+                          body.n)
     try:
         echoes = await _echoes(served, prompts, body) if body.echo else None
     except BaseException:
@@ -187,7 +188,7 @@ async def chat_completions(server: Server, body: S.ChatCompletionRequest) -> S.C
     check_context(served, [ids], max_tokens, "messages")  # the cheap checks first, moderation after them
     await server.moderate_input([m["content"] for m in messages], "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = sample_config(body, max_tokens, logprobs)
+    params = await sample_config(served, body, max_tokens, logprobs)
     params.stop += served.tokenizer.chat_template.stop  # the plain template ends at the next role marker
     gen = server.generate(served, [ids], params, body.n)
     head = _head("chatcmpl", served)

@@ -17,6 +17,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from gptkit.config import SampleConfig
+from gptkit.errors import GptkitError
+from gptkit.inference.constrain import JSON_OBJECT, json_schema_grammar
 from gptkit.inference.requests import Event, RequestHandle
 from gptkit.server import schemas as S
 from gptkit.server.config import ServedModel
@@ -162,7 +164,29 @@ def _error_event(body: dict) -> str:
     return f"data: {S.ErrorResponse(**body).model_dump_json()}\n\n"
 
 
-def sample_config(body: S.SamplingRequest, max_tokens: int, logprobs: int | None) -> SampleConfig:
+async def sample_config(served: ServedModel, body: S.SamplingRequest, max_tokens: int,
+                        logprobs: int | None) -> SampleConfig:
+    grammar = await asyncio.to_thread(response_grammar, served, body.response_format)  # compiling takes a while
     return SampleConfig(max_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
                         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                        stop=list(body.stop), seed=body.seed, logprobs=logprobs)
+                        stop=list(body.stop), seed=body.seed, logprobs=logprobs, grammar=grammar)
+
+
+def response_grammar(served: ServedModel, fmt: S.ResponseFormat | None) -> str | None:
+    """The grammar a response_format asks for (None: free text); a 400 naming the field when the
+    schema cannot be enforced."""
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        schema, param = JSON_OBJECT, "response_format"
+    else:
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise APIError(400, "response_format json_schema needs json_schema.schema",
+                           param="response_format.json_schema")
+        schema, param = fmt.json_schema.schema_, "response_format.json_schema.schema"
+    try:
+        grammar = json_schema_grammar(schema)
+        served.engine.grammar_vocab.check(grammar)
+    except GptkitError as e:
+        raise APIError(400, str(e), param=param) from None
+    return grammar

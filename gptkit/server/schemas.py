@@ -24,7 +24,6 @@ IGNORED_FIELDS = {
     "logit_bias": "the engine's sampler has no per-token bias",
     "suffix": "insertion needs a model trained for fill-in-the-middle",
     "tools / tool_choice / parallel_tool_calls": "the chat template has no tool-call format",
-    "response_format": "no constrained (JSON) decoding",
     "messages[].name": "the chat template has no participant names",
     "add_special_tokens (/tokenize)": "gptkit tokenizers never add special tokens when encoding",
 }
@@ -76,6 +75,19 @@ class StreamOptions(Request):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(Request):
+    name: Text = Field(max_length=64)
+    schema_: dict | None = Field(None, alias="schema", description="the JSON schema the output must validate against")
+    strict: bool | None = Field(None, description="always enforced: the output is decoded under the schema's grammar")
+    description: Text | None = None
+
+
+class ResponseFormat(Request):
+    type: Literal["text", "json_object", "json_schema"] = Field(
+        description="json_object: any JSON object; json_schema: JSON valid under json_schema.schema")
+    json_schema: JsonSchemaFormat | None = None
+
+
 class SamplingRequest(Request):
     """The fields /v1/completions and /v1/chat/completions share."""
 
@@ -94,6 +106,9 @@ class SamplingRequest(Request):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, float] | None = Field(None, description=_ignored("logit_bias"))
     user: str | None = Field(None, description=_ignored("user"))
+    response_format: ResponseFormat | None = Field(None, description=(
+        "structured output, enforced by grammar-constrained decoding (the output parses, or stops at max_tokens "
+        "with finish_reason length)"))
 
     @field_validator("stop")
     @classmethod
@@ -152,7 +167,6 @@ class ChatCompletionRequest(SamplingRequest):
     tools: list[dict] | None = Field(None, description=_ignored("tools / tool_choice / parallel_tool_calls"))
     tool_choice: Union[str, dict, None] = Field(None, description=_ignored("tools / tool_choice / parallel_tool_calls"))
     parallel_tool_calls: bool | None = Field(None, description=_ignored("tools / tool_choice / parallel_tool_calls"))
-    response_format: dict | None = Field(None, description=_ignored("response_format"))
 
 
 class TokenizeRequest(Request):
