@@ -169,3 +169,20 @@ def test_bad_response_format_is_a_400_naming_the_field(client, fmt, param):
         assert body.get("param") == param, body
     assert "response_format" in json.dumps(body)
 
+
+
+def test_generate_cli_json_schema(tmp_path, model, tok):
+    from typer.testing import CliRunner
+
+    from gptkit.cli import app
+
+    save_checkpoint(tmp_path / "m", model, tok)
+    (tmp_path / "s.json").write_text(json.dumps({"enum": ["yes", "no", "不知道"]}), encoding="utf-8")
+    (tmp_path / "bad.json").write_text('{"not": {"type": "string"}}', encoding="utf-8")
+    r = CliRunner().invoke(app, ["generate", str(tmp_path / "m"), "-p", "Q:", "--json-schema", str(tmp_path / "s.json"),
+                                 "--seed", "1", "--max-tokens", "30"])
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith("Q:") and json.loads(r.output[2:]) in ["yes", "no", "不知道"]
+    for schema, message in [("bad.json", 'Unimplemented keys: ["not"]'), ("none.json", "cannot read the JSON schema")]:
+        r = CliRunner().invoke(app, ["generate", str(tmp_path / "m"), "-p", "Q:", "--json-schema", str(tmp_path / schema)])
+        assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and message in r.output, r.output

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from gptkit.cli.common import app, engine_for
+from gptkit.errors import GptkitError
 from gptkit.config import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P
 
 # how the weights run, the same for generate and chat
@@ -29,6 +30,8 @@ def generate(
     n: Annotated[int, typer.Option(help="number of samples")] = 1,
     seed: Annotated[Optional[int], typer.Option(help="random seed for reproducible samples")] = None,
     truncate: Annotated[bool, typer.Option(help="drop the start of a prompt too long for the context")] = False,
+    json_schema: Annotated[Optional[Path], typer.Option(
+        help="a JSON schema file: the continuation is JSON valid under it (or cut by --max-tokens)")] = None,
     quantize: Quantize = None,
     dtype: Dtype = "float32",
 ) -> None:
@@ -42,7 +45,8 @@ def generate(
     engine, tokenizer = engine_for(ckpt, max_batch=max(n, 1), quantize=quantize, dtype=dtype)
     ids, max_tokens = fit_prompt(tokenizer.encode(prompt), max_tokens, engine.config.block_size, truncate)
     params = SampleConfig(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                          stop=list(stop or []), seed=seed)
+                          stop=list(stop or []), seed=seed,
+                          grammar=schema_grammar(json_schema, engine) if json_schema else None)
     streams = [TextStream(tokenizer, params.stop) for _ in range(n)]
     handle = engine.submit(ids, params, n=n)
     outputs = [""] * n
@@ -59,6 +63,27 @@ def generate(
     else:
         for i, text in enumerate(outputs):
             typer.echo(f"--- sample {i + 1} ---\n{prompt}{text}")
+
+
+def schema_grammar(path: Path, engine) -> str:
+    """The grammar of a JSON schema file, checked against the model's tokenizer; one line for a
+    missing file, bad JSON or a schema that cannot be enforced."""
+    import json
+
+    from gptkit.inference.constrain import json_schema_grammar
+
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise GptkitError(f"{path}: cannot read the JSON schema ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GptkitError(f"{path}: not JSON ({e})") from None
+    grammar = json_schema_grammar(schema)
+    try:
+        engine.grammar_vocab.check(grammar)
+    except GptkitError as e:
+        raise GptkitError(f"{path}: {e}") from None
+    return grammar
 
 
 @app.command()
