@@ -59,7 +59,7 @@ def test_plain_template_renders_roles_as_text_with_an_exact_mask():
 def test_which_template_is_used():
     plain, chatml = plain_tokenizer(), bpe_tokenizer()
     assert use_chat_template(plain) == "fallback" and plain.chat_template.kind == "plain"
-    assert plain.chat_template.stop == ["\nSystem:", "\nUser:", "\nAssistant:"]
+    assert plain.chat_template.stop == ["\nSystem:", "\nUser:", "\nAssistant:", "\nTool:"]
     assert use_chat_template(chatml) == "default" and chatml.chat_template.kind == "chatml"
     assert use_chat_template(chatml) == "checkpoint"  # now it has one
     assert use_chat_template(chatml, "plain") == "plain" and chatml.chat_template.kind == "plain"

@@ -21,8 +21,12 @@ from typing import Callable
 import torch
 
 from gptkit.errors import GptkitError
+from gptkit.text.tools import CALL_CLOSE, CALL_OPEN, call_schema
 
 JSON_OBJECT = {"type": "object"}  # response_format {"type": "json_object"}: any JSON object
+# compact JSON as OpenAI's models write it (", " and ": "): free whitespace lets an untrained model
+# pad with newlines until max_tokens cuts it
+COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 @lru_cache(maxsize=256)
@@ -30,12 +34,21 @@ def _grammar(schema_json: str) -> str:
     from llguidance import LLMatcher
 
     try:
-        # compact JSON as OpenAI's models write it (", " and ": "): free whitespace lets an untrained
-        # model pad with newlines until max_tokens cuts it
-        return LLMatcher.grammar_from_json_schema(schema_json, overrides={
-            "whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "})
+        return LLMatcher.grammar_from_json_schema(schema_json, overrides=COMPACT)
     except ValueError as e:
         raise GptkitError(f"json_schema: {str(e).splitlines()[0]}") from None
+
+
+def tool_call_grammar(tools: list[dict], parallel: bool = True) -> str:
+    """The grammar of a reply that is only tool calls (tool_choice "required" or a named function),
+    in gptkit's format (gptkit.text.tools), each call's arguments valid under its parameters."""
+    from llguidance import LLMatcher
+
+    schema = {**call_schema(tools), "x-guidance": COMPACT}
+    more = ' ("\\n" call)*' if parallel else ""
+    lark = (f"start: call{more}\ncall: {json.dumps(CALL_OPEN)} body {json.dumps(CALL_CLOSE)}\n"
+            f"body: %json {json.dumps(schema, ensure_ascii=False)}\n")
+    return LLMatcher.grammar_from_lark(lark)
 
 
 def json_schema_grammar(schema: dict) -> str:

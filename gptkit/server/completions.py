@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Iterable
 
 from gptkit.errors import GptkitError
+from gptkit.inference.constrain import tool_call_grammar
 from gptkit.inference.requests import check_prompt
 from gptkit.server import schemas as S
 from gptkit.server.config import ServedModel
@@ -21,6 +22,7 @@ from gptkit.server.limits import Limits
 from gptkit.server.state import Server
 from gptkit.text.chat import render_chat
 from gptkit.text.tokenizer import Tokenizer
+from gptkit.text.tools import parse_tool_calls
 
 
 # ------------------------------------------------------------------------------------ text edges
@@ -177,10 +179,12 @@ async def chat_completions(server: Server, body: S.ChatCompletionRequest) -> S.C
     served = server.model(body.model)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in body.messages]
+    messages = [chat_message(m) for m in body.messages]
+    tools = active_tools(body)
     limits = server.config.limits
     limits.check_stop(body.stop)
-    ids, _ = await asyncio.to_thread(render_chat, served.tokenizer, messages)  # a long body: off the event loop
+    # a long body: off the event loop
+    ids, _ = await asyncio.to_thread(render_chat, served.tokenizer, messages, tools=[t.model_dump() for t in tools])
     # default: the rest of the context (at least 1, so a full context is a 400 naming both numbers)
     max_tokens = (body.max_completion_tokens or body.max_tokens
                   or limits.default_max_tokens(served.context - len(ids), body.n))
@@ -190,20 +194,79 @@ async def chat_completions(server: Server, body: S.ChatCompletionRequest) -> S.C
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = await sample_config(served, body, max_tokens, logprobs)
     params.stop += served.tokenizer.chat_template.stop  # the plain template ends at the next role marker
+    forced = forced_tools(body, tools)
+    if forced:  # the reply is decoded as calls: arguments valid under each function's parameters
+        params.grammar = await asyncio.to_thread(tool_grammar, served, forced, body.parallel_tool_calls)
     gen = server.generate(served, [ids], params, body.n)
     head = _head("chatcmpl", served)
+    names = {t.function.name for t in tools}
     if body.stream:
-        return EventStream(_chat_chunks(gen, head, body), gen)
+        return EventStream(_chat_chunks(gen, head, body, names), gen)
     choices = await gen.run()
     tok = served.tokenizer
     return S.ChatCompletion(**head, usage=gen.usage(), choices=[
-        S.ChatChoice(index=i, message=S.AssistantMessage(content=c.text), finish_reason=c.finish_reason,
+        S.ChatChoice(index=i, **reply(c.text, c.finish_reason, names, body.parallel_tool_calls),
                      logprobs=chat_logprobs(tok, c.entries()) if body.logprobs else None)
         for i, c in enumerate(choices)])
 
 
-async def _chat_chunks(gen: Generation, head: dict,
-                       body: S.ChatCompletionRequest) -> AsyncIterator[S.ChatCompletionChunk]:
+def chat_message(m: S.ChatMessage) -> dict:
+    out = {"role": "system" if m.role == "developer" else m.role, "content": m.text}
+    if m.tool_calls:
+        out["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def active_tools(body: S.ChatCompletionRequest) -> list[S.Tool]:
+    """The tools the model is shown: none with tool_choice "none"; a 400 for a choice without tools."""
+    if body.tool_choice is not None and body.tool_choice != "none" and not body.tools:
+        raise APIError(400, "tool_choice needs tools", param="tool_choice")
+    names = [t.function.name for t in body.tools or []]
+    if len(set(names)) != len(names):
+        raise APIError(400, "tools: two functions share a name", param="tools")
+    return [] if body.tool_choice == "none" else list(body.tools or [])
+
+
+def forced_tools(body: S.ChatCompletionRequest, tools: list[S.Tool]) -> list[S.Tool]:
+    """The tools a reply must call: all for "required", one for a named choice, none otherwise."""
+    choice = body.tool_choice
+    if choice == "required":
+        return tools
+    if isinstance(choice, S.NamedToolChoice):
+        named = [t for t in tools if t.function.name == choice.function.name]
+        if not named:
+            raise APIError(400, f"tool_choice names {choice.function.name!r}, which is not in tools",
+                           param="tool_choice")
+        return named
+    return []
+
+
+def tool_grammar(served: ServedModel, tools: list[S.Tool], parallel: bool) -> str:
+    try:
+        grammar = tool_call_grammar([t.model_dump() for t in tools], parallel)
+        served.engine.grammar_vocab.check(grammar)
+    except (GptkitError, ValueError) as e:
+        raise APIError(400, f"tools: a parameters schema cannot be enforced ({str(e).splitlines()[0]})",
+                       param="tools") from None
+    return grammar
+
+
+def reply(text: str, finish: str, names: set[str], parallel: bool = True) -> dict:
+    """A choice's message and finish_reason: calls to known tools are read out of the text."""
+    content, calls = parse_tool_calls(text, names) if names else (text, [])
+    if not calls:
+        return {"message": S.AssistantMessage(content=text), "finish_reason": finish}
+    calls = calls if parallel else calls[:1]
+    return {"message": S.AssistantMessage(content=content, tool_calls=[S.ToolCall(**c) for c in calls]),
+            "finish_reason": "tool_calls" if finish == "stop" else finish}
+
+
+async def _chat_chunks(gen: Generation, head: dict, body: S.ChatCompletionRequest,
+                       names: set[str]) -> AsyncIterator[S.ChatCompletionChunk]:
+    """The stream of a chat reply. With tools, each choice's text is held until it ends (a call must be
+    whole to be read), then sent as content or as tool-call deltas."""
     def chunk(i: int, delta: S.ChatDelta, finish: str | None = None, lp: S.ChatLogprobs | None = None):
         return S.ChatCompletionChunk(**head, choices=[S.ChatChunkChoice(index=i, delta=delta, finish_reason=finish,
                                                                         logprobs=lp)])
@@ -211,12 +274,27 @@ async def _chat_chunks(gen: Generation, head: dict,
     for i in range(len(gen.choices)):  # each choice opens with the role, as OpenAI's stream does
         yield chunk(i, S.ChatDelta(role="assistant", content=""))
     tok = gen.served.tokenizer
+    held = [""] * len(gen.choices)
     async for i, ev, delta in gen.events():
         lp = chat_logprobs(tok, [(ev.token_id, ev.logprob, ev.top_logprobs)]) \
             if body.logprobs and ev.token_id is not None else None
+        if names:
+            held[i] += delta
+            delta = ""
         if delta or lp:
-            yield chunk(i, S.ChatDelta(content=delta), lp=lp)
+            yield chunk(i, S.ChatDelta(content=delta or None) if names else S.ChatDelta(content=delta), lp=lp)
         if ev.finish_reason:
-            yield chunk(i, S.ChatDelta(), ev.finish_reason)
+            finish = ev.finish_reason
+            if names:
+                r = reply(held[i], finish, names, body.parallel_tool_calls)
+                finish, message = r["finish_reason"], r["message"]
+                if message.content:
+                    yield chunk(i, S.ChatDelta(content=message.content))
+                for k, call in enumerate(message.tool_calls or []):  # OpenAI's shape: id and name, then arguments
+                    yield chunk(i, S.ChatDelta(tool_calls=[S.ToolCallDelta(
+                        index=k, id=call.id, type="function", function={"name": call.function.name, "arguments": ""})]))
+                    yield chunk(i, S.ChatDelta(tool_calls=[S.ToolCallDelta(
+                        index=k, function={"arguments": call.function.arguments})]))
+            yield chunk(i, S.ChatDelta(), finish)
     if body.include_usage:
         yield S.ChatCompletionChunk(**head, choices=[], usage=gen.usage())

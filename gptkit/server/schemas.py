@@ -23,7 +23,6 @@ IGNORED_FIELDS = {
     "user": "an end-user id for OpenAI's abuse monitoring; there is no per-user accounting",
     "logit_bias": "the engine's sampler has no per-token bias",
     "suffix": "insertion needs a model trained for fill-in-the-middle",
-    "tools / tool_choice / parallel_tool_calls": "the chat template has no tool-call format",
     "messages[].name": "the chat template has no participant names",
     "add_special_tokens (/tokenize)": "gptkit tokenizers never add special tokens when encoding",
 }
@@ -147,15 +146,60 @@ class TextPart(Request):
     text: Text
 
 
+class FunctionCall(Request):
+    name: Text
+    arguments: Text = Field(description="the arguments as a JSON object, in a string")
+
+
+class ToolCall(Request):
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(Request):
-    role: Literal["system", "developer", "user", "assistant"] = Field(
-        description="developer is OpenAI's newer name for system")
-    content: Union[Text, list[TextPart]]
+    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
+        description="developer is OpenAI's newer name for system; tool carries a tool's result")
+    content: Union[Text, list[TextPart], None] = Field(None, description="may be null on an assistant message "
+                                                                        "with tool_calls")
     name: str | None = Field(None, description=_ignored("messages[].name"))
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: Text | None = None
 
     @property
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    @model_validator(mode="after")
+    def _content_or_calls(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content")
+        if self.role == "tool" and self.tool_call_id is None:  # as OpenAI: a result answers a call
+            raise ValueError("a tool message needs tool_call_id")
+        return self
+
+
+class FunctionSpec(Request):
+    name: Text = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: Text | None = None
+    parameters: dict | None = Field(None, description="a JSON schema; the arguments of a forced call follow it")
+    strict: bool | None = None
+
+
+class Tool(Request):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(Request):
+    name: Text
+
+
+class NamedToolChoice(Request):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -164,9 +208,12 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1, description="default: the rest of the context")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list[dict] | None = Field(None, description=_ignored("tools / tool_choice / parallel_tool_calls"))
-    tool_choice: Union[str, dict, None] = Field(None, description=_ignored("tools / tool_choice / parallel_tool_calls"))
-    parallel_tool_calls: bool | None = Field(None, description=_ignored("tools / tool_choice / parallel_tool_calls"))
+    tools: list[Tool] | None = Field(None, description="functions the model may call (shown to it by the chat "
+                                                       "template)")
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = Field(None, description=(
+        "auto (the default with tools): the model decides, calls are read from its reply; required or a named "
+        "function: the reply is decoded as calls whose arguments follow the parameters schema; none: no tools"))
+    parallel_tool_calls: bool = Field(True, description="false: at most one call per reply")
 
 
 class TokenizeRequest(Request):
@@ -228,13 +275,21 @@ class ChatLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _no_empty_calls(self, handler):  # OpenAI leaves tool_calls out of a message without calls
+        out = handler(self)
+        if out.get("tool_calls") is None:
+            out.pop("tool_calls", None)
+        return out
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    finish_reason: Literal["stop", "length", "content_filter"]
+    finish_reason: Literal["stop", "length", "content_filter", "tool_calls"]
     logprobs: ChatLogprobs | None = None
 
 
@@ -247,9 +302,21 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: dict
+
+    @model_serializer(mode="wrap")
+    def _only_set(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")
     def _only_set(self, handler):  # OpenAI sends {"content": "x"}, not {"role": null, "content": "x"}
@@ -259,7 +326,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    finish_reason: Literal["stop", "length", "content_filter"] | None = None
+    finish_reason: Literal["stop", "length", "content_filter", "tool_calls"] | None = None
     logprobs: ChatLogprobs | None = None
 
 

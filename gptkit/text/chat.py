@@ -5,6 +5,7 @@ Training, `gptkit chat` and the server render conversations here, so all three a
 
 from __future__ import annotations
 
+import json
 import re
 from functools import lru_cache
 
@@ -13,6 +14,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from gptkit.errors import GptkitError
 from gptkit.text.tokenizer import EOT, IM_END, IM_START, PLAIN_ROLES, ChatTemplate, Tokenizer
+from gptkit.text.tools import assistant_text, tools_text
 
 CHAT_TEMPLATES = ("auto", "chatml", "plain")
 
@@ -47,17 +49,20 @@ def _has_chat_tokens(tokenizer: Tokenizer) -> bool:
 
 
 def render_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
-                train_on: str = "assistant") -> tuple[list[int], list[int]]:
+                train_on: str = "assistant", tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
     """Render messages with the tokenizer's chat template into (ids, mask); a tokenizer without
     a template gets default_chat_template's (ChatML, or plain text without its tokens).
 
     mask[i] is 1 where token i is a target of the loss: the content and closing token(s) of
     assistant messages. With add_generation_prompt the ids end with the assistant header.
     Message content is encoded with special tokens off: text can never become <|im_end|>.
+    tools (OpenAI's `tools` entries) and assistant messages' `tool_calls` are written as
+    gptkit.text.tools describes, or handed to an imported template, which writes them its way.
     """
     tpl = tokenizer.chat_template or default_chat_template(tokenizer)
     if tpl.kind == "jinja":
-        return _render_jinja(tokenizer, tpl, messages, add_generation_prompt, train_on)
+        return _render_jinja(tokenizer, tpl, messages, add_generation_prompt, train_on, tools)
+    messages = with_tools(messages, tools)
     if tpl.kind == "plain":
         def header(role: str) -> list[int]:
             return tokenizer.encode(f"{PLAIN_ROLES[role]}:")
@@ -78,7 +83,7 @@ def render_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_promp
     for i, m in enumerate(messages):
         role, content = m.get("role"), m.get("content")
         if role not in PLAIN_ROLES:
-            raise GptkitError(f"message {i}: role {role!r}; expected system, user or assistant")
+            raise GptkitError(f"message {i}: role {role!r}; expected system, user, assistant or tool")
         if not isinstance(content, str):
             raise GptkitError(f"message {i}: content must be a string")
         head = header(role)
@@ -93,6 +98,19 @@ def render_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_promp
         ids += head
         mask += [0] * len(head)
     return ids, mask
+
+
+def with_tools(messages: list[dict], tools: list[dict] | None) -> list[dict]:
+    """Messages for gptkit's own templates: the tools described at the end of the system message,
+    each assistant message's tool calls written into its text."""
+    out = [{**m, "content": assistant_text(m.get("content"), m["tool_calls"])} if m.get("tool_calls") else m
+           for m in messages]
+    if tools:
+        if out and out[0].get("role") == "system":
+            out[0] = {**out[0], "content": f"{out[0]['content']}\n\n{tools_text(tools)}"}
+        else:
+            out.insert(0, {"role": "system", "content": tools_text(tools)})
+    return out
 
 
 def fit_conversation(tokenizer: Tokenizer, system: str | None, history: list[dict], max_tokens: int,
@@ -119,16 +137,20 @@ _MARKS = re.compile("\x00gptkit-message-(\\d+)\x00")
 
 
 def _render_jinja(tokenizer: Tokenizer, tpl: ChatTemplate, messages: list[dict], add_generation_prompt: bool,
-                  train_on: str) -> tuple[list[int], list[int]]:
+                  train_on: str, tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
     """render_chat for an imported template: the targets are the content of `train_on` messages and
-    the template's text after it up to and including the end-of-turn token."""
+    the template's text after it up to and including the end-of-turn token. Tools and tool calls go
+    to the template as transformers passes them (arguments as objects)."""
+    messages = [{**m, "content": m.get("content") or ""} if m.get("tool_calls") else m for m in messages]
     for i, m in enumerate(messages):
         if not isinstance(m.get("content"), str):
             raise GptkitError(f"message {i}: content must be a string")
-    marked = [{**m, "content": _MARK.format(i)} for i, m in enumerate(messages)]
+    marked = [{**m, "content": _MARK.format(i), **({"tool_calls": _parsed_calls(m["tool_calls"])}
+                                                 if m.get("tool_calls") else {})} for i, m in enumerate(messages)]
     try:
         text = _compiled(tpl.source).render(
-            messages=marked, add_generation_prompt=add_generation_prompt, eos_token=tpl.end, bos_token="")
+            messages=marked, add_generation_prompt=add_generation_prompt, eos_token=tpl.end, bos_token="",
+            **({"tools": tools} if tools else {}))
     except (TemplateError, TypeError, ValueError) as e:  # the template's own logic failing on these messages
         raise GptkitError(f"the model's chat template failed: {e}") from None
     pieces = _MARKS.split(text)  # template text, message index, template text, ...
@@ -153,6 +175,12 @@ def _render_jinja(tokenizer: Tokenizer, tpl: ChatTemplate, messages: list[dict],
         ids += part
         mask += [0] * len(part)
     return ids, mask
+
+
+def _parsed_calls(calls: list[dict]) -> list[dict]:
+    """OpenAI tool calls with their arguments as objects (Jinja templates write them with tojson)."""
+    return [{**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
+            if isinstance(c["function"].get("arguments"), str) else c for c in calls]
 
 
 @lru_cache(maxsize=16)

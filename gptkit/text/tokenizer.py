@@ -30,7 +30,7 @@ SPECIAL_TOKENS = [EOT, IM_START, IM_END]  # reserved from the start in every tok
 META_FILE = "tokenizer_meta.json"
 
 
-PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
 
 
 @dataclass
