@@ -89,6 +89,7 @@ def test_constrained_and_free_rows_share_a_batch_and_seeds_repeat(model, tok):
     ({"type": "integer", "minimum": 5, "maximum": 1}, "Unsatisfiable schema"),
     ({"not": {"type": "string"}}, 'Unimplemented keys: ["not"]'),  # never approximated: refused
     (["not", "a", "schema"], "must be a JSON object"),
+    ({"enum": ["x" * 1000] * 70}, "at most 65,536"),  # the documented size limit
 ])
 def test_a_schema_that_cannot_be_enforced_is_one_line(model, tok, schema, message):
     engine = build_engine(model, tok, keep_model=True)

@@ -107,8 +107,11 @@ def test_a_history_with_calls_and_results_is_accepted(client):
     (dict(tool_choice="required"), "tool_choice"),  # no tools
     (dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice"),
     (dict(tools=TOOLS + TOOLS[:1]), "tools"),
-    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"not": {}}}}], tool_choice="required"),
-     "tools"),
+    (dict(tools=[TOOLS[0], {"type": "function", "function": {"name": "f", "parameters": {"not": {}}}}],
+          tool_choice="required"), "tools.1.function.parameters"),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": "an object"}}]),
+     "tools.0.function.parameters"),
+    (dict(tools=[{"type": "function", "function": {"name": "bad name!"}}]), "tools.0.function.name"),
 ])
 def test_bad_tool_requests_are_400s_naming_the_field(client, kwargs, param):
     with pytest.raises(openai.BadRequestError) as e:

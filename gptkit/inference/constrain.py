@@ -26,6 +26,7 @@ from gptkit.text.tools import CALL_CLOSE, CALL_OPEN, call_schema
 JSON_OBJECT = {"type": "object"}  # response_format {"type": "json_object"}: any JSON object
 # compact JSON as OpenAI's models write it (", " and ": "): free whitespace lets an untrained model
 # pad with newlines until max_tokens cuts it
+MAX_SCHEMA_BYTES = 64 * 1024  # a schema this large is a mistake, or an attempt to tie up the compiler
 COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
@@ -52,10 +53,15 @@ def tool_call_grammar(tools: list[dict], parallel: bool = True) -> str:
 
 
 def json_schema_grammar(schema: dict) -> str:
-    """The llguidance grammar of a JSON schema, compiled once per distinct schema."""
+    """The llguidance grammar of a JSON schema, compiled once per distinct schema (at most
+    MAX_SCHEMA_BYTES of JSON; llguidance bounds the grammar's size and the work per token itself)."""
     if not isinstance(schema, dict):
         raise GptkitError(f"json_schema: the schema must be a JSON object, not {type(schema).__name__}")
-    return _grammar(json.dumps(schema, sort_keys=True, ensure_ascii=False))
+    text = json.dumps(schema, sort_keys=True, ensure_ascii=False)
+    if len(text.encode()) > MAX_SCHEMA_BYTES:
+        raise GptkitError(f"json_schema: the schema is {len(text.encode()):,} bytes of JSON; at most "
+                          f"{MAX_SCHEMA_BYTES:,}")
+    return _grammar(text)
 
 
 class GrammarVocab:

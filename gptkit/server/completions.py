@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Iterable
 
 from gptkit.errors import GptkitError
-from gptkit.inference.constrain import tool_call_grammar
+from gptkit.inference.constrain import json_schema_grammar, tool_call_grammar
 from gptkit.inference.requests import check_prompt
 from gptkit.server import schemas as S
 from gptkit.server.config import ServedModel
@@ -196,7 +196,7 @@ async def chat_completions(server: Server, body: S.ChatCompletionRequest) -> S.C
     params.stop += served.tokenizer.chat_template.stop  # the plain template ends at the next role marker
     forced = forced_tools(body, tools)
     if forced:  # the reply is decoded as calls: arguments valid under each function's parameters
-        params.grammar = await asyncio.to_thread(tool_grammar, served, forced, body.parallel_tool_calls)
+        params.grammar = await asyncio.to_thread(tool_grammar, served, body, forced)
     gen = server.generate(served, [ids], params, body.n)
     head = _head("chatcmpl", served)
     names = {t.function.name for t in tools}
@@ -243,13 +243,21 @@ def forced_tools(body: S.ChatCompletionRequest, tools: list[S.Tool]) -> list[S.T
     return []
 
 
-def tool_grammar(served: ServedModel, tools: list[S.Tool], parallel: bool) -> str:
+def tool_grammar(served: ServedModel, body: S.ChatCompletionRequest, tools: list[S.Tool]) -> str:
+    """The grammar of the forced calls; a 400 naming tools.N.function.parameters for a schema that
+    cannot be enforced (each is checked alone, so the message names the one at fault)."""
+    for i, tool in enumerate(body.tools or []):
+        if tool in tools and tool.function.parameters is not None:
+            try:
+                served.engine.grammar_vocab.check(json_schema_grammar(tool.function.parameters))
+            except GptkitError as e:
+                raise APIError(400, str(e).replace("json_schema:", f"tools.{i}.function.parameters:", 1),
+                               param=f"tools.{i}.function.parameters") from None
+    grammar = tool_call_grammar([t.model_dump() for t in tools], body.parallel_tool_calls)
     try:
-        grammar = tool_call_grammar([t.model_dump() for t in tools], parallel)
         served.engine.grammar_vocab.check(grammar)
-    except (GptkitError, ValueError) as e:
-        raise APIError(400, f"tools: a parameters schema cannot be enforced ({str(e).splitlines()[0]})",
-                       param="tools") from None
+    except GptkitError as e:
+        raise APIError(400, f"tools: {e}", param="tools") from None
     return grammar
 
 
