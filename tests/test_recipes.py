@@ -67,3 +67,19 @@ def test_preference_fast(out):
     assert m["held_out_reward_accuracy"] >= 0.9
     assert m["dpo_exact_match"] >= m["sft_exact_match"]
     assert Path(m["compare_report"]).is_file() and m["held_out_sums"] == 40
+
+
+def test_tools_fast_runs_end_to_end_on_held_out_requests(out):
+    """The fast version trains too little to call tools (the full recipe's figures: BENCHMARKS.md);
+    it checks the pipeline: OpenAI function-calling records that finetune reads, held-out requests
+    never trained on, and the measurement through the engine."""
+    from gptkit.data.records import read_records
+    from gptkit.recipes.tools import requests
+
+    m = run_recipe("tools", out, fast=True, log=lambda s: None)
+    assert m["held_out"] == 60 and 0 <= m["call_accuracy"] <= 1 and 0 <= m["answer_accuracy"] <= 1
+    fmt, records, _ = read_records(out / "fast-seed1337" / "tools" / "data" / "train.jsonl")
+    assert fmt == "chat" and records[0].data["tools"][0]["function"]["name"] == "add"
+    assert [m["role"] for m in records[0].data["messages"]] == ["user", "assistant", "tool", "assistant"]
+    train, test = requests(400, 60, 1337)
+    assert not {(f, str(sorted(a.items()))) for _, f, a in train} & {(f, str(sorted(a.items()))) for _, f, a in test}

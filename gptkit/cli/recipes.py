@@ -33,7 +33,7 @@ def demo(
 
 @app.command()
 def recipe(
-    name: Annotated[str, typer.Argument(help="arithmetic | docs | classify | multitask | preference")],
+    name: Annotated[str, typer.Argument(help="arithmetic | docs | classify | multitask | preference | tools")],
     out: Annotated[Path, typer.Option(help="folder for the recipe's data and checkpoints")] = Path("runs/recipes"),
     base: Annotated[Optional[Path], typer.Option(help="docs: the base checkpoint (default runs/demo/model, "
                                                       "else a small one is trained first)")] = None,

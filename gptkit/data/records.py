@@ -1,7 +1,8 @@
 """Fine-tuning data: the files users already have -> validated records -> examples -> batches.
 
 Formats (detected per file from the first record; every record of a file must match it):
-    chat        .jsonl  {"messages": [{"role": "system|user|assistant", "content": "..."}, ...]}
+    chat        .jsonl  {"messages": [{"role": "system|user|assistant", "content": "..."}, ...]}, and (OpenAI's
+                        function-calling format) "tools": [...], assistant "tool_calls", role "tool" results
     completion  .jsonl  {"prompt": "...", "completion": "..."}          (OpenAI's legacy format)
     classify    .jsonl  {"text": "...", "label": "..." | int}
     text        .jsonl  {"text": "..."}   or any other file: plain text (continued pretraining)
@@ -71,11 +72,30 @@ def _check_messages(messages, name: str) -> None:
     if not isinstance(messages, list) or not messages:
         raise GptkitError(f"{name!r} must be a non-empty list of messages")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
             role = m.get("role") if isinstance(m, dict) else m
-            raise GptkitError(f"{name}[{i}]: role {role!r}; expected system, user or assistant")
-        if not isinstance(m.get("content"), str):
+            raise GptkitError(f"{name}[{i}]: role {role!r}; expected system, user, assistant or tool")
+        calls = m.get("tool_calls")
+        if calls is not None:
+            _check_tool_calls(calls, f"{name}[{i}].tool_calls", m["role"])
+        if not isinstance(m.get("content"), str) and not (calls and m.get("content") is None):
             raise GptkitError(f"{name}[{i}]: 'content' must be a string")
+
+
+def _check_tool_calls(calls, name: str, role: str) -> None:
+    """OpenAI's shape: [{"type": "function", "function": {"name": str, "arguments": JSON object text}}]."""
+    if role != "assistant" or not isinstance(calls, list) or not calls:
+        raise GptkitError(f"{name}: expected a non-empty list, on an assistant message")
+    for j, c in enumerate(calls):
+        f = c.get("function") if isinstance(c, dict) else None
+        args = f.get("arguments") if isinstance(f, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not isinstance(args, (str, dict)):
+            raise GptkitError(f"{name}[{j}]: expected {{\"function\": {{\"name\": \"...\", \"arguments\": \"{{...}}\"}}}}")
+        if isinstance(args, str):
+            try:
+                json.loads(args)
+            except json.JSONDecodeError:
+                raise GptkitError(f"{name}[{j}].function.arguments: not JSON: {args[:60]!r}") from None
 
 
 def answer_message(answer) -> dict:
@@ -180,8 +200,8 @@ def lm_example(ids: list[int], mask: list[int]) -> Example:
 
 def encode_lm(fmt: str, r: dict, tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
     """(ids, mask) of one LM record; mask[i] = 1 where token i is a target."""
-    if fmt == "chat":
-        return render_chat(tokenizer, r["messages"], add_generation_prompt=False)
+    if fmt == "chat":  # OpenAI's fine-tuning format for function calling adds "tools" beside the messages
+        return render_chat(tokenizer, r["messages"], add_generation_prompt=False, tools=r.get("tools"))
     if fmt == "completion":
         prompt, answer = tokenizer.encode(r["prompt"]), tokenizer.encode(r["completion"]) + [tokenizer.eot_id]
         return prompt + answer, [0] * len(prompt) + [1] * len(answer)

@@ -66,6 +66,12 @@ class Scale:
     pref_lr: float = 3e-4
     pref_beta: float = 0.5
     pref_sft_weight: float = 1.0  # plain DPO (0) lowered exact match here: see gptkit.recipes.preference
+    tools_examples: int = 3000  # the tools recipe: synthetic conversations, a model trained from scratch
+    tools_steps: int = 1600
+    tools_batch: int = 16  # conversations of ~330 tokens, most of them the tools' description
+    tools_vocab: int = 1024
+    tools_model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(
+        vocab_size=1024, block_size=352, n_layer=3, n_head=4, n_embd=128))
     test_size: int = 400
     base_docs: int = 0  # docstrings in the base's pretraining text (the base is for sums; 0 keeps it fast)
     optimizer: str = TrainConfig.optimizer  # of every training run (LoRA adapters and heads always use AdamW)
@@ -74,7 +80,8 @@ class Scale:
 FULL = Scale()
 FAST = Scale(max_operand=20, model=ModelConfig(vocab_size=512, block_size=64, n_layer=2, n_head=2, n_embd=64),
              base_steps=600, base_batch_size=16, task_steps=500, class_steps=300, lora_steps=300, batch_size=32, docs_steps=150, pref_sft_steps=500, pref_steps=150,
-             test_size=60)
+             tools_examples=400, tools_steps=60, tools_vocab=600,
+             tools_model=ModelConfig(vocab_size=600, block_size=352, n_layer=1, n_head=2, n_embd=32), test_size=60)
 
 
 # ---------------------------------------------------------------------------- data

@@ -11,10 +11,11 @@ from gptkit.config import TrainConfig
 from gptkit.errors import GptkitError
 from gptkit.recipes.finetune import FAST, FULL, Log, arithmetic, classify_recipe, docs_assistant, multitask
 from gptkit.recipes.preference import preference
+from gptkit.recipes.tools import tools
 
 RECIPES: dict[str, Callable[..., dict]] = {"arithmetic": arithmetic, "docs": docs_assistant,
                                            "classify": classify_recipe, "multitask": multitask,
-                                           "preference": preference}
+                                           "preference": preference, "tools": tools}
 
 
 def run_recipe(name: str, out: str | Path, *, base: str | None = None, fast: bool = False, seed: int = 1337,
