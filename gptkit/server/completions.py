@@ -184,7 +184,9 @@ async def chat_completions(server: Server, body: S.ChatCompletionRequest) -> S.C
     limits = server.config.limits
     limits.check_stop(body.stop)
     # a long body: off the event loop
-    ids, _ = await asyncio.to_thread(render_chat, served.tokenizer, messages, tools=[t.model_dump() for t in tools])
+    # the tools as the client sent them (fields it left out stay out): the model sees the text it was tuned on
+    shown = [t.model_dump(exclude_unset=True) for t in tools]
+    ids, _ = await asyncio.to_thread(render_chat, served.tokenizer, messages, tools=shown)
     # default: the rest of the context (at least 1, so a full context is a 400 naming both numbers)
     max_tokens = (body.max_completion_tokens or body.max_tokens
                   or limits.default_max_tokens(served.context - len(ids), body.n))
@@ -213,7 +215,7 @@ async def chat_completions(server: Server, body: S.ChatCompletionRequest) -> S.C
 def chat_message(m: S.ChatMessage) -> dict:
     out = {"role": "system" if m.role == "developer" else m.role, "content": m.text}
     if m.tool_calls:
-        out["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        out["tool_calls"] = [c.model_dump(exclude_unset=True) for c in m.tool_calls]
     if m.tool_call_id is not None:
         out["tool_call_id"] = m.tool_call_id
     return out
