@@ -64,7 +64,7 @@ CASES = [
     # chat
     (CHAT, {"messages": []}, 400, "messages"), (CHAT, {"messages": MISSING}, 400, "messages"),
     (CHAT, {"messages": "hi"}, 400, "messages"), (CHAT, {"messages": [{"role": "tool", "content": "x"}]}, 400,
-                                                      "messages.0.role"),
+                                                      "messages.0.tool_call_id"),
     (CHAT, {"messages": [{"role": "user"}]}, 400, "messages.0.content"),
     (CHAT, {"messages": user(5)}, 400, "messages.0.content"),
     (CHAT, {"messages": user("\ud800")}, 400, "messages.0.content"),

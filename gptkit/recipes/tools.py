@@ -27,7 +27,7 @@ from gptkit.checkpoint.open import open_checkpoint
 from gptkit.evaluation.evaluate import generate_all
 from gptkit.model.gpt import GPT
 from gptkit.recipes.finetune import Log, Scale, split, train_cfg, write_jsonl
-from gptkit.text.chat import render_chat
+from gptkit.text.chat import render_chat, with_tools
 from gptkit.text.tokenizer import BPETokenizer
 from gptkit.text.tools import parse_tool_calls
 from gptkit.training.finetune import DataSpec, finetune
@@ -107,8 +107,6 @@ def tools(out: Path, scale: Scale, seed: int, log: Log, **_) -> dict:
 
 def _text(record: dict) -> str:
     """A conversation as gptkit's template writes it (for training the tokenizer on the same text)."""
-    from gptkit.text.chat import with_tools
-
     return "\n".join(m["content"] or "" for m in with_tools(record["messages"], record["tools"]))
 
 

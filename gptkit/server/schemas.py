@@ -158,13 +158,14 @@ class ToolCall(Request):
 
 
 class ChatMessage(Request):
+    # role and tool_calls come first: the checks of tool_call_id and content read them
     role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
         description="developer is OpenAI's newer name for system; tool carries a tool's result")
-    content: Union[Text, list[TextPart], None] = Field(None, description="may be null on an assistant message "
-                                                                        "with tool_calls")
-    name: str | None = Field(None, description=_ignored("messages[].name"))
     tool_calls: list[ToolCall] | None = None
-    tool_call_id: Text | None = None
+    tool_call_id: Text | None = Field(None, validate_default=True, description="required on a tool message")
+    content: Union[Text, list[TextPart], None] = Field(None, validate_default=True, description=(
+        "may be null on an assistant message with tool_calls"))
+    name: str | None = Field(None, description=_ignored("messages[].name"))
 
     @property
     def text(self) -> str:
@@ -172,13 +173,19 @@ class ChatMessage(Request):
             return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
-    @model_validator(mode="after")
-    def _content_or_calls(self):
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError(f"a {self.role} message needs content")
-        if self.role == "tool" and self.tool_call_id is None:  # as OpenAI: a result answers a call
+    @field_validator("tool_call_id")
+    @classmethod
+    def _result_answers_a_call(cls, v, info):  # as OpenAI: a tool result names the call it answers
+        if v is None and info.data.get("role") == "tool":
             raise ValueError("a tool message needs tool_call_id")
-        return self
+        return v
+
+    @field_validator("content")
+    @classmethod
+    def _content_or_calls(cls, v, info):
+        if v is None and not (info.data.get("role") == "assistant" and info.data.get("tool_calls")):
+            raise ValueError("Field required")
+        return v
 
 
 class FunctionSpec(Request):
