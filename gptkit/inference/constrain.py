@@ -24,9 +24,9 @@ from gptkit.errors import GptkitError
 from gptkit.text.tools import CALL_CLOSE, CALL_OPEN, call_schema
 
 JSON_OBJECT = {"type": "object"}  # response_format {"type": "json_object"}: any JSON object
+MAX_SCHEMA_BYTES = 64 * 1024  # a schema this large is a mistake, or an attempt to tie up the compiler
 # compact JSON as OpenAI's models write it (", " and ": "): free whitespace lets an untrained model
 # pad with newlines until max_tokens cuts it
-MAX_SCHEMA_BYTES = 64 * 1024  # a schema this large is a mistake, or an attempt to tie up the compiler
 COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
