@@ -187,3 +187,15 @@ def test_generate_cli_json_schema(tmp_path, model, tok):
     for schema, message in [("bad.json", 'Unimplemented keys: ["not"]'), ("none.json", "cannot read the JSON schema")]:
         r = CliRunner().invoke(app, ["generate", str(tmp_path / "m"), "-p", "Q:", "--json-schema", str(tmp_path / schema)])
         assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and message in r.output, r.output
+
+
+def test_a_grammar_that_fails_in_the_engine_fails_its_request_alone(model, tok):
+    engine = build_engine(model, tok, max_batch=8, keep_model=True)
+    good = engine.submit(tok.encode("hi"), SampleConfig(max_tokens=5, temperature=0))
+    bad = engine.submit(tok.encode("hi"), SampleConfig(max_tokens=5, grammar="start: %json {\"type\": 3}"), n=2)
+    while not (good.done and bad.done):
+        engine.step()
+    assert len(good.result()[0].token_ids) == 5
+    with pytest.raises(GptkitError, match="json_schema"):
+        bad.result()
+    assert engine.running == 0 and engine.reserved_tokens == 0  # nothing left behind

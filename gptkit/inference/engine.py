@@ -301,8 +301,8 @@ class Engine:
             self.sampling.set(slot + i, h.params, h.params.seed + i if h.params.seed is not None
                               else self._seeds.getrandbits(63))
         stop_ids = self.eos_ids | set(h.params.stop_token_ids)
-        self._rows.extend(Row(h, i, h.stop_bytes, stop_ids, constraint=self._constraint(h.params))
-                          for i in range(h.n))
+        constraints = [self._constraint(h.params) for _ in range(h.n)]  # before any row joins: may raise
+        self._rows.extend(Row(h, i, h.stop_bytes, stop_ids, constraint=c) for i, c in enumerate(constraints))
         self._sample_and_emit(logits.expand(h.n, -1), start=slot)
 
     def _constraint(self, params: SampleConfig) -> Constraint | None:
