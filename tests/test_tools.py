@@ -122,6 +122,11 @@ def test_bad_tool_requests_are_400s_naming_the_field(client, kwargs, param):
 def test_a_tool_result_without_its_call_id_is_a_400(client):
     with pytest.raises(openai.BadRequestError, match="tool_call_id"):
         client.chat.completions.create(model="m", messages=ASK + [{"role": "tool", "content": "7"}])
+    bad_call = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "add", "arguments": "{a: 1"}}]}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="m", messages=ASK + [bad_call])
+    assert e.value.body.get("param") == "messages.1.tool_calls.0.function.arguments", e.value.body
 
 
 def test_gptkit_templates_write_tools_calls_and_results(tok):

@@ -183,10 +183,9 @@ async def chat_completions(server: Server, body: S.ChatCompletionRequest) -> S.C
     tools = active_tools(body)
     limits = server.config.limits
     limits.check_stop(body.stop)
-    # a long body: off the event loop
     # the tools as the client sent them (fields it left out stay out): the model sees the text it was tuned on
     shown = [t.model_dump(exclude_unset=True) for t in tools]
-    ids, _ = await asyncio.to_thread(render_chat, served.tokenizer, messages, tools=shown)
+    ids, _ = await asyncio.to_thread(render_chat, served.tokenizer, messages, tools=shown)  # a long body: off the loop
     # default: the rest of the context (at least 1, so a full context is a 400 naming both numbers)
     max_tokens = (body.max_completion_tokens or body.max_tokens
                   or limits.default_max_tokens(served.context - len(ids), body.n))

@@ -166,7 +166,9 @@ def _error_event(body: dict) -> str:
 
 async def sample_config(served: ServedModel, body: S.SamplingRequest, max_tokens: int,
                         logprobs: int | None) -> SampleConfig:
-    grammar = await asyncio.to_thread(response_grammar, served, body.response_format)  # compiling takes a while
+    grammar = None
+    if body.response_format is not None:  # compiling takes a while: off the event loop, and only when asked
+        grammar = await asyncio.to_thread(response_grammar, served, body.response_format)
     return SampleConfig(max_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
                         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                         stop=list(body.stop), seed=body.seed, logprobs=logprobs, grammar=grammar)

@@ -7,6 +7,8 @@ accepts but does not act on say so in their description (see IGNORED_FIELDS).
 
 from __future__ import annotations
 
+import json
+
 from typing import Annotated, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
@@ -149,6 +151,16 @@ class TextPart(Request):
 class FunctionCall(Request):
     name: Text
     arguments: Text = Field(description="the arguments as a JSON object, in a string")
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, v: str) -> str:  # the chat template writes them back as JSON
+        try:
+            if isinstance(json.loads(v), dict):
+                return v
+        except json.JSONDecodeError:
+            pass
+        raise ValueError(f"expected a JSON object in a string, got {v[:60]!r}")
 
 
 class ToolCall(Request):
@@ -309,25 +321,23 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
-class ToolCallDelta(BaseModel):
+class Delta(BaseModel):
+    @model_serializer(mode="wrap")
+    def _only_set(self, handler):  # OpenAI sends {"content": "x"}, not {"role": null, "content": "x"}
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ToolCallDelta(Delta):
     index: int
     id: str | None = None
     type: Literal["function"] | None = None
     function: dict
 
-    @model_serializer(mode="wrap")
-    def _only_set(self, handler):
-        return {k: v for k, v in handler(self).items() if v is not None}
 
-
-class ChatDelta(BaseModel):
+class ChatDelta(Delta):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
-
-    @model_serializer(mode="wrap")
-    def _only_set(self, handler):  # OpenAI sends {"content": "x"}, not {"role": null, "content": "x"}
-        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChatChunkChoice(BaseModel):
