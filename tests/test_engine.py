@@ -281,7 +281,7 @@ def test_serial_main_thread_keeps_the_scheduler_threads_count():
 
     code = ("import torch\n"
             "from gptkit.config import ModelConfig\n"
-            "from gptkit.inference.engine import Engine, serial_main_thread\n"
+            "from gptkit.inference.engine import Engine\nfrom gptkit.inference.threads import serial_main_thread\n"
             "from gptkit.model.gpt import GPT\n"
             "serial_main_thread()\n"
             "e = Engine(GPT(ModelConfig(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8)))\n"

@@ -334,6 +334,21 @@ def test_metrics_are_prometheus_text(server, client):
         assert f"\n{name}{{" in text, name
     assert metric(server, "gptkit_generated_tokens_total", model="other") >= 3
 
+def test_a_resent_conversation_is_not_prefilled_again(server, client):
+    """Prefix caching is on by default (256 MiB per model): the second turn's prompt starts with
+    the first turn's, so its whole blocks come from the cache, and only the model asked counts."""
+    assert metric(server, "gptkit_prefix_cache_capacity_bytes", model="tiny") == 256 * 2**20
+    hits = {m: metric(server, "gptkit_prefix_cache_hit_tokens", model=m) for m in ("tiny", "other")}
+    history = [{"role": "system", "content": TEXT[:30]}, {"role": "user", "content": "Hi"}]
+    first = client.chat.completions.create(model="tiny", messages=history, max_tokens=8, temperature=0)
+    history += [{"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "Go on"}]
+    second = client.chat.completions.create(model="tiny", messages=history, max_tokens=8, temperature=0)
+    reused = metric(server, "gptkit_prefix_cache_hit_tokens", model="tiny") - hits["tiny"]
+    assert reused >= first.usage.prompt_tokens // 16 * 16 > 0 and reused < second.usage.prompt_tokens
+    assert metric(server, "gptkit_prefix_cache_hit_tokens", model="other") == hits["other"]  # another engine
+    assert metric(server, "gptkit_prefix_cache_bytes", model="tiny") > 0
+
 
 # ------------------------------------------------------------------------------------ concurrency
 def test_eight_concurrent_streams_all_complete(client):

@@ -147,11 +147,13 @@ def summary(s: dict, json_out: bool, line: str) -> None:
 
 
 # ---------------------------------------------------------------------------- generate / chat
-def engine_for(ckpt: Path, max_batch: int = 8, quantize: Optional[str] = None, dtype: str = "float32"):
+def engine_for(ckpt: Path, max_batch: int = 8, quantize: Optional[str] = None, dtype: str = "float32",
+               prefix_cache_mb: float = 0):
     """Load a checkpoint into the one inference engine; returns (engine, tokenizer)."""
     from gptkit.inference.factory import open_engine
 
-    engine, loaded = open_engine(ckpt, max_batch=max_batch, quantize=quantize, dtype=dtype)
+    engine, loaded = open_engine(ckpt, max_batch=max_batch, quantize=quantize, dtype=dtype,
+                                 prefix_cache_mb=prefix_cache_mb)
     return engine, loaded.tokenizer
 
 

@@ -103,7 +103,8 @@ def chat(
     from gptkit.text.stream import TextStream
     from gptkit.text.chat import fit_conversation, use_chat_template
 
-    engine, tokenizer = engine_for(ckpt, max_batch=1, quantize=quantize, dtype=dtype)
+    # each turn resends the conversation: the prefix cache keeps it from being prefilled again
+    engine, tokenizer = engine_for(ckpt, max_batch=1, quantize=quantize, dtype=dtype, prefix_cache_mb=64)
     source = use_chat_template(tokenizer)
     if source == "fallback":
         typer.echo("(the tokenizer has no chat tokens: chatting with the plain-text template)", err=True)

@@ -54,6 +54,8 @@ def serve(
     audit_log_max_bytes: Annotated[int, typer.Option(help="rotate the audit log at this size")] = 100 * 2**20,
     audit_log_backups: Annotated[int, typer.Option(help="rotated audit logs kept (FILE.1 ...)")] = 5,
     max_batch: Annotated[int, typer.Option(help="sequences decoded together per model")] = 8,
+    prefix_cache_mb: Annotated[float, typer.Option(help="MiB of prompt-prefix keys and values kept per model for "
+                                                        "requests that start alike (0: off)")] = 256,
     max_queue: Annotated[int, typer.Option(help="sequences (prompts x n) waiting for a slot per model before 429")] = 64,
     max_body: Annotated[int, typer.Option(help="largest request body in bytes (413 above)")] = 4 * 2**20,
     max_stop: Annotated[int, typer.Option(help="stop strings per request")] = 4,
@@ -73,7 +75,7 @@ def serve(
     """Serve checkpoints with an OpenAI-compatible API (/v1/completions, /v1/chat/completions, streaming)."""
     import uvicorn
 
-    from gptkit.inference.engine import serial_main_thread
+    from gptkit.inference.threads import serial_main_thread
     from gptkit.server import ServedModel, ServerConfig, create_app
     from gptkit.server.limits import Limits
 
@@ -85,7 +87,8 @@ def serve(
                     max_attention_tokens)
     served = []
     for model_name, path in _model_specs(ckpt, name, model or []):
-        engine, tokenizer = engine_for(path, max_batch=max_batch, quantize=quantize, dtype=dtype)
+        engine, tokenizer = engine_for(path, max_batch=max_batch, quantize=quantize, dtype=dtype,
+                                       prefix_cache_mb=prefix_cache_mb)
         served.append(ServedModel(model_name, engine, tokenizer, chat_template=chat_template))
     config = ServerConfig(api_key=api_key or None, max_queue=max_queue, max_body=max_body, limits=limits,
                           public_metrics=public_metrics, **_safety_options(

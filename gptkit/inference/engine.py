@@ -8,7 +8,8 @@ API
 ---
     engine = Engine(model, max_batch=8, max_cached_tokens=None, token_bytes=tok.token_bytes,
                     eos_ids=[tok.eot_id], device=None, dtype=None, quantize=None,
-                    static_decode=None)   # None: static shapes + CUDA graphs on CUDA only
+                    static_decode=None,   # None: static shapes + CUDA graphs on CUDA only
+                    prefix_cache_bytes=0) # >0: reuse the KV entries of prompt prefixes (prefix_cache.py)
     handle = engine.submit(prompt_ids, SampleConfig(...), n=1)   # thread-safe; GptkitError if invalid
     for event in handle: ...          # blocking; ends after all n samples finished
     async for event in handle.aiter(): ...   # for an asyncio server (starts the scheduler thread)
@@ -64,27 +65,11 @@ from gptkit.config import SampleConfig
 from gptkit.model.gpt import GPT, KVCache
 from gptkit.model.quantize import prepare_model
 from gptkit.inference.constrain import Constraint, GrammarVocab, apply_masks
+from gptkit.inference.prefix_cache import PrefixCache
 from gptkit.inference.requests import Completion, RequestHandle, Row, check_prompt, check_request
 from gptkit.inference.sampling import RowParams, SamplingError, sample_batch, top_dicts
 from gptkit.inference.static_decode import StaticDecoder
-
-_scheduler_threads: int | None = None  # intra-op threads for scheduler threads; see serial_main_thread
-
-
-def serial_main_thread() -> None:
-    """Let the calling (main) thread run torch ops on one thread only, and scheduler threads
-    started later (Engine.start) on as many as torch had.
-
-    Why: torch's OpenMP runtime (libgomp) spins only briefly while it waits when it manages more
-    threads than there are cores. A main thread that has run a multi-threaded op keeps an idle
-    team of OpenMP threads; a scheduler thread's team on top of it crosses that line, and decoding
-    measured ~35 % slower (GPT-2 124M, batch 1, 2 cores: 29 vs 45 tokens/s). A server's main
-    thread only runs the event loop, so it gives up its team. Call it before any torch work.
-    """
-    global _scheduler_threads
-    _scheduler_threads = _scheduler_threads or torch.get_num_threads()
-    torch.set_num_threads(1)
-
+from gptkit.inference.threads import scheduler_threads
 
 # ------------------------------------------------------------------------------------ the engine
 class Engine:
@@ -99,12 +84,14 @@ class Engine:
                  token_bytes: Callable[[int], bytes] | None = None, eos_ids: Sequence[int] = (),
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                  quantize: str | None = None, vocab_size: int | None = None, static_decode: bool | None = None,
-                 grammar_vocab: GrammarVocab | None = None):
+                 grammar_vocab: GrammarVocab | None = None, prefix_cache_bytes: int = 0):
         """vocab_size: how many ids the tokenizer can decode, when fewer than the model's
         (a vocabulary padded for speed, or an imported model's): the rest are never sampled.
         static_decode: decode with static shapes (gptkit/inference/static_decode.py), as CUDA graphs on
         CUDA; None: on for CUDA without quantization, off elsewhere (on CPU the eager step,
-        which attends only over the cached length, is faster)."""
+        which attends only over the cached length, is faster).
+        prefix_cache_bytes: keep the KV entries of prompt prefixes up to this size for later
+        requests that start alike (gptkit/inference/prefix_cache.py); 0: off."""
         if max_batch < 1:
             raise GptkitError(f"max_batch={max_batch} must be at least 1")
         self.model = prepare_model(model, device=device, dtype=dtype, quantize=quantize, max_batch=max_batch)
@@ -133,6 +120,7 @@ class Engine:
         self._stopping = False
         self._seeds = random.SystemRandom()
         self.grammar_vocab = grammar_vocab  # the tokenizer as the grammar matcher sees it (structured outputs)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
 
     # --- public entry points (thread-safe)
     def submit(self, prompt: list[int], params: SampleConfig, n: int = 1) -> RequestHandle:
@@ -203,7 +191,7 @@ class Engine:
 
     def start(self) -> None:
         """Run the scheduler in a background thread (idempotent)."""
-        threads = _scheduler_threads or torch.get_num_threads()
+        threads = scheduler_threads()
         with self._lock:
             if self._thread_alive():
                 return
@@ -292,9 +280,12 @@ class Engine:
         """Prefill the prompt once into a free row, copy it to the n-1 rows after it, and
         sample each sample's first token from the same logits."""
         slot = len(self._rows)
+        cached = self.prefix_cache.restore(self.cache, slot, h.prompt) if self.prefix_cache else 0
+        self.cache.lengths[slot] = cached
         view = self.cache.rows(slot, slot + 1)
-        view.reset()
-        logits = self.model(torch.tensor([h.prompt], device=self.device), kv_cache=view, last_only=True)[:, -1]
+        logits = self.model(torch.tensor([h.prompt[cached:]], device=self.device), kv_cache=view, last_only=True)[:, -1]
+        if self.prefix_cache:
+            self.prefix_cache.store(self.cache, slot, h.prompt)
         for i in range(1, h.n):
             self._copy_row(slot, slot + i)
         for i in range(h.n):
@@ -364,6 +355,8 @@ class Engine:
         """Free rows, keeping the running ones contiguous: move the last row into each hole."""
         for i in sorted(indices, reverse=True):
             row = self._rows[i]
+            if self.prefix_cache and row.handle.error is None:  # the next turn of a chat resends this reply
+                self.prefix_cache.store(self.cache, i, row.handle.prompt + row.handle._partial[row.index].token_ids)
             last = len(self._rows) - 1
             if i != last:
                 self._copy_row(last, i)

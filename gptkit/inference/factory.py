@@ -33,11 +33,12 @@ def eos_ids(tokenizer: Tokenizer) -> list[int]:
 
 def build_engine(model: torch.nn.Module, tokenizer: Tokenizer, *, max_batch: int = 8, quantize: str | None = None,
                  dtype: str = "float32", device: str | torch.device | None = "auto", keep_model: bool = False,
-                 stop_at_eos: bool = True) -> Engine:
+                 stop_at_eos: bool = True, prefix_cache_mb: float = 0) -> Engine:
     """The engine for a loaded model, on `device` (gptkit.device: auto = CUDA, MPS, then CPU). The
     engine packs (and may quantize) the layers in place: with keep_model the caller's model is left
     as it was and the engine gets a copy. stop_at_eos=False: every request generates exactly the
-    tokens it asks for (speed measurements)."""
+    tokens it asks for (speed measurements). prefix_cache_mb: KV entries of prompt prefixes kept for
+    later requests that start alike (gptkit/inference/prefix_cache.py); 0: none."""
 
     if dtype not in DTYPES:
         raise GptkitError(f"--dtype {dtype!r}: expected {' or '.join(DTYPES)}")
@@ -47,9 +48,12 @@ def build_engine(model: torch.nn.Module, tokenizer: Tokenizer, *, max_batch: int
     vocab = min(tokenizer.vocab_size, model.config.vocab_size)
     grammar_vocab = GrammarVocab(tokenizer.token_bytes, lambda s: tokenizer.encode(s, special=False), vocab, eos,
                                  list(tokenizer.special_tokens.values()))  # built when a request first uses it
+    if prefix_cache_mb < 0:
+        raise GptkitError(f"--prefix-cache-mb {prefix_cache_mb}: expected 0 (off) or more")
     return Engine(model, max_batch=max_batch, token_bytes=tokenizer.token_bytes, eos_ids=eos if stop_at_eos else [],
                   dtype=getattr(torch, dtype), quantize=quantize, device=resolve_device(device),
-                  vocab_size=tokenizer.vocab_size, grammar_vocab=grammar_vocab)
+                  vocab_size=tokenizer.vocab_size, grammar_vocab=grammar_vocab,
+                  prefix_cache_bytes=int(prefix_cache_mb * 2**20))
 
 
 def open_engine(folder: str | os.PathLike, **kw) -> tuple[Engine, Checkpoint]:

@@ -139,8 +139,8 @@ def _routes(server: Server) -> APIRouter:
     @router.get("/metrics", response_class=Response,
                 responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}})
     async def metrics() -> Response:
-        loads = {name: (m.engine.running, m.engine.queued) for name, m in server.models.items()}
-        return Response(server.metrics.render(loads), media_type=CONTENT_TYPE_LATEST)
+        engines = {name: m.engine for name, m in server.models.items()}
+        return Response(server.metrics.render(engines), media_type=CONTENT_TYPE_LATEST)
 
     @router.post("/tokenize", response_model=S.TokenizeResponse, responses=ERROR_RESPONSES)
     async def tokenize(body: S.TokenizeRequest) -> S.TokenizeResponse:

@@ -7,11 +7,21 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from gptkit.inference.engine import Engine
+
 # Paths with a parameter are labelled by their template, anything unknown as "other": a
 # client must not be able to create label values at will.
 _PATH_LABELS = {"/v1/models/": "/v1/models/{model}"}
 KNOWN_PATHS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/moderations", "/health", "/metrics",
                "/tokenize", "/detokenize", "/tokenizer_info", "/openapi.json", "/docs"}
+
+# the engines' prefix caches (gptkit/inference/prefix_cache.py PrefixStats), per model
+_PREFIX_CACHE = {"lookups": "prompts looked up in the prefix cache",
+                 "hits": "prompts that reused at least one cached block",
+                 "prompt_tokens": "tokens of the prompts looked up",
+                 "hit_tokens": "prompt tokens whose keys and values came from the cache (not prefilled)",
+                 "evictions": "blocks dropped to keep the cache within its capacity",
+                 "bytes": "bytes of keys and values held", "blocks": "blocks held"}
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -31,6 +41,9 @@ class Metrics:
                                  ["model"], registry=r)
         self.running = Gauge("gptkit_running_requests", "requests in the engine's batch", ["model"], registry=r)
         self.queued = Gauge("gptkit_queued_requests", "requests waiting for a batch slot", ["model"], registry=r)
+        self.prefix = {f: Gauge(f"gptkit_prefix_cache_{f}", text, ["model"], registry=r) for f, text in _PREFIX_CACHE.items()}
+        self.prefix["capacity_bytes"] = Gauge("gptkit_prefix_cache_capacity_bytes", "the prefix cache's size limit",
+                                              ["model"], registry=r)
         # per API key, labelled by the key's name from the keys file (never by the key)
         self.key_requests = Counter("gptkit_key_requests", "HTTP requests by API key name and status",
                                     ["key", "status"], registry=r)
@@ -47,11 +60,14 @@ class Metrics:
         self.key_tokens.labels(record.key_name, "prompt").inc(record.prompt_tokens)
         self.key_tokens.labels(record.key_name, "completion").inc(record.completion_tokens)
 
-    def render(self, loads: dict[str, tuple[int, int]]) -> bytes:
-        """The text exposition, with the engines' (running, queued) read now."""
-        for name, (running, queued) in loads.items():
-            self.running.labels(name).set(running)
-            self.queued.labels(name).set(queued)
+    def render(self, engines: dict[str, Engine]) -> bytes:
+        """The text exposition, with the engines' load and prefix caches read now."""
+        for name, engine in engines.items():
+            self.running.labels(name).set(engine.running)
+            self.queued.labels(name).set(engine.queued)
+            if (cache := engine.prefix_cache) is not None:
+                for field, gauge in self.prefix.items():
+                    gauge.labels(name).set(cache.capacity_bytes if field == "capacity_bytes" else getattr(cache.stats, field))
         return generate_latest(self.registry)
 
 
