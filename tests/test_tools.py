@@ -1,14 +1,17 @@
 """Tool calling through the official `openai` client: tools shown to the model by the chat template,
 calls forced by tool_choice ("required", a named function) decoded under their parameters' schema
 (on an untrained model: the arguments still validate), calls read out of replies, streamed
-tool-call deltas in OpenAI's shape, and a history with assistant tool_calls and tool results."""
+tool-call deltas in OpenAI's shape, a history with assistant tool_calls and tool results, and
+LangChain's ChatOpenAI (bind_tools, with_structured_output) against the server."""
 
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 import jsonschema
 import openai
+import pydantic
 import pytest
 import torch
 
@@ -157,3 +160,39 @@ def test_calls_are_read_from_text_only_when_whole_and_known():
     assert [c["function"]["name"] for c in calls] == ["add"] and json.loads(calls[0]["function"]["arguments"]) == {
         "a": 1, "b": 2}
     assert content.startswith("Let me add.") and '"rm"' in content and '"argu' in content
+
+
+# ------------------------------------------------------------------------------------ LangChain
+class Trip(pydantic.BaseModel):
+    """A distance to convert."""
+    value: int = pydantic.Field(ge=0, le=999)
+    unit: Literal["km", "mi"]
+
+
+def chat_model(client):
+    from langchain_openai import ChatOpenAI
+
+    return ChatOpenAI(model="m", base_url=str(client.base_url), api_key="none", max_retries=0, timeout=120,
+                      max_tokens=200, temperature=1.0, seed=4)
+
+
+def test_langchain_bind_tools_with_a_forced_call(client):
+    from langchain_core.tools import tool
+
+    @tool
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    # strict: the schema gets additionalProperties false (without it, JSON Schema allows other keys)
+    reply = chat_model(client).bind_tools([add], tool_choice="add", strict=True, parallel_tool_calls=False).invoke(
+        "3 + 4 是多少？")
+    assert [c["name"] for c in reply.tool_calls] == ["add"]
+    assert set(reply.tool_calls[0]["args"]) == {"a", "b"} and reply.tool_calls[0]["id"].startswith("call_")
+    assert add.invoke(reply.tool_calls[0]["args"]) == sum(reply.tool_calls[0]["args"].values())
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling"])
+def test_langchain_with_structured_output(client, method):
+    trip = chat_model(client).with_structured_output(Trip, method=method).invoke("Ten miles, please.")
+    assert isinstance(trip, Trip) and 0 <= trip.value <= 999
