@@ -203,7 +203,7 @@ def _screenshot(driver, tmp_path: Path, name: str) -> Path:
 
 
 def _open(driver, server: str):
-    """Open the page, give it the key when it asks, and pick greedy decoding."""
+    """Open the page with nothing stored, give it the key when it asks, and pick greedy decoding."""
     driver.get(server + "/")
     driver.execute_script("sessionStorage.clear(); localStorage.clear();")
     driver.get(server + "/chat")
@@ -222,7 +222,16 @@ def _last_reply(driver):
     return driver.find_elements("css selector", ".msg.assistant")[-1]
 
 
-def test_chat_in_chinese_html_as_text_attention_view(browser, server, ckpts, tmp_path):
+def _stored(driver) -> list[dict]:
+    return json.loads(driver.execute_script("return localStorage.getItem('gptkit.conversations')"))
+
+
+def _replies(driver, n: int):
+    return _wait(driver, lambda d: len(d.find_elements("css selector", ".msg.assistant[data-finish]")) == n
+                 and d.find_elements("css selector", ".msg.assistant[data-finish]"), what=f"{n} finished replies")
+
+
+def test_chat_in_chinese_html_as_text_attention_over_the_conversation(browser, server, ckpts, tmp_path):
     d, by = browser, "css selector"
     _open(d, server)
     assert d.find_element(by, "#mode").text == "chat" and not d.find_element(by, "#notice").is_displayed()
@@ -234,7 +243,7 @@ def test_chat_in_chinese_html_as_text_attention_view(browser, server, ckpts, tmp
     time.sleep(0.3)
     assert not d.find_elements(by, ".msg") and box.get_attribute("value") == "我有"
     box.send_keys("一个梦想，你好\n")
-    reply = _wait(d, lambda d: d.find_elements(by, ".msg.assistant[data-finish]"), what="a finished reply")[-1]
+    reply = _replies(d, 1)[-1]
     assert d.find_element(by, ".msg.user .text").text == "我有一个梦想，你好"
     assert reply.get_attribute("data-finish") in ("stop", "length")
     text = reply.find_element(by, ".text").get_attribute("textContent")
@@ -243,26 +252,140 @@ def test_chat_in_chinese_html_as_text_attention_view(browser, server, ckpts, tmp
     assert d.execute_script("return window.pwned") is None
     meta = reply.find_element(by, ".meta").text
     assert "prompt tokens" in meta and "tokens/s" in meta, meta  # the usage chunk arrived
-    # settings survive a reload (localStorage)
-    assert json.loads(d.execute_script("return localStorage.getItem('gptkit.settings')"))["temperature"] == "0"
+    # the conversation and its settings are kept in the browser, titled by its first message
+    [conv] = _stored(d)
+    assert conv["title"] == "我有一个梦想，你好" and conv["settings"]["temperature"] == "0"
+    assert [m["role"] for m in conv["messages"]] == ["user", "assistant"]
+    content = conv["messages"][1]["content"]  # as streamed (the page shows it as markdown: paragraphs)
+    assert content.split() == text.split() or content.replace("\n", "") == text, (content, text)
+    assert d.find_element(by, "#conversations li.current .open").text == "我有一个梦想，你好"
 
     reply.find_element(by, "button.copy").click()
     _wait(d, lambda d: reply.find_element(by, "button.copy").text == "Copied", 5, "the copy confirmation")
+    # attention over the whole conversation as the model saw it, the reply's rows marked
     reply.find_element(by, "button.show-attention").click()
     panel = _wait(d, lambda d: reply.find_elements(by, ".attention[data-tokens]"), what="the attention map")[0]
-    n_tokens = int(panel.get_attribute("data-tokens"))
-    assert n_tokens == len(open_tokenizer(ckpts["chat"]).encode(text))
+    tok = open_tokenizer(ckpts["chat"])
+    ids, mask = render_chat(tok, [{"role": "user", "content": "我有一个梦想，你好"}, {"role": "assistant", "content": content}],
+                            add_generation_prompt=False)
+    assert int(panel.get_attribute("data-tokens")) == len(ids)
+    start, end = map(int, panel.get_attribute("data-marked").split(","))
+    # the reply's content and its <|im_end|>: what the model wrote (the template's newline after it is not)
+    assert mask[start:end] == [1] * (end - start) and not mask[start - 1] and 1 not in mask[end:] and start > 5
     assert "layer 1 · head 0" in panel.find_element(by, ".caption").text
-    d.set_window_size(1000, 1250)  # tall enough for the whole map
+    assert f"rows {start}–{end - 1} (marked) are the reply" in panel.find_element(by, ".caption").text
+    d.set_window_size(1100, 1250)  # tall enough for the whole map
     d.execute_script("arguments[0].scrollIntoView({block: 'end'})", panel)
     _screenshot(d, tmp_path, "webui-chat.png")
     d.set_window_size(1100, 900)
 
-    # a second turn keeps the conversation; New clears it
+    # Regenerate replaces the last reply (greedy: the same text again)
+    _last_reply(d).find_element(by, "button.regenerate").click()
+    again = _replies(d, 1)[-1]
+    assert _stored(d)[0]["messages"][1]["content"] == content and len(_stored(d)[0]["messages"]) == 2
+    assert again.find_element(by, ".text").get_attribute("textContent") == text
+    # a second turn keeps the conversation
     d.find_element(by, "#input").send_keys("谢谢\n")
-    _wait(d, lambda d: len(d.find_elements(by, ".msg.assistant[data-finish]")) == 2, what="the second reply")
+    _replies(d, 2)
+    assert len(_stored(d)[0]["messages"]) == 4
+    # edit-and-resend: the first message changed, what followed it replaced by the new reply
+    d.find_elements(by, ".msg.user")[0].find_element(by, "button.edit").click()
+    area = d.find_element(by, ".msg.user .edit-input")
+    area.clear()
+    area.send_keys("你是谁？")
+    d.find_element(by, ".msg.user button.resend").click()
+    _replies(d, 1)
+    assert [m["content"] for m in _stored(d)[0]["messages"]][0] == "你是谁？" and len(_stored(d)[0]["messages"]) == 2
+
+
+def test_conversation_list_new_rename_delete_and_reload(browser, server):
+    d, by = browser, "css selector"
+    _open(d, server)
+    d.find_element(by, "#input").send_keys("hello\n")
+    _replies(d, 1)
     d.find_element(by, "#new").click()
     assert not d.find_elements(by, ".msg")
+    d.find_element(by, "#input").send_keys("谢谢\n")
+    _replies(d, 1)
+    assert [c["title"] for c in _stored(d)] == ["谢谢", "hello"]  # the newest first
+    # rename the older one; it opens with its own messages
+    older = d.find_elements(by, "#conversations li")[1]
+    d.execute_script("arguments[0].click()", older.find_element(by, "button.rename"))
+    field = d.find_element(by, "#conversations .rename-input")
+    field.send_keys("\ue009a")  # Ctrl+A, then the new title replaces the old one
+    field.send_keys("问候\n")
+    assert [c["title"] for c in _stored(d)] == ["谢谢", "问候"]
+    d.find_elements(by, "#conversations li .open")[1].click()
+    assert d.find_element(by, ".msg.user .text").text == "hello"
+    # a reload keeps both; delete removes one for good
+    d.refresh()
+    _wait(d, lambda d: len(d.find_elements(by, "#conversations li")) == 2, what="the stored conversations")
+    first = d.find_elements(by, "#conversations li")[0]
+    d.execute_script("arguments[0].click()", first.find_element(by, "button.delete"))
+    assert [c["title"] for c in _stored(d)] == ["问候"]
+    assert len(d.find_elements(by, "#conversations li")) == 1
+
+
+MARKDOWN = ("# Title\nSome **bold**, *italic* and `x < y` code.\n\n- one\n- two <b>not bold</b>\n\n"
+            "1. first\n2. second\n\n> a quote\n\n```python\nprint('<script>alert(1)</script>')\n```\n"
+            "[safe](https://example.org/a?b=1) [bad](javascript:window.pwned=3) [data](data:text/html,x)\n"
+            '<img src=x onerror="window.pwned=4"><script>window.pwned=5</script>')
+
+
+def test_markdown_is_rendered_and_never_runs(browser, server, tmp_path):
+    d, by = browser, "css selector"
+    _open(d, server)
+    conv = {"id": "md", "title": "markdown", "model": "chat", "updated": 1,
+            "settings": {"system": "", "temperature": "0", "top_p": "1", "max_tokens": ""},
+            "messages": [{"role": "user", "content": "<i>show</i> me"},
+                         {"role": "assistant", "content": MARKDOWN, "mode": "chat"}]}
+    d.execute_script("localStorage.setItem('gptkit.conversations', arguments[0])", json.dumps([conv]))
+    d.refresh()
+    reply = _wait(d, lambda d: d.find_elements(by, ".msg.assistant"), what="the stored reply")[0]
+    body = reply.find_element(by, ".text")
+    assert body.find_element(by, "h3").text == "Title"
+    assert body.find_element(by, "strong").text == "bold" and body.find_element(by, "em").text == "italic"
+    assert [li.text for li in body.find_elements(by, "ul li")] == ["one", "two <b>not bold</b>"]
+    assert [li.text for li in body.find_elements(by, "ol li")] == ["first", "second"]
+    assert body.find_element(by, "blockquote").text == "a quote"
+    assert body.find_element(by, "pre code.lang-python").get_attribute("textContent") == \
+        "print('<script>alert(1)</script>')"
+    links = body.find_elements(by, "a")
+    assert [(a.text, a.get_attribute("href"), a.get_attribute("rel")) for a in links] == [
+        ("safe", "https://example.org/a?b=1", "noopener noreferrer nofollow")]
+    assert "[bad](javascript:window.pwned=3)" in body.text and "[data](data:text/html,x)" in body.text
+    assert not d.find_elements(by, "#messages script, #messages img, #messages b, #messages i, #messages iframe")
+    assert d.find_element(by, ".msg.user .text").text == "<i>show</i> me"
+    _screenshot(d, tmp_path, "webui-markdown.png")
+    for a in links:
+        a.click()  # opens in a new tab; nothing runs here
+    assert d.execute_script("return window.pwned") is None
+    for handle in d.window_handles[1:]:
+        d.switch_to.window(handle)
+        d.close()
+    d.switch_to.window(d.window_handles[0])
+
+
+def test_dark_theme_follows_the_system_and_the_menu(browser, server, tmp_path):
+    d, by = browser, "css selector"
+    _open(d, server)
+    d.find_element(by, "#input").send_keys("hello\n")
+    _replies(d, 1)
+    background = lambda: d.execute_script("return getComputedStyle(document.body).backgroundColor")  # noqa: E731
+    light = background()
+    d.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": [{"name": "prefers-color-scheme", "value": "dark"}]})
+    try:
+        dark = background()
+        assert light == "rgb(247, 247, 248)" and dark == "rgb(15, 17, 21)"
+        _screenshot(d, tmp_path, "webui-dark.png")
+        from selenium.webdriver.support.ui import Select
+
+        Select(d.find_element(by, "#theme")).select_by_value("light")  # the menu overrides the system
+        assert background() == light and d.execute_script("return localStorage.getItem('gptkit.theme')") == "light"
+        Select(d.find_element(by, "#theme")).select_by_value("auto")
+        assert background() == dark
+    finally:
+        d.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
 
 
 def test_completion_mode_stop_and_phone_width(browser, server, tmp_path):
@@ -277,7 +400,7 @@ def test_completion_mode_stop_and_phone_width(browser, server, tmp_path):
     reply = _wait(d, lambda d: d.find_elements(by, ".msg.assistant.streaming"), what="a reply")[-1]
     _wait(d, lambda d: len(reply.find_element(by, ".text").get_attribute("textContent")) > 20, what="streamed text")
     d.find_element(by, "#stop").click()
-    _wait(d, lambda d: reply.get_attribute("data-finish"), 10, "the stop")
+    reply = _replies(d, 1)[-1]
     assert reply.get_attribute("data-finish") == "stopped"
     assert "stopped by you" in reply.find_element(by, ".meta").text
     shown = reply.find_element(by, ".text").get_attribute("textContent")
@@ -287,13 +410,34 @@ def test_completion_mode_stop_and_phone_width(browser, server, tmp_path):
     health = lambda: httpx.get(f"{server}/health").json()["models"]["plain"]  # noqa: E731
     _wait(d, lambda d: health()["running"] == 0 and health()["queued"] == 0, 10, "the server-side cancel")
     time.sleep(0.5)
-    assert reply.find_element(by, ".text").get_attribute("textContent") == shown  # nothing arrives after Stop
+    assert _last_reply(d).find_element(by, ".text").get_attribute("textContent") == shown  # nothing after Stop
+    assert _stored(d)[0]["messages"][1]["content"] == shown
+    # attention over prompt + continuation: the continuation's rows marked
+    _last_reply(d).find_element(by, "button.show-attention").click()
+    panel = _wait(d, lambda d: d.find_elements(by, ".attention[data-tokens]"), what="the attention map")[0]
+    start, end = map(int, panel.get_attribute("data-marked").split(","))
+    assert 0 < start < end == int(panel.get_attribute("data-tokens"))
 
     d.set_window_size(390, 844)  # a phone
     time.sleep(0.3)
     assert d.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
-    for name in ("#send", "#stop", "#input", "#model"):
+    for name in ("#send", "#stop", "#input", "#model", "#list-toggle"):
         rect = d.find_element(by, name).rect
         assert rect["x"] >= 0 and rect["x"] + rect["width"] <= 390, name
+    assert not d.find_element(by, "#sidebar").is_displayed()  # the list folds away behind ☰
     _screenshot(d, tmp_path, "webui-phone.png")
+    d.find_element(by, "#list-toggle").click()
+    assert d.find_element(by, "#sidebar").is_displayed()
+    _screenshot(d, tmp_path, "webui-phone-list.png")
     d.set_window_size(1100, 900)
+
+
+def test_attention_endpoint_marks_the_reply_and_checks_its_input(server):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    chat = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "很高兴见到你"}]
+    body = httpx.post(f"{server}/v1/attention", json={"model": "chat", "messages": chat}, headers=auth).json()
+    start, end = body["marked"]
+    assert "".join(body["tokens"][start:end]) == "很高兴¹兴²见¹见²到¹到²你<|im_end|>" and end == len(body["tokens"]) - 1
+    for bad, param in (({"messages": chat[:1]}, "messages.0"), ({"text": "a", "messages": chat}, "text"), ({}, "text")):
+        r = httpx.post(f"{server}/v1/attention", json={"model": "chat", **bad}, headers=auth)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

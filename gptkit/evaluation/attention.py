@@ -34,7 +34,8 @@ class AttentionMaps:
     token_ids: list[int]
     tokens: list[str]  # one readable label per token (see token_labels)
     weights: np.ndarray  # (n_layer, n_head, T, T): row i is token i's attention over tokens 0..i
-    truncated: bool = False  # the text was longer than the context: only its first tokens are here
+    truncated: bool = False  # the text was longer than the context: only its first (or last) tokens are here
+    marked: tuple[int, int] | None = None  # rows [start, end) to point out: a reply within its conversation
 
     @property
     def n_layer(self) -> int:
@@ -58,6 +59,7 @@ class AttentionMaps:
         w = self.weights if layer is None else self.weights[layer]
         return {"text": self.text, "tokens": self.tokens, "token_ids": self.token_ids,
                 "n_layer": self.n_layer, "n_head": self.n_head, "layer": layer, "truncated": self.truncated,
+                "marked": list(self.marked) if self.marked else None,
                 "weights": np.round(w.astype(np.float64), decimals).tolist()}
 
 
@@ -88,7 +90,6 @@ def token_labels(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
     return labels
 
 
-@torch.inference_mode()
 def attention_maps(model: GPT, tokenizer: Tokenizer, text: str, max_tokens: int | None = None) -> AttentionMaps:
     """Run `text` through the model's inspection pass; a text longer than the context (or
     max_tokens) keeps its first tokens."""
@@ -96,8 +97,23 @@ def attention_maps(model: GPT, tokenizer: Tokenizer, text: str, max_tokens: int 
     if not ids:
         raise GptkitError("the text is empty: nothing to attend to")
     context = min(model.config.block_size, max_tokens or model.config.block_size)
-    truncated = len(ids) > context
-    ids = ids[:context]
+    return _maps(model, tokenizer, text, ids[:context], len(ids) > context)
+
+
+def reply_attention_maps(model: GPT, tokenizer: Tokenizer, ids: list[int], reply: tuple[int, int],
+                         max_tokens: int | None = None) -> AttentionMaps:
+    """The maps of a whole conversation (token ids) with its reply's rows, ids[reply[0]:reply[1]],
+    marked. Longer than the context (or max_tokens): the last tokens are kept, where the reply is."""
+    context = min(model.config.block_size, max_tokens or model.config.block_size)
+    cut = max(0, len(ids) - context)
+    kept = ids[cut:]
+    maps = _maps(model, tokenizer, tokenizer.decode(kept), kept, cut > 0)
+    maps.marked = (max(0, reply[0] - cut), reply[1] - cut)
+    return maps
+
+
+@torch.inference_mode()
+def _maps(model: GPT, tokenizer: Tokenizer, text: str, ids: list[int], truncated: bool) -> AttentionMaps:
     device = next(model.parameters()).device
     _, maps = model.attention_maps(torch.tensor([ids], device=device))  # (n_layer, 1, nh, T, T)
     return AttentionMaps(text, ids, token_labels(tokenizer, ids), maps[:, 0].float().cpu().numpy(), truncated)
