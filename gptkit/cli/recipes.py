@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated, Optional
@@ -11,22 +10,26 @@ import typer
 
 from gptkit.cli.common import field_option, app
 from gptkit.config import TrainConfig
+from gptkit.errors import GptkitError
 
 
 # ---------------------------------------------------------------------------- demo
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="where the tokenizer, data and checkpoint go")] = Path("runs/demo"),
-    steps: Annotated[Optional[int], typer.Option(help="training steps (default: 500 on a CPU, 4-10 minutes on "
-                                                      "2 cores; 2000 of a bigger model on a GPU)")] = None,
+    minutes: Annotated[float, typer.Option(help="the whole demo's time budget: pretraining gets the steps that fit, "
+                                                "timed on this machine")] = 5.0,
+    steps: Annotated[Optional[int], typer.Option(help="pretraining steps instead of a time budget")] = None,
     optimizer: Annotated[str, field_option(TrainConfig, "optimizer")] = TrainConfig.optimizer,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda (auto: a GPU when there is one)")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda (auto: a GPU when there is one, with a bigger "
+                                             "model)")] = "auto",
 ) -> None:
-    """The main job: tokenizer, corpus, pretraining and samples on the Python standard library."""
+    """The main job: tokenizer, corpus, pretraining, a quiz and samples on the Python standard library."""
     from gptkit.recipes.demo import DemoConfig, demo_device, run_demo
 
-    cfg, _ = demo_device(DemoConfig(out=str(out), optimizer=optimizer, device=device))
-    cfg = dataclasses.replace(cfg, steps=steps) if steps is not None else cfg
+    if minutes <= 0 or (steps is not None and steps < 1):
+        raise GptkitError(f"--minutes {minutes:g} and --steps {steps} must be positive")
+    cfg, _ = demo_device(DemoConfig(out=str(out), optimizer=optimizer, device=device, minutes=minutes, steps=steps))
     result = run_demo(cfg, say=typer.echo)
     typer.echo(json.dumps({k: v for k, v in result.items() if k != "samples"}))
 
