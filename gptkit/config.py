@@ -36,10 +36,13 @@ class ModelConfig:
     pos_encoding: Literal["learned", "sinusoidal", "rope"] = option(
         "learned", "positions: learned | sinusoidal | rope (rotary, on queries and keys)")
     rope_theta: float = option(10000.0, "rotary base: pair i of a head turns by position * theta^(-2i/head_dim)")
-    rope_scaling: Literal["none", "linear", "ntk"] = option(
+    rope_scaling: Literal["none", "linear", "ntk", "yarn"] = option(
         "none", "a context rope_factor times the trained one: linear divides positions by it (fine-tune after); "
-                "ntk raises theta instead (often usable without fine-tuning)")
+                "ntk raises theta instead (often usable without fine-tuning); yarn divides only the slow pairs' "
+                "angles, keeps the fast ones, and scales attention (Qwen's long-context setting)")
     rope_factor: float = option(1.0, "how much longer a context --rope-scaling stretches the positions over")
+    rope_original_context: int | None = option(
+        None, "yarn: the context the model was trained with (default: block_size / rope_factor)")
     activation: Literal["gelu", "gelu_tanh", "swiglu", "relu2"] = option(
         "gelu", "MLP: gelu | gelu_tanh (GPT-2) | swiglu (Llama's gated MLP) | relu2 (relu squared)")
     mlp_hidden: int | None = option(None, "the MLP's inner width (default: 4 * n_embd)")
@@ -65,8 +68,11 @@ class ModelConfig:
                               ("activation", ("gelu", "gelu_tanh", "swiglu", "relu2"))):
             if getattr(self, name) not in allowed:
                 raise GptkitError(f"{name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
-        if self.rope_scaling not in ("none", "linear", "ntk"):
-            raise GptkitError(f"rope_scaling={self.rope_scaling!r}: expected one of none, linear, ntk")
+        if self.rope_scaling not in ("none", "linear", "ntk", "yarn"):
+            raise GptkitError(f"rope_scaling={self.rope_scaling!r}: expected one of none, linear, ntk, yarn")
+        if self.rope_original_context is not None and (self.rope_scaling != "yarn" or self.rope_original_context < 1):
+            raise GptkitError(f"rope_original_context={self.rope_original_context}: expected a positive context, "
+                              "with rope_scaling='yarn' only")
         if self.rope_factor < 1 or (self.rope_scaling == "none" and self.rope_factor != 1):
             raise GptkitError(f"rope_factor={self.rope_factor}: expected >= 1, and 1 with rope_scaling='none'")
         if self.pos_encoding == "rope" and self.head_dim % 2:

@@ -41,6 +41,9 @@ SHAPES = {
     "qwen2": dict(n_head=6, n_kv_head=2, n_embd=60, mlp_hidden=90, qkv_bias=True, tie_embeddings=False, **MODERN),
     "qwen3": dict(n_head=6, n_kv_head=2, n_embd=60, mlp_hidden=90, head_size=14, qk_norm=True,
                   tie_embeddings=False, **MODERN),
+    # YaRN: trained on 24 positions, run over 96
+    "llama-yarn": dict(n_head=6, n_kv_head=2, n_embd=60, mlp_hidden=90, rope_scaling="yarn", rope_factor=4.0,
+                       rope_original_context=24, **MODERN),
 }
 MESSAGES = [{"role": "system", "content": "你是一个乐于助人的助手。"}, {"role": "user", "content": "What is 2 + 2?"},
             {"role": "assistant", "content": "4，当然。"}, {"role": "user", "content": "谢谢! def f(): pass"}]
@@ -76,7 +79,7 @@ def exported(tmp_path_factory, tok):
             folder = tmp_path_factory.mktemp(arch)
             save_checkpoint(folder / "ckpt", random_model(tok, 331, **SHAPES[arch]), tok)
             summary = export_gguf(folder / "ckpt", folder / "model.gguf")
-            assert summary["architecture"] == arch and summary["pre_tokenizer"] == "gpt-2"
+            assert summary["architecture"] == arch.split("-")[0] and summary["pre_tokenizer"] == "gpt-2"
             made[arch] = folder / "ckpt", folder / "model.gguf"
         return made[arch]
     return get

@@ -7,6 +7,7 @@ width of 10, a vocabulary that is not a multiple of 8."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -134,8 +135,10 @@ def test_modern_options_from_scratch_decode_the_same_with_and_without_the_cache(
 
 @pytest.mark.parametrize("name, change, message", [
     ("qwen3", {"architectures": ["Qwen3MoeForCausalLM"]}, "architectures=['Qwen3MoeForCausalLM'] is not supported"),
-    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling="),
-    ("llama", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_type='yarn' is not supported"),
+    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling.rope_type='llama3' is not"),
+    ("llama", {"rope_parameters": {"rope_type": "dynamic", "factor": 4.0}}, "rope_type='dynamic' is not supported"),
+    ("llama", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "beta_fast": 16}},
+     "rope_parameters.beta_fast=16 is not supported for yarn"),
     ("llama", {"rope_parameters": {"rope_type": "linear"}}, "rope_parameters.factor=None: expected a number"),
     ("qwen2", {"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
     ("mistral", {"sliding_window": 32}, "sliding_window=32 is shorter than max_position_embeddings=96"),
@@ -356,6 +359,58 @@ def test_a_linearly_scaled_llama_matches_transformers(tmp_path, tok):
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
         assert (back(idx).logits - hf(idx).logits).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("family, rope, legacy", [
+    ("llama", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 24}, False),
+    ("qwen2", {"rope_type": "yarn", "factor": 3.0}, False),  # trained context: max_position_embeddings
+    ("qwen2", {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 48}, True),  # Qwen2.5's README form
+])
+def test_yarn_matches_transformers_and_round_trips(tmp_path, tok, family, rope, legacy):
+    """YaRN from config.json (rope_parameters, or the older rope_scaling with "type"): logits within TOL of
+    transformers past the trained context, and the export loads in transformers with the same logits."""
+    torch.manual_seed(0)
+    cls, conf = {"llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig),
+                 "qwen2": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config)}[family]
+    params = {"rope_theta": 500.0, "rope_type": rope.get("rope_type", rope.get("type")),
+              **{k: v for k, v in rope.items() if k != "type"}}
+    hf = cls(conf(**SHAPE, rope_parameters=params)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    if legacy:  # as a pre-5 transformers config.json: the scaling under rope_scaling, theta beside it
+        cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+        cfg["rope_scaling"], cfg["rope_theta"] = rope, 500.0
+        del cfg["rope_parameters"]
+        (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    tok.tok.save(str(tmp_path / "hf" / "tokenizer.json"))
+    import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    model = open_checkpoint(tmp_path / "ckpt").model
+    trained = rope.get("original_max_position_embeddings", SHAPE["max_position_embeddings"])
+    assert (model.config.rope_scaling, model.config.rope_factor, model.config.rope_original_context) == \
+        ("yarn", rope["factor"], trained)
+    idx = torch.randint(0, VOCAB, (1, 90))
+    with torch.no_grad():
+        assert (model(idx) - hf(idx).logits).abs().max().item() < TOL
+    export_hf(tmp_path / "ckpt", tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert back.config.rope_parameters["rope_type"] == "yarn"
+    with torch.no_grad():
+        assert (back(idx).logits - hf(idx).logits).abs().max().item() < TOL
+
+
+def test_yarn_keeps_fast_pairs_and_slows_the_slow_ones():
+    from gptkit.model.gpt import rope_tables
+
+    base = ModelConfig(vocab_size=11, block_size=4096, n_layer=1, n_head=1, n_embd=64, pos_encoding="rope")
+    cos, _ = rope_tables(base)
+    yarn_cos, _ = rope_tables(ModelConfig(**{**base.__dict__, "rope_scaling": "yarn", "rope_factor": 4.0}))
+    scale = 0.1 * math.log(4.0) + 1  # attention sharpened back
+    torch.testing.assert_close(yarn_cos[:, 0] / scale, cos[:, 0])  # the fastest pair turns as before
+    slowest = 10000.0 ** (-62 / 64)  # turns less than once over the 1,024 trained positions: slowed 4x
+    torch.testing.assert_close(yarn_cos[:, 31] / scale,
+                               torch.cos(torch.arange(4096.0, dtype=torch.float64) * slowest / 4).float())
+    with pytest.raises(GptkitError, match="rope_original_context=512: expected a positive context, with "
+                                          "rope_scaling='yarn' only"):
+        ModelConfig(**{**base.__dict__, "rope_original_context": 512})
 
 
 @pytest.mark.parametrize("source, message", [

@@ -45,7 +45,6 @@ CONFIG_MAP = {
 # Options with one meaning here: field -> the values that mean it (the first is transformers' default).
 REQUIRED = {
     "hidden_act": ("silu",),
-    "rope_scaling": (None,),
     "mlp_bias": (False,),
     "num_experts": (None, 0),
 }
@@ -101,15 +100,7 @@ def config_from_hf(hf: dict, source: str) -> ModelConfig:
     attention_bias = hf.get("attention_bias", False)
     if attention_bias and not family.qkv_bias:  # Llama's flag also puts a bias on o_proj
         raise GptkitError(f"{source}: attention_bias=True (a bias on o_proj) is not supported; expected False")
-    rope = hf.get("rope_parameters") or {}  # transformers 5 keeps rope_theta and the rope type here
-    rope_type = rope.get("rope_type", "default")
-    if rope_type not in ("default", "linear"):
-        raise GptkitError(f"{source}: rope_parameters.rope_type={rope_type!r} is not supported; "
-                          "expected 'default' or 'linear'")
-    if rope_type == "linear" and not isinstance(rope.get("factor"), (int, float)):
-        raise GptkitError(f"{source}: rope_parameters.factor={rope.get('factor')!r}: expected a number for the "
-                          "'linear' rope type")
-    scaling = dict(rope_scaling="linear", rope_factor=float(rope["factor"])) if rope_type == "linear" else {}
+    scaling, rope = rope_scaling(hf, source)
     fields = {ours: hf[theirs] for theirs, ours in CONFIG_MAP.items()}
     n_head = fields["n_head"]
     head_dim = hf.get("head_dim") or fields["n_embd"] // n_head
@@ -119,6 +110,33 @@ def config_from_hf(hf: dict, source: str) -> ModelConfig:
                        qk_norm=family.qk_norm,
                        qkv_bias=family.qkv_bias or None, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
                        dropout=0.0)
+
+
+def rope_scaling(hf: dict, source: str) -> tuple[dict, dict]:
+    """(ModelConfig's rope scaling fields, the rope parameters) of a config.json: transformers 5 keeps
+    them in rope_parameters, older files in rope_scaling ("type" for "rope_type")."""
+    legacy = hf.get("rope_scaling") or {}  # when both are there, the older field is the one that was edited
+    rope = {**(hf.get("rope_parameters") or {}), **legacy}
+    where = "rope_scaling" if legacy else "rope_parameters"
+    rope_type = legacy.get("rope_type", legacy.get("type")) if legacy else rope.get("rope_type", "default")
+    if rope_type not in ("default", "linear", "yarn"):
+        raise GptkitError(f"{source}: {where}.rope_type={rope_type!r} is not supported; "
+                          "expected 'default', 'linear' or 'yarn'")
+    if rope_type == "default":
+        return {}, rope
+    factor = rope.get("factor")
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor < 1:
+        raise GptkitError(f"{source}: {where}.factor={factor!r}: expected a number >= 1 for the {rope_type!r} rope type")
+    if rope_type == "linear":
+        return dict(rope_scaling="linear", rope_factor=float(factor)), rope
+    # YaRN as transformers computes it by default; its variants would be approximated: refused
+    for key, default in (("beta_fast", 32), ("beta_slow", 1), ("mscale", None), ("mscale_all_dim", None),
+                         ("attention_factor", None), ("truncate", True)):
+        if rope.get(key, default) not in (default, None):
+            raise GptkitError(f"{source}: {where}.{key}={rope[key]!r} is not supported for yarn; expected "
+                              f"{default!r} (or absent)")
+    trained = rope.get("original_max_position_embeddings") or hf["max_position_embeddings"]
+    return dict(rope_scaling="yarn", rope_factor=float(factor), rope_original_context=int(trained)), rope
 
 
 def config_to_hf(cfg: ModelConfig, eot_id: int | None) -> dict:
@@ -148,6 +166,10 @@ def _rope_parameters(cfg: ModelConfig) -> dict:
     default type with that base (the same angles)."""
     if cfg.rope_scaling == "linear":
         return {"rope_type": "linear", "factor": cfg.rope_factor, "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling == "yarn":
+        trained = cfg.rope_original_context or round(cfg.block_size / cfg.rope_factor)
+        return {"rope_type": "yarn", "factor": cfg.rope_factor, "rope_theta": cfg.rope_theta,
+                "original_max_position_embeddings": trained}
     theta = cfg.rope_theta * (cfg.rope_factor ** (cfg.head_dim / (cfg.head_dim - 2)) if cfg.rope_scaling == "ntk" else 1)
     return {"rope_type": "default", "rope_theta": theta}
 

@@ -143,6 +143,10 @@ def _write_hparams(writer, arch: str, cfg, hf_config: dict) -> None:
     if rope["rope_type"] == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(rope["factor"])
+    elif rope["rope_type"] == "yarn":  # llama.cpp computes YaRN's ramp (betas 32 and 1) and attention scale itself
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(rope["factor"])
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
 
 
 # ---------------------------------------------------------------------------- tokenizer

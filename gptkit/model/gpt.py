@@ -119,9 +119,28 @@ def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     elif config.rope_scaling == "ntk":  # a larger base: the slowest pair turns factor times slower, the fastest alike
         theta = theta * config.rope_factor ** (hs / (hs - 2))
     inv_freq = theta ** (-torch.arange(0, hs, 2, dtype=torch.float64) / hs)  # (hs/2,)
+    scale = 1.0
+    if config.rope_scaling == "yarn":
+        inv_freq, scale = yarn(config, inv_freq)
     angles = positions[:, None] * inv_freq  # (T, hs/2)
     angles = torch.cat([angles, angles], dim=-1)  # (T, hs): both channels of a pair turn alike
-    return angles.cos().float(), angles.sin().float()
+    return (angles.cos() * scale).float(), (angles.sin() * scale).float()
+
+
+def yarn(config: ModelConfig, inv_freq: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """YaRN (Peng et al., 2023), computed as transformers does: a pair that turns more than 32 times
+    over the trained context keeps its speed (it never saw a longer one as different), a pair that
+    turns less than once is slowed by the factor (linear interpolation), a linear ramp between; and
+    attention is sharpened back with cos and sin scaled by 0.1 ln(factor) + 1."""
+    hs, factor = config.head_dim, config.rope_factor
+    trained = config.rope_original_context or round(config.block_size / factor)
+
+    def pair(turns: float) -> float:  # the (fractional) pair index that turns `turns` times over `trained`
+        return hs * math.log(trained / (turns * 2 * math.pi)) / (2 * math.log(config.rope_theta))
+
+    low, high = max(math.floor(pair(32)), 0), min(math.ceil(pair(1)), hs - 1)
+    ramp = ((torch.arange(hs // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)).clamp(0, 1)
+    return inv_freq / factor * ramp + inv_freq * (1 - ramp), (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
