@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-stress install install-dev clean
+.PHONY: demo test test-stress docs-check install install-dev clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,11 @@ demo: install
 
 test: install-dev
 	$(BIN)/python -m pytest -q
+
+# The docs' examples that need nothing before them, run again and compared with what the pages show
+# (also part of `make test`).
+docs-check: install-dev
+	$(BIN)/python -m pytest -q tests/test_docs.py
 
 # The suite 3 times under load (two busy loops per core), in three file orders; RUNS=N for more.
 test-stress: install-dev

@@ -129,6 +129,19 @@ def test_version():
     assert out.exit_code == 0 and out.output == f"gptkit {version('gptkit')} (torch {torch.__version__})\n"
 
 
+@pytest.mark.parametrize("command, usage", [
+    ([], "Usage: gptkit [OPTIONS] COMMAND [ARGS]..."), (["generate"], "Usage: gptkit generate [OPTIONS] CKPT"),
+    (["compare"], "Usage: gptkit compare [OPTIONS] CKPTS..."), (["keys", "add"], "Usage: gptkit keys add [OPTIONS] NAME"),
+    (["serve"], "Usage: gptkit serve [OPTIONS] CKPT"), (["pretrain"], "Usage: gptkit pretrain [OPTIONS] DATA"),
+])
+def test_help_reads_as_people_write_it(command, usage):
+    """Usage lines name arguments in capitals (Typer 0.29 writes {ckpt}); flags show no <bool>, repeatable
+    options their item's type, not <list[str]>."""
+    out = CliRunner().invoke(app, [*command, "--help"], prog_name="gptkit", terminal_width=200)
+    assert out.exit_code == 0 and usage in out.output, out.output
+    assert "<bool>" not in out.output and "list[" not in out.output and "{" not in out.output
+
+
 def test_info_command():
     runner = CliRunner()
     out = runner.invoke(app, ["info", "--preset", "gpt3-175b"])

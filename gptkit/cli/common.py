@@ -33,12 +33,39 @@ class Commands(typer.core.TyperGroup):
         names = super().list_commands(ctx)
         return sorted(names, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))
 
+    def get_params(self, ctx):
+        return [_plain_metavar(p) for p in super().get_params(ctx)]
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is not None and not isinstance(command, Commands):  # its params, --help included
+            params = command.get_params
+            command.get_params = lambda ctx: [_plain_metavar(p) for p in params(ctx)]
+        return command
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except GptkitError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
+
+
+def _plain_metavar(param):
+    """Help as people write it: Typer 0.29 prints a required argument as {ckpt} in the usage line, a
+    flag's type as <bool> and a repeatable option's as <list[str]>; here they are CKPT (or [CKPT]), no
+    type for a flag (its --x/--no-x says it all) and the item's type for a repeatable option."""
+    if isinstance(param, typer.core.TyperArgument):
+        name = param.name.upper() + ("..." if param.nargs != 1 else "")
+        param._usage_display_name = lambda: name if param.required else f"[{name}]"
+        param._rich_display_name = lambda: name
+    if isinstance(param, typer.core.TyperOption) and param.is_flag:
+        param.display_type_rich = lambda ctx: None
+    elif isinstance(param, (typer.core.TyperOption, typer.core.TyperArgument)) and param.metavar is None and (
+            param.multiple or param.nargs != 1):
+        shown = param.display_type
+        param.display_type_rich = lambda ctx: shown(ctx).replace("list[", "").replace("]", "")
+    return param
 
 
 app = typer.Typer(cls=Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
