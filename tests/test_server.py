@@ -334,6 +334,29 @@ def test_metrics_are_prometheus_text(server, client):
         assert f"\n{name}{{" in text, name
     assert metric(server, "gptkit_generated_tokens_total", model="other") >= 3
 
+@pytest.mark.parametrize("head", [
+    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+    b"GET /v1/models HTTP/9\r\n\r\n",
+])
+def test_a_request_http_cannot_parse_gets_an_openai_error(server, head):
+    """The one reply uvicorn writes itself (before the app sees anything) is JSON in OpenAI's shape too."""
+    import socket
+    from urllib.parse import urlparse
+
+    where = urlparse(server)
+    with socket.create_connection((where.hostname, where.port), timeout=10) as sock:
+        sock.sendall(head)
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    status, _, body = raw.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 400 ") and b"content-type: application/json" in status.lower(), raw
+    error = json.loads(body)["error"]
+    assert error["code"] == "bad_http_request" and error["message"].startswith("malformed HTTP request: ")
+    assert httpx.get(f"{server}/health").status_code == 200  # the server goes on
+
+
 def test_a_resent_conversation_is_not_prefilled_again(server, client):
     """Prefix caching is on by default (256 MiB per model): the second turn's prompt starts with
     the first turn's, so its whole blocks come from the cache, and only the model asked counts."""

@@ -77,6 +77,7 @@ def serve(
 
     from gptkit.inference.threads import serial_main_thread
     from gptkit.server import ServedModel, ServerConfig, create_app
+    from gptkit.server.errors import JSONErrorProtocol
     from gptkit.server.limits import Limits
 
     serial_main_thread()  # the engines decode on their own threads; see its docstring
@@ -103,7 +104,7 @@ def serve(
                f"{f', moderation: {moderate}' if config.moderator else ''}"
                f"{f', audit log {audit_log}' if audit_log else ''}; chat template {templates}); Ctrl-C stops",
                err=True)
-    uvicorn.run(server_app, host=host, port=port, log_level="warning")
+    uvicorn.run(server_app, host=host, port=port, log_level="warning", http=JSONErrorProtocol)
 
 
 def _safety_options(keys_file, moderation, blocklist, moderate, thresholds, safe_labels, every, audit_log,

@@ -9,12 +9,15 @@ role the template does not know) is a 400 with its one-line message.
 
 from __future__ import annotations
 
+import json
 import logging
 
+import h11
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from gptkit.errors import GptkitError
 
@@ -93,3 +96,18 @@ def install_handlers(app: FastAPI) -> None:
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
         log.exception("internal error on %s", request.url.path)
         return error_response(500, f"internal server error ({type(exc).__name__})")
+
+
+class JSONErrorProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, whose one reply of its own — a 400 for a request that h11 cannot
+    parse (a Content-Length of "abc", a broken request line or header) — comes in OpenAI's error shape
+    too, instead of plain text. `gptkit serve` runs uvicorn with it (uvicorn.run(..., http=...))."""
+
+    def send_400_response(self, msg: str) -> None:
+        body = json.dumps(error_body(400, f"malformed HTTP request: {msg}", code="bad_http_request")).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close")]
+        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                      h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
