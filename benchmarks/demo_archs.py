@@ -21,7 +21,9 @@ from gptkit.recipes.demo import DemoConfig, run_demo
 # the demo's shape; "modern": rotary positions, RMSNorm, QK-norm, ReLU² MLP, untied head, no biases
 # (the choices measured beside nanoGPT in benchmarks/train_vs_nanogpt.py)
 MODERN = dict(pos_encoding="rope", norm="rmsnorm", qk_norm=True, activation="relu2", tie_embeddings=False, bias=False)
-ARCHS = {"gpt2": {}, "modern": MODERN,
+# "llama": the same with Llama's SwiGLU MLP (hidden 8/3 x n_embd: ReLU²'s parameter count), so that
+# `export-hf` can write it (as Qwen3: QK-norm, no biases)
+ARCHS = {"gpt2": {}, "modern": MODERN, "llama": {**MODERN, "activation": "swiglu", "mlp_hidden": 512},
          "modern-tied": {**MODERN, "tie_embeddings": True}, "rope-only": dict(pos_encoding="rope")}
 
 
