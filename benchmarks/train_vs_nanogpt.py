@@ -49,8 +49,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 CPU_SHAPE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12)
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 / H200 SXM
-ARCHS = {"gpt2": {},
-         "modern": dict(pos_encoding="rope", norm="rmsnorm", qk_norm=True, activation="relu2", tie_embeddings=False)}
+MODERN = dict(pos_encoding="rope", norm="rmsnorm", qk_norm=True, activation="relu2", tie_embeddings=False)
+ARCHS = {"gpt2": {}, "modern": MODERN,
+         # the modern configuration with one choice taken back (or swapped), to see what each one pays
+         "modern-learned": {**MODERN, "pos_encoding": "learned"}, "modern-layernorm": {**MODERN, "norm": "layernorm"},
+         "modern-no-qknorm": {**MODERN, "qk_norm": False}, "modern-gelu": {**MODERN, "activation": "gelu"},
+         "modern-tied": {**MODERN, "tie_embeddings": True},
+         "modern-swiglu": {**MODERN, "activation": "swiglu", "mlp_hidden": 341}}  # ~ReLU²'s 4x params
 
 
 # ---------------------------------------------------------------------------- the two runs
