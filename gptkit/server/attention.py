@@ -79,6 +79,9 @@ def _maps(served, body: AttentionRequest, max_tokens: int) -> AttentionMaps:
     model, tok = served.engine.model, served.tokenizer
     if body.messages is not None:
         ids, mask = render_chat(tok, [chat_message(m) for m in body.messages], add_generation_prompt=False)
+        if not any(mask):  # a template that does not write assistant turns as the model's own tokens
+            raise APIError(400, "the model's chat template shows no reply tokens for these messages",
+                           param="messages")
         end = max(i for i, m in enumerate(mask) if m) + 1  # the last reply: the last run of target tokens
         start = end - next((k for k, m in enumerate(reversed(mask[:end])) if not m), end)
         return reply_attention_maps(model, tok, ids, (start, end), max_tokens)
