@@ -95,6 +95,37 @@ def test_streamed_tool_call_deltas_assemble_to_the_calls(client):
             (t.function.name, t.function.arguments) for t in whole.message.tool_calls]
 
 
+def test_with_tools_the_text_before_a_call_streams_as_it_comes(client):
+    """tool_choice auto: content streams chunk by chunk up to where a call may begin; joined, the stream's
+    content and calls are the non-streamed reply's (same seed)."""
+    streamed_early = 0
+    for seed in range(6):
+        kwargs = dict(model="m", messages=ASK, tools=TOOLS, max_tokens=40, seed=seed, temperature=1.0)
+        whole = client.chat.completions.create(**kwargs).choices[0]
+        content, names, finish, early = [], [], None, 0
+        for chunk in client.chat.completions.create(**kwargs, stream=True):
+            for c in chunk.choices:
+                if c.delta.content:
+                    content.append(c.delta.content)
+                    early += c.finish_reason is None
+                names += [d.function.name for d in c.delta.tool_calls or [] if d.function and d.function.name]
+                finish = c.finish_reason or finish
+        assert ("".join(content) or None) == whole.message.content and finish == whole.finish_reason
+        assert names == [t.function.name for t in whole.message.tool_calls or []]
+        streamed_early += len(content) > 2
+    assert streamed_early  # some replies arrived in many pieces, not in one at the end
+
+
+@pytest.mark.parametrize("text, sent", [
+    ("Hi there", "Hi there"), ("Hi <tool", "Hi"), ('Hi <tool_call>\n{"a"', "Hi"), ("  lead", "lead"), ("x\n", "x"),
+    ("<tool_call>{", ""), ("a < b", "a < b"),
+])
+def test_what_may_stream_before_a_call(text, sent):
+    from gptkit.server.completions import content_before_calls
+
+    assert content_before_calls(text) == sent
+
+
 def test_a_history_with_calls_and_results_is_accepted(client):
     history = ASK + [
         {"role": "assistant", "content": None, "tool_calls": [

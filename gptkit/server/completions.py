@@ -22,7 +22,7 @@ from gptkit.server.limits import Limits
 from gptkit.server.state import Server
 from gptkit.text.chat import render_chat
 from gptkit.text.tokenizer import Tokenizer
-from gptkit.text.tools import parse_tool_calls
+from gptkit.text.tools import CALL_OPEN, parse_tool_calls
 
 
 # ------------------------------------------------------------------------------------ text edges
@@ -272,10 +272,22 @@ def reply(text: str, finish: str, names: set[str], parallel: bool = True) -> dic
             "finish_reason": "tool_calls" if finish == "stop" else finish}
 
 
+def content_before_calls(text: str) -> str:
+    """What of a reply's text can be sent before it ends, as reply() will read it: the text before the first
+    `<tool_call>` (or before a tail that may be its start), stripped as reply() strips its content."""
+    marker = CALL_OPEN.strip()  # "<tool_call>": reply() reads a call with or without the newline after it
+    cut = text.find(marker)
+    if cut < 0:
+        cut = next((k for k in range(max(0, len(text) - len(marker) + 1), len(text)) if marker.startswith(text[k:])),
+                   len(text))
+    return text[:cut].strip()
+
+
 async def _chat_chunks(gen: Generation, head: dict, body: S.ChatCompletionRequest,
                        names: set[str]) -> AsyncIterator[S.ChatCompletionChunk]:
-    """The stream of a chat reply. With tools, each choice's text is held until it ends (a call must be
-    whole to be read), then sent as content or as tool-call deltas."""
+    """The stream of a chat reply. With tools, a choice's text streams as content up to where a call
+    may begin (`<tool_call>`, or the start of it); the rest is held until the choice ends (a call must be
+    whole to be read), then sent as the remaining content and as tool-call deltas."""
     def chunk(i: int, delta: S.ChatDelta, finish: str | None = None, lp: S.ChatLogprobs | None = None):
         return S.ChatCompletionChunk(**head, choices=[S.ChatChunkChoice(index=i, delta=delta, finish_reason=finish,
                                                                         logprobs=lp)])
@@ -283,13 +295,14 @@ async def _chat_chunks(gen: Generation, head: dict, body: S.ChatCompletionReques
     for i in range(len(gen.choices)):  # each choice opens with the role, as OpenAI's stream does
         yield chunk(i, S.ChatDelta(role="assistant", content=""))
     tok = gen.served.tokenizer
-    held = [""] * len(gen.choices)
+    held, sent = [""] * len(gen.choices), [""] * len(gen.choices)
     async for i, ev, delta in gen.events():
         lp = chat_logprobs(tok, [(ev.token_id, ev.logprob, ev.top_logprobs)]) \
             if body.logprobs and ev.token_id is not None else None
         if names:
             held[i] += delta
-            delta = ""
+            safe = content_before_calls(held[i])
+            delta, sent[i] = safe[len(sent[i]):], safe
         if delta or lp:
             yield chunk(i, S.ChatDelta(content=delta or None) if names else S.ChatDelta(content=delta), lp=lp)
         if ev.finish_reason:
@@ -297,8 +310,9 @@ async def _chat_chunks(gen: Generation, head: dict, body: S.ChatCompletionReques
             if names:
                 r = reply(held[i], finish, names, body.parallel_tool_calls)
                 finish, message = r["finish_reason"], r["message"]
-                if message.content:
-                    yield chunk(i, S.ChatDelta(content=message.content))
+                rest = (message.content or "")[len(sent[i]):] if (message.content or "").startswith(sent[i]) else ""
+                if rest:
+                    yield chunk(i, S.ChatDelta(content=rest))
                 for k, call in enumerate(message.tool_calls or []):  # OpenAI's shape: id and name, then arguments
                     yield chunk(i, S.ChatDelta(tool_calls=[S.ToolCallDelta(
                         index=k, id=call.id, type="function", function={"name": call.function.name, "arguments": ""})]))
