@@ -1,20 +1,22 @@
-"""Moderation against rewrites made to slip past it: detection before and after, in one run.
+"""Moderation against rewrites made to slip past it: detection and false positives, in one run.
 
-A small moderation classifier is trained here the README's way (sentences from
-gptkit.recipes.moderation_data -> `finetune --task classify`), with a blocklist of the data's
-insults. Held-out sentences (another seed, so other fills of the templates) are rewritten as an
-attacker would: a benign sentence appended or prepended, Chinese and English mixed, and for the
-blocklist plurals, s p a c e d letters, leetspeak, Cyrillic look-alikes, zero-width characters,
-full-width letters and spaces between Chinese characters. Each set is scored by
+Small moderation classifiers are trained here the README's way (sentences from
+gptkit.recipes.moderation_data -> `finetune --task classify`), --seeds of them on lone sentences
+(the recipe's default) and as many with a share of records set in a longer message
+(`--context-share`), beside a blocklist of the data's insults. Held-out sentences (another seed, so
+other fills of the templates) are rewritten as an attacker would: a benign sentence or ending
+appended (also endings whose words the recipe never writes) or prepended, and for the blocklist
+plurals, s p a c e d letters, leetspeak, Cyrillic look-alikes, zero-width characters, full-width
+letters and spaces between Chinese characters. Each set is scored, shares averaged over seeds, by
 
-    before  the classifier at each context window's last token; the blocklist on the raw text
-    after   gptkit's moderation now: the classifier also on each sentence and clause alone, the
-            worst score per category; the blocklist on the normalised text (gptkit.server.moderation)
+    last token  the classifier at each context window's last token only (moderation as it was)
+    clauses     gptkit's moderation now: also each sentence and clause of 3 or more words alone,
+                the worst score per category (gptkit.server.moderation.class_probs)
 
-and the share flagged is reported, with the false-positive rate on held-out benign sentences
-(plain and with the same suffixes) at the same threshold.
+with the blocklist on the raw text (old) and on the normalised text (new, gptkit's now), and the
+false-positive rate on held-out benign sentences, plain and with the same endings.
 
-    python benchmarks/moderation_adversarial.py [--n 600] [--steps 300] [--threshold 0.5]
+    python benchmarks/moderation_adversarial.py [--n 600] [--steps 300] [--seeds 3] [--threshold 0.5]
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from gptkit.text.tokenizer import EOT, CharTokenizer
 from gptkit.training.finetune import DataSpec, FinetuneConfig, finetune
 
 SUFFIXES = [" thanks!", ", have a nice day", ". see you at the meeting", " lol", "，谢谢"]
+# endings made of words and characters the moderation recipe never writes
+UNSEEN_SUFFIXES = [" haha", " xoxo 😊", "... anyway, bye", " lmao ok", "，哈哈"]
 PREFIXES = ["hello! ", "thanks for the lunch. ", "ok, "]
 TERMS = md._SLOTS["noun"] + md._SLOTS["znoun"]  # the insults, English and Chinese
 # the blocklist as it matched before: the raw text, whole ASCII words, any case, no plurals
@@ -45,11 +49,11 @@ OLD_PATTERN = re.compile("|".join(rf"(?<![A-Za-z0-9_]){re.escape(t)}(?![A-Za-z0-
                                   for t in TERMS), re.IGNORECASE)
 
 
-def train_classifier(folder: Path, n: int, steps: int) -> Path:
-    data = md.write(folder / "moderation.jsonl", n, seed=0)
-    extra = "".join(SUFFIXES + PREFIXES) + "abcdefghijklmnopqrstuvwxyz0123456789 .,!?"
+def train_classifier(folder: Path, n: int, steps: int, context_share: float, seed: int) -> Path:
+    data = md.write(folder / "moderation.jsonl", n, seed=seed, context_share=context_share)
+    extra = "".join(SUFFIXES + UNSEEN_SUFFIXES + PREFIXES) + "abcdefghijklmnopqrstuvwxyz0123456789 .,!?"
     tok = CharTokenizer(sorted(set(data.read_text(encoding="utf-8")) | set(extra)), [EOT])
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     save_checkpoint(folder / "base", GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=96, n_layer=2, n_head=2,
                                                      n_embd=64)), tok)
     cfg = TrainConfig(out_dir=str(folder / "cls"), max_steps=steps, batch_size=32, lr=3e-3, warmup_steps=10,
@@ -76,6 +80,7 @@ def rewrites(rng: random.Random) -> dict:
     return {
         "as written": lambda t: t,
         "+ benign suffix": lambda t: t + rng.choice(SUFFIXES),
+        "+ unseen suffix": lambda t: t + rng.choice(UNSEEN_SUFFIXES),
         "+ benign prefix": lambda t: rng.choice(PREFIXES) + t,
         "plural insult": insult(lambda w: w + "s"),
         "s p a c e d": insult(lambda w: " ".join(w)),
@@ -99,11 +104,23 @@ def flagged(texts: list[str], model, tok, labels, pattern, threshold: float, aft
     return hits / len(texts), blocked_hits / len(texts)
 
 
-def _row(name: str, texts: list[str], model, tok, labels, pattern, threshold: float) -> dict:
-    (before, block_before), (after, block_after) = (flagged(texts, model, tok, labels, pattern, threshold, a)
-                                                    for a in (False, True))
-    return {"set": name, "texts": len(texts), "before": before, "after": after, "blocklist_before": block_before,
-            "blocklist_after": block_after}
+def test_sets(held_out: int) -> dict[str, list[str]]:
+    """name -> texts: held-out lone sentences (another seed) rewritten, and benign ones."""
+    rng = random.Random(1)
+    held = md.examples(held_out, seed=99, context_share=0)
+    bad = [r["text"] for r in held if r["label"] != "ok"]
+    good = [r["text"] for r in held if r["label"] == "ok"]
+    sets = {f"flagged, {name}": [x for x in map(rewrite, bad) if x is not None]
+            for name, rewrite in rewrites(rng).items()}
+    sets["benign, as written (false positives)"] = good
+    sets["benign + suffix (false positives)"] = [t + rng.choice(SUFFIXES) for t in good]
+    sets["benign + unseen suffix (false positives)"] = [t + rng.choice(UNSEEN_SUFFIXES) for t in good]
+    return sets
+
+
+# (training data, scoring): what each column measures
+COLUMNS = {"lone, last token": (0.0, False), "lone, clauses": (0.0, True),
+           "context, last token": (None, False), "context, clauses": (None, True)}
 
 
 def main() -> None:
@@ -112,26 +129,32 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--held-out", type=int, default=300)
     p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--seeds", type=int, default=3, help="classifiers trained per kind of data; shares are averaged")
+    p.add_argument("--context-share", type=float, default=0.4,
+                   help="share of training records set in a longer message, for the 'context' columns")
     args = p.parse_args()
-    rng = random.Random(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        loaded = open_checkpoint(train_classifier(Path(tmp), args.n, args.steps))
-    model, tok, labels = loaded.model.eval(), loaded.tokenizer, loaded.meta.labels
+    sets = test_sets(args.held_out)
     pattern = re.compile("|".join(_term_pattern(t) for t in TERMS))  # as gptkit's Moderator builds it now
-    held = md.examples(args.held_out, seed=99)
-    bad = [r["text"] for r in held if r["label"] != "ok"]
-    good = [r["text"] for r in held if r["label"] == "ok"]
-    rows = []
-    for name, rewrite in rewrites(rng).items():
-        texts = [x for x in map(rewrite, bad) if x is not None]
-        rows.append(_row(f"flagged, {name}", texts, model, tok, labels, pattern, args.threshold))
-    for name, texts in (("benign, as written", good), ("benign + suffix", [t + rng.choice(SUFFIXES) for t in good])):
-        rows.append(_row(f"{name} (false positives)", texts, model, tok, labels, pattern, args.threshold))
-    print(f"{'set':<46} {'texts':>5} {'before':>7} {'after':>7} {'blocklist alone: before':>24} {'after':>6}")
-    for r in rows:
-        print(f"{r['set']:<46} {r['texts']:>5} {r['before']:>7.1%} {r['after']:>7.1%} {r['blocklist_before']:>24.1%} "
-              f"{r['blocklist_after']:>6.1%}")
-    print(json.dumps({"rows": rows, "threshold": args.threshold, "n": args.n, "steps": args.steps}))
+    shares = {(name, col): 0.0 for name in sets for col in COLUMNS}
+    blocklist = {}
+    for share in (0.0, args.context_share):
+        for seed in range(args.seeds):
+            with tempfile.TemporaryDirectory() as tmp:
+                loaded = open_checkpoint(train_classifier(Path(tmp), args.n, args.steps, share, seed))
+            model, tok, labels = loaded.model.eval(), loaded.tokenizer, loaded.meta.labels
+            for col, (col_share, by_clause) in COLUMNS.items():
+                if (col_share if col_share is not None else args.context_share) != share:
+                    continue
+                for name, texts in sets.items():
+                    hit, blocked = flagged(texts, model, tok, labels, pattern, args.threshold, by_clause)
+                    shares[name, col] += hit / args.seeds
+                    blocklist[name, by_clause] = blocked
+    print(f"{'set':<42} {'texts':>5} " + " ".join(f"{c:>19}" for c in COLUMNS) + "  blocklist: old   new")
+    for name, texts in sets.items():
+        print(f"{name:<42} {len(texts):>5} " + " ".join(f"{shares[name, c]:>19.1%}" for c in COLUMNS)
+              + f"  {blocklist[name, False]:>14.1%} {blocklist[name, True]:>5.1%}")
+    print(json.dumps({"shares": {f"{n} | {c}": v for (n, c), v in shares.items()}, "threshold": args.threshold,
+                      "n": args.n, "steps": args.steps, "seeds": args.seeds, "context_share": args.context_share}))
 
 
 if __name__ == "__main__":

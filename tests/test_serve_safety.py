@@ -26,7 +26,7 @@ from gptkit.model.gpt import GPT
 from gptkit.server.audit import AuditLog
 from gptkit.server.auth import add_key, load_keys
 from gptkit.server.context import RequestRecord
-from gptkit.server.moderation import ModerationConfig, Moderator
+from gptkit.server.moderation import ModerationConfig, Moderator, clauses
 from gptkit.server.ratelimit import KeyLimits, Window, duration
 from gptkit.text.tokenizer import EOT, IM_END, IM_START, CharTokenizer
 from live_server import serve as serve_in_thread, serve_cli
@@ -207,11 +207,22 @@ def test_the_blocklist_sees_through_rewrites(tmp_path):
     assert [v.flagged for v in mod.check(passed)] == [False] * len(passed)
 
 
+def test_clauses_scored_alone_are_those_of_three_words_or_more():
+    # short pieces ("haha", "ok,", "，谢谢") are read only within the whole text: a small classifier
+    # misreads them alone (false positives 26 -> 10 % with a benign ending, BENCHMARKS.md)
+    assert clauses("I will stab you tonight, haha") == ["I will stab you tonight,"]
+    assert clauses("hello! I will stab you") == ["I will stab you"]
+    assert clauses("the red book, is here. I will kill you") == ["the red book,", "I will kill you"]
+    assert clauses("我要揍你，谢谢") == ["我要揍你，"]
+    assert clauses("I will stab you") == [] and clauses("ok") == []
+
+
 @pytest.mark.slow
 def test_a_benign_sentence_around_a_flagged_one_does_not_hide_it(served, setup):
     c = client(served, setup["alice"])
-    texts = ["I will stab you tonight", "hello! I will stab you tonight", "I will stab you tonight. thank you for the gift"]
-    assert [r.flagged for r in c.moderations.create(input=texts).results] == [True, True, True]
+    texts = ["I will stab you tonight", "hello! I will stab you tonight", "I will stab you tonight. thank you for the gift",
+             "I will stab you tonight, haha"]
+    assert [r.flagged for r in c.moderations.create(input=texts).results] == [True] * 4
 
 
 @pytest.mark.slow

@@ -85,16 +85,40 @@ def sentence(rng: random.Random, label: str, chinese: bool) -> str:
     return text
 
 
-def examples(n: int, seed: int = 0, chinese_share: float = 0.3) -> list[dict]:
-    """n records {"text", "label"}, the labels in turn (balanced), a share of them in Chinese."""
-    rng = random.Random(seed)
-    return [{"text": sentence(rng, LABELS[i % len(LABELS)], rng.random() < chinese_share),
-             "label": LABELS[i % len(LABELS)]} for i in range(n)]
+# how a second, benign sentence joins the first in a longer message
+_JOINERS = [" ", " ", ", ", ". ", "! ", " - ", "\n", "，", "。"]
 
 
-def write(path: str | Path, n: int, seed: int = 0) -> Path:
+def with_context(rng: random.Random, text: str, chinese_share: float) -> str:
+    """`text` with a benign sentence of its own before or after it. A classifier that has only seen
+    lone sentences reads "I will stab you tonight thanks!" by its harmless ending; with these records
+    a label holds for the whole message, wherever in it the harm is."""
+    other = sentence(rng, "ok", rng.random() < chinese_share)
+    joiner = rng.choice(_JOINERS)
+    return other + joiner + text if rng.random() < 0.5 else text + joiner + other
+
+
+def examples(n: int, seed: int = 0, chinese_share: float = 0.3, context_share: float = 0.0) -> list[dict]:
+    """n records {"text", "label"}, the labels in turn (balanced), a share of them in Chinese, and
+    about a `context_share` of them set inside a longer message with a benign sentence (the label
+    unchanged). Off by default: measured in benchmarks/moderation_adversarial.py, such records help a
+    classifier read at the text's end only, and add false positives once clauses are scored alone."""
+    rng, context_rng = random.Random(seed), random.Random(seed + 7919)  # lone sentences as without context
+    records = []
+    for i in range(n):
+        label = LABELS[i % len(LABELS)]
+        text = sentence(rng, label, rng.random() < chinese_share)
+        # benign messages get context twice as often as flagged ones: length alone must not signal harm
+        if context_rng.random() < context_share * (1.5 if label == "ok" else 0.75):
+            text = with_context(context_rng, text, chinese_share)
+        records.append({"text": text, "label": label})
+    return records
+
+
+def write(path: str | Path, n: int, seed: int = 0, context_share: float = 0.0) -> Path:
     path = Path(path)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in examples(n, seed)), encoding="utf-8")
+    records = examples(n, seed, context_share=context_share)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     return path
 
 
@@ -103,8 +127,10 @@ def main() -> None:
     p.add_argument("--out", required=True, help="the .jsonl file to write")
     p.add_argument("--n", type=int, default=600, help="records")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--context-share", type=float, default=0.0,
+                   help="share of records set inside a longer message with a benign sentence")
     args = p.parse_args()
-    write(args.out, args.n, args.seed)
+    write(args.out, args.n, args.seed, args.context_share)
     print(f"wrote {args.n} records ({', '.join(LABELS)}) to {args.out}")
 
 

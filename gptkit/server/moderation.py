@@ -107,12 +107,16 @@ def blocklist_forms(text: str) -> list[str]:
 
 
 _CLAUSE_END = re.compile(r"(?<=[.!?;,:\n。！？；，：、])\s*")
+_WORD = re.compile(r"[\u3400-\u9fff]|\w+")  # a word, or one CJK character
+MIN_CLAUSE_WORDS = 3
 
 
 def clauses(text: str) -> list[str]:
-    """The text's sentences and clauses (split after . ! ? ; , : and their CJK forms, and newlines)."""
-    parts = [p for p in _CLAUSE_END.split(text) if p.strip()]
-    return parts if len(parts) > 1 else []
+    """The text's sentences and clauses (split after . ! ? ; , : and their CJK forms, and newlines)
+    of at least MIN_CLAUSE_WORDS words (a CJK character counts as one). Shorter ones ("haha", "ok,",
+    "，谢谢") are read only within the whole text: alone, a small classifier misreads them."""
+    parts = [p for p in _CLAUSE_END.split(text) if len(_WORD.findall(p)) >= MIN_CLAUSE_WORDS]
+    return parts if len(parts) > 1 or (parts and parts[0] != text) else []
 
 
 @torch.no_grad()
