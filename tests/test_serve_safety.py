@@ -52,17 +52,16 @@ def _train_lm(folder: Path) -> Path:
 
 
 def _train_classifier(folder: Path) -> Path:
-    """The README's moderation path, tiny: generated labelled sentences -> a classify fine-tune."""
-    data = moderation_data.write(folder / "moderation.jsonl", 400)
-    chars = sorted(set(data.read_text(encoding="utf-8")) | set("abcdefghijklmnopqrstuvwxyz ."))
+    """The README's moderation path: generated labelled sentences -> a classify fine-tune, at the size
+    benchmarks/moderation_adversarial.py measures (2 layers of 64, 300 steps; ~15 s on 2 cores)."""
+    data = moderation_data.write(folder / "moderation.jsonl", 600)
+    chars = sorted(set(data.read_text(encoding="utf-8")) | set("abcdefghijklmnopqrstuvwxyz .!"))
     torch.manual_seed(0)
     tok = CharTokenizer(chars, [EOT])
-    base = save_checkpoint(folder / "base", GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1,
-                                                            n_head=2, n_embd=32)), tok)
-    # AdamW: what this tiny classifier's settings were tuned with (Muon at lr 3e-3 or 1e-3 scores the
-    # harassment example below 0.6 or flags the kind one; not re-tuned)
-    cfg = TrainConfig(out_dir=str(folder / "cls"), max_steps=100, batch_size=16, lr=3e-3, warmup_steps=5,
-                      optimizer="adamw", eval_interval=100, eval_batches=2, log_interval=100, progress=False)
+    base = save_checkpoint(folder / "base", GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=96, n_layer=2,
+                                                            n_head=2, n_embd=64)), tok)
+    cfg = TrainConfig(out_dir=str(folder / "cls"), max_steps=300, batch_size=32, lr=3e-3, warmup_steps=10,
+                      optimizer="adamw", eval_interval=300, eval_batches=2, log_interval=300, progress=False)
     finetune(base, [DataSpec(str(data))], cfg, FinetuneConfig(task="classify"), log=lambda m: None)
     return folder / "cls"
 
@@ -221,8 +220,8 @@ def test_clauses_scored_alone_are_those_of_three_words_or_more():
 def test_a_benign_sentence_around_a_flagged_one_does_not_hide_it(served, setup):
     c = client(served, setup["alice"])
     texts = ["I will stab you tonight", "hello! I will stab you tonight", "I will stab you tonight. thank you for the gift",
-             "I will stab you tonight, haha"]
-    assert [r.flagged for r in c.moderations.create(input=texts).results] == [True] * 4
+             "I will stab you tonight, haha", "I will stab you tonight thanks!", "我要揍你，谢谢"]
+    assert [r.flagged for r in c.moderations.create(input=texts).results] == [True] * 6
 
 
 @pytest.mark.slow
