@@ -24,7 +24,9 @@ for --gptkit-iters steps.
 `--gptkit-archs gpt2,modern` trains each named gptkit configuration in every round, beside the
 same nanoGPT run: `gpt2` is nanoGPT's model (learned positions, LayerNorm, GELU, tied head);
 `modern` the later decoders' choices (ARCHS: rotary positions, RMSNorm, QK-norm, a ReLU² MLP, an
-untied head), with the same width, depth, data, batch, optimizer and schedule.
+untied head), with the same width, depth, data, batch, optimizer and schedule. `ARCH@RECIPE`
+trains it with a training recipe of RECIPES instead of the flags' (CPU only): `fast` is the one
+chosen by measurement for this model (32 sequences a step, 110 steps, higher learning rates).
 
 The last line of output is one JSON object.
 """
@@ -56,6 +58,11 @@ ARCHS = {"gpt2": {}, "modern": MODERN,
          "modern-no-qknorm": {**MODERN, "qk_norm": False}, "modern-gelu": {**MODERN, "activation": "gelu"},
          "modern-tied": {**MODERN, "tie_embeddings": True},
          "modern-swiglu": {**MODERN, "activation": "swiglu", "mlp_hidden": 341}}  # ~ReLU²'s 4x params
+# training recipes for ARCH@RECIPE: batch, steps and learning rates instead of the flags' (CPU shape).
+# `fast`, chosen by measurement (BENCHMARKS.md): 32 sequences a step (a step of 32 costs ~1.9x one
+# of 12 on 2 cores), AdamW's lr 3e-2 for embeddings, head and norms, Muon at 0.3 of it with
+# momentum 0.9, warmup 5 % of the steps, cosine to a tenth.
+RECIPES = {"fast": dict(batch_size=32, iters=110, lr=3e-2, muon_lr_scale=0.3, muon_momentum=0.9, warmup=0.05)}
 
 
 # ---------------------------------------------------------------------------- the two runs
@@ -75,11 +82,12 @@ def nanogpt_command(args, out: str) -> list[str]:
             "--always_save_checkpoint=False", "--wandb_log=False", f"--out_dir={out}"]
 
 
-def gptkit_command(args, bins: Path, out: Path, arch: str) -> list[str]:
+def gptkit_command(args, bins: Path, out: Path, config: str) -> list[str]:
+    arch, _, recipe = config.partition("@")
     return [sys.executable, __file__, "--worker", "--device", args.device, "--bins", str(bins), "--out", str(out),
             "--gptkit-iters", str(args.gptkit_iters), "--snapshot-every", str(args.snapshot_every),
             "--seed", str(args.seed), "--gptkit-optimizer", args.gptkit_optimizer,
-            "--gptkit-lr", str(args.gptkit_lr), "--arch", arch]
+            "--gptkit-lr", str(args.gptkit_lr), "--arch", arch, "--recipe", recipe]
 
 
 def timed(cmd: list[str], cwd: Path, log: Path) -> tuple[float, float]:
@@ -153,15 +161,16 @@ def worker(args) -> None:
     train_ids = np.memmap(bins / "train.bin", dtype=np.uint16, mode="r")
     val_ids = np.memmap(bins / "val.bin", dtype=np.uint16, mode="r")
     vocab = int(max(train_ids.max(), val_ids.max())) + 1
+    recipe = RECIPES.get(args.recipe, {})
     if args.device == "cpu":
         s = CPU_SHAPE
         model_cfg = ModelConfig(vocab_size=vocab, block_size=s["block_size"], n_layer=s["n_layer"],
                                 n_head=s["n_head"], n_embd=s["n_embd"], bias=False, **ARCHS[args.arch])
-        batch = s["batch_size"]
+        batch = recipe.get("batch_size", s["batch_size"])
     else:
         model_cfg = dataclasses.replace(preset("gpt2"), vocab_size=vocab, **ARCHS[args.arch])
         batch = 16
-    lr = args.gptkit_lr
+    lr, steps = recipe.get("lr", args.gptkit_lr), recipe.get("iters", args.gptkit_iters)
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     model = GPT(model_cfg).to(device)
@@ -170,14 +179,16 @@ def worker(args) -> None:
     snapshots = []
 
     def snapshot(step: int, metrics: dict) -> None:
-        if step % args.snapshot_every == 0 or step == args.gptkit_iters:
+        if step % args.snapshot_every == 0 or step == steps:
             snapshots.append({"step": step, "time": time.time(),
                               "state": {k: v.detach().clone() for k, v in model.state_dict().items()}})
 
-    cfg = TrainConfig(out_dir=args.out, max_steps=args.gptkit_iters, batch_size=batch, lr=lr, min_lr=lr / 10,
-                      warmup_steps=max(1, args.gptkit_iters // 10), beta2=0.99 if args.device == "cpu" else 0.95,
-                      optimizer=args.gptkit_optimizer, eval_interval=args.gptkit_iters, log_interval=100,
-                      seed=args.seed, compile=args.device == "cuda", progress=False)
+    cfg = TrainConfig(out_dir=args.out, max_steps=steps, batch_size=batch, lr=lr, min_lr=lr / 10,
+                      warmup_steps=max(1, round(steps * recipe.get("warmup", 0.1))),
+                      beta2=0.99 if args.device == "cpu" else 0.95, optimizer=args.gptkit_optimizer,
+                      muon_lr_scale=recipe.get("muon_lr_scale", 1.0), muon_momentum=recipe.get("muon_momentum", 0.95),
+                      eval_interval=steps, log_interval=100, seed=args.seed, compile=args.device == "cuda",
+                      progress=False)
     last = train(model, data, cfg, None, log=lambda m: None, on_step=snapshot)
     torch.save({"config": json.dumps(model_cfg.to_dict()), "snapshots": snapshots}, Path(args.out) / "snapshots.pt")
     print(json.dumps({"tokens_per_s": last["tokens_per_s"], "train_s": last["elapsed_s"], "steps": last["step"],
@@ -235,6 +246,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--gptkit-archs", default="gpt2", help=f"comma-separated gptkit configurations: {', '.join(ARCHS)}")
     ap.add_argument("--arch", default="gpt2", choices=list(ARCHS), help=argparse.SUPPRESS)
+    ap.add_argument("--recipe", default="", help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--bins", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -251,9 +263,12 @@ def main() -> None:
     bins = prepare(args, nano)
     val = np.fromfile(bins / "val.bin", dtype=np.uint16)
     archs = args.gptkit_archs.split(",")
-    unknown = set(archs) - set(ARCHS)
+    unknown = {a for a in archs if a.partition("@")[0] not in ARCHS or a.partition("@")[2] not in ("", *RECIPES)}
     if unknown:
-        ap.error(f"--gptkit-archs: unknown {', '.join(sorted(unknown))}; expected {', '.join(ARCHS)}")
+        ap.error(f"--gptkit-archs: unknown {', '.join(sorted(unknown))}; expected ARCH or ARCH@RECIPE, ARCH one of "
+                 f"{', '.join(ARCHS)}, RECIPE one of {', '.join(RECIPES)}")
+    if args.device != "cpu" and any("@" in a for a in archs):
+        ap.error("--gptkit-archs: recipes (ARCH@RECIPE) are for the CPU shape only")
     rows: dict[str, list[dict]] = {a: [] for a in archs}
     for r in range(args.rounds):
         n_out = tmp / f"nanogpt-{r}"
@@ -275,7 +290,7 @@ def main() -> None:
                   f"{'never' if reached is None else f'{reached:.1f} s'}", flush=True)
             print("    curve: " + ", ".join(f"{c['step']}:{c['val_loss']:.3f}@{c['t']:.0f}s" for c in curve[::4]),
                   flush=True)
-    results = {arch: summarise(rows[arch], args) for arch in archs}
+    results = {arch: summarise(rows[arch], args, arch) for arch in archs}
     first = results[archs[0]]
     print("\n| | nanoGPT | " + " | ".join(f"gptkit {a}" for a in archs) + " |\n|---|---|"
           + "---|" * len(archs) + f"\n| wall s (mean of {args.rounds}) | {first['nanogpt_wall_s']:.1f} | "
@@ -298,7 +313,7 @@ def _fmt(v, spec: str = ".1f") -> str:
     return "never" if v is None else format(v, spec)
 
 
-def summarise(rows: list[dict], args) -> dict:
+def summarise(rows: list[dict], args, config: str) -> dict:
     mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
     reached = [r["gptkit_time_to_nanogpt_loss_s"] for r in rows]
     ttl = None if None in reached else sum(reached) / len(reached)
@@ -309,7 +324,8 @@ def summarise(rows: list[dict], args) -> dict:
               "speedup": n_wall / mean("gptkit_wall_s"), "nanogpt_val_loss": mean("nanogpt_val_loss"),
               "gptkit_val_loss": mean("gptkit_val_loss"), "gptkit_time_to_nanogpt_loss_s": ttl,
               "time_to_loss_ratio": None if ttl is None else ttl / n_wall, "torch": torch.__version__,
-              "threads": torch.get_num_threads()}
+              "threads": torch.get_num_threads(), "config": config,
+              "recipe": RECIPES.get(config.partition("@")[2])}
     if args.device == "cuda":
         from gptkit.config import preset
 
