@@ -90,9 +90,8 @@ _JOINERS = [" ", " ", ", ", ". ", "! ", " - ", "\n", "，", "。"]
 
 
 def with_context(rng: random.Random, text: str, chinese_share: float) -> str:
-    """`text` with a benign sentence of its own before or after it. A classifier that has only seen
-    lone sentences reads "I will stab you tonight thanks!" by its harmless ending; with these records
-    a label holds for the whole message, wherever in it the harm is."""
+    """`text` with a benign sentence of its own before or after it: records whose label holds for the
+    whole message, wherever in it the harm is (for a classifier that reads only a text's end)."""
     other = sentence(rng, "ok", rng.random() < chinese_share)
     joiner = rng.choice(_JOINERS)
     return other + joiner + text if rng.random() < 0.5 else text + joiner + other
