@@ -118,9 +118,9 @@ def test_sets(held_out: int) -> dict[str, list[str]]:
     return sets
 
 
-# (training data, scoring): what each column measures
-COLUMNS = {"lone, last token": (0.0, False), "lone, clauses": (0.0, True),
-           "context, last token": (None, False), "context, clauses": (None, True)}
+# (training data, scoring by clause): what each column measures
+COLUMNS = {"lone, last token": ("lone", False), "lone, clauses": ("lone", True),
+           "context, last token": ("context", False), "context, clauses": ("context", True)}
 
 
 def main() -> None:
@@ -137,13 +137,13 @@ def main() -> None:
     pattern = re.compile("|".join(_term_pattern(t) for t in TERMS))  # as gptkit's Moderator builds it now
     shares = {(name, col): 0.0 for name in sets for col in COLUMNS}
     blocklist = {}
-    for share in (0.0, args.context_share):
+    for data, share in (("lone", 0.0), ("context", args.context_share)):
         for seed in range(args.seeds):
             with tempfile.TemporaryDirectory() as tmp:
                 loaded = open_checkpoint(train_classifier(Path(tmp), args.n, args.steps, share, seed))
             model, tok, labels = loaded.model.eval(), loaded.tokenizer, loaded.meta.labels
-            for col, (col_share, by_clause) in COLUMNS.items():
-                if (col_share if col_share is not None else args.context_share) != share:
+            for col, (col_data, by_clause) in COLUMNS.items():
+                if col_data != data:
                     continue
                 for name, texts in sets.items():
                     hit, blocked = flagged(texts, model, tok, labels, pattern, args.threshold, by_clause)
