@@ -13,7 +13,9 @@ Both validation losses are computed here, the same way, from each run's final we
 mean next-token loss over every non-overlapping window of the whole validation split. The
 gptkit worker also keeps a copy of its weights every --snapshot-every steps with the time,
 so `gptkit_time_to_nanogpt_loss_s` is the first moment (from process start) at which
-gptkit's weights scored at or below nanoGPT's final loss of the same round.
+gptkit's weights scored at or below nanoGPT's final loss of the same round (--score-every N
+scores every N steps, then each snapshot before the first that reaches it: a step-exact time
+with --snapshot-every 1 for a fifth of the scoring).
 
 CPU settings are nanoGPT's CPU baseline from its README (4 layers, 4 heads, 128 wide, 64
 characters of context, batch 12, 2000 iterations, lr 1e-3 with cosine to 1e-4, dropout 0).
@@ -26,7 +28,8 @@ same nanoGPT run: `gpt2` is nanoGPT's model (learned positions, LayerNorm, GELU,
 `modern` the later decoders' choices (ARCHS: rotary positions, RMSNorm, QK-norm, a ReLU² MLP, an
 untied head), with the same width, depth, data, batch, optimizer and schedule. `ARCH@RECIPE`
 trains it with a training recipe of RECIPES instead of the flags' (CPU only): `fast` is the one
-chosen by measurement for this model (32 sequences a step, 110 steps, higher learning rates).
+chosen by measurement for this model (32 sequences a step, 110 steps, higher learning rates);
+`modern-gqa@fast-pe` its cheaper form (2 KV heads, SwiGLU of 256, 3 Polar Express iterations in Muon).
 
 The last line of output is one JSON object.
 """
@@ -57,12 +60,17 @@ ARCHS = {"gpt2": {}, "modern": MODERN,
          "modern-learned": {**MODERN, "pos_encoding": "learned"}, "modern-layernorm": {**MODERN, "norm": "layernorm"},
          "modern-no-qknorm": {**MODERN, "qk_norm": False}, "modern-gelu": {**MODERN, "activation": "gelu"},
          "modern-tied": {**MODERN, "tie_embeddings": True},
-         "modern-swiglu": {**MODERN, "activation": "swiglu", "mlp_hidden": 341}}  # ~ReLU²'s 4x params
+         "modern-swiglu": {**MODERN, "activation": "swiglu", "mlp_hidden": 341},  # ~ReLU²'s 4x params
+         # Qwen3's form made cheaper: 2 KV heads for 4 query heads, SwiGLU of 256 (a step costs ~0.77x)
+         "modern-gqa": {**MODERN, "activation": "swiglu", "mlp_hidden": 256, "n_kv_head": 2}}
 # training recipes for ARCH@RECIPE: batch, steps and learning rates instead of the flags' (CPU shape).
 # `fast`, chosen by measurement (BENCHMARKS.md): 32 sequences a step (a step of 32 costs ~1.9x one
 # of 12 on 2 cores), AdamW's lr 3e-2 for embeddings, head and norms, Muon at 0.3 of it with
-# momentum 0.9, warmup 5 % of the steps, cosine to a tenth.
-RECIPES = {"fast": dict(batch_size=32, iters=110, lr=3e-2, muon_lr_scale=0.3, muon_momentum=0.9, warmup=0.05)}
+# momentum 0.9, warmup 5 % of the steps, cosine to a tenth. `fast-pe`: the same with 3 of Polar
+# Express's Newton-Schulz iterations instead of 5 of Jordan's, 120 steps (for modern-gqa's cheaper steps).
+RECIPES = {"fast": dict(batch_size=32, iters=110, lr=3e-2, muon_lr_scale=0.3, muon_momentum=0.9, warmup=0.05),
+           "fast-pe": dict(batch_size=32, iters=120, lr=3e-2, muon_lr_scale=0.3, muon_momentum=0.9, warmup=0.05,
+                           muon_ns="polar-express", muon_ns_steps=3)}
 
 
 # ---------------------------------------------------------------------------- the two runs
@@ -134,19 +142,35 @@ def nanogpt_loss(nano_dir: Path, out: Path, val: np.ndarray, device: str) -> flo
     return whole_split_loss(lambda x, y: model(x, y)[1], val, ckpt["model_args"]["block_size"], device)
 
 
-def gptkit_losses(out: Path, val: np.ndarray, device: str, start: float) -> list[dict]:
-    """Each snapshot's time since process start and whole-split loss."""
+def gptkit_losses(out: Path, val: np.ndarray, device: str, start: float, target: float,
+                  score_every: int = 0) -> list[dict]:
+    """Scored snapshots, in step order: time since process start and whole-split loss.
+
+    Scoring one is a pass over the whole split (~50 training steps' forward), so with score_every
+    only the snapshots at multiples of it (and the last) are scored, then every snapshot between
+    the first of those at or below target and the one scored before it: the first to reach the
+    target is then exact, unless an earlier one dipped below it between two scored above it."""
     from gptkit.model.gpt import GPT
     from gptkit.config import ModelConfig
 
     saved = torch.load(out / "snapshots.pt", map_location=device, weights_only=True)
     model = GPT(ModelConfig.from_dict(json.loads(saved["config"]))).to(device).eval()
-    curve = []
-    for snap in saved["snapshots"]:
-        model.load_state_dict(snap["state"])
-        loss = whole_split_loss(lambda x, y: model(x, targets=y), val, model.config.block_size, device)
-        curve.append({"step": snap["step"], "t": snap["time"] - start, "val_loss": loss})
-    return curve
+    snaps, scored = saved["snapshots"], {}
+
+    def score(i: int) -> float:
+        if i not in scored:
+            model.load_state_dict(snaps[i]["state"])
+            scored[i] = whole_split_loss(lambda x, y: model(x, targets=y), val, model.config.block_size, device)
+        return scored[i]
+
+    coarse = [i for i, s in enumerate(snaps) if not score_every or s["step"] % score_every == 0 or i == len(snaps) - 1]
+    first = next((n for n, i in enumerate(coarse) if score(i) <= target), None)
+    for i in coarse:
+        score(i)
+    if first is not None:  # the snapshots between the last scored above the target and the first at or below it
+        for j in range(coarse[first - 1] + 1 if first else 0, coarse[first]):
+            score(j)
+    return [{"step": snaps[i]["step"], "t": snaps[i]["time"] - start, "val_loss": scored[i]} for i in sorted(scored)]
 
 
 # ---------------------------------------------------------------------------- the gptkit worker
@@ -187,6 +211,7 @@ def worker(args) -> None:
                       warmup_steps=max(1, round(steps * recipe.get("warmup", 0.1))),
                       beta2=0.99 if args.device == "cpu" else 0.95, optimizer=args.gptkit_optimizer,
                       muon_lr_scale=recipe.get("muon_lr_scale", 1.0), muon_momentum=recipe.get("muon_momentum", 0.95),
+                      muon_ns=recipe.get("muon_ns", "jordan"), muon_ns_steps=recipe.get("muon_ns_steps", 5),
                       eval_interval=steps, log_interval=100, seed=args.seed, compile=args.device == "cuda",
                       progress=False)
     last = train(model, data, cfg, None, log=lambda m: None, on_step=snapshot)
@@ -243,6 +268,9 @@ def main() -> None:
     ap.add_argument("--gptkit-optimizer", default="muon", choices=["adamw", "muon"])
     ap.add_argument("--gptkit-lr", type=float, default=None, help="default: 3e-3 on cpu, 6e-4 on cuda")
     ap.add_argument("--snapshot-every", type=int, default=50)
+    ap.add_argument("--score-every", type=int, default=0,
+                    help="score the snapshots at multiples of N steps, then each one before the first that reaches "
+                         "nanoGPT's loss (default: score every snapshot)")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--gptkit-archs", default="gpt2", help=f"comma-separated gptkit configurations: {', '.join(ARCHS)}")
     ap.add_argument("--arch", default="gpt2", choices=list(ARCHS), help=argparse.SUPPRESS)
@@ -279,7 +307,7 @@ def main() -> None:
             g_out = tmp / f"gptkit-{arch}-{r}"
             g_start, g_wall = timed(gptkit_command(args, bins, g_out, arch), nano, tmp / f"gptkit-{arch}-{r}.log")
             g_stats = json.loads((tmp / f"gptkit-{arch}-{r}.log").read_text().strip().splitlines()[-1])
-            curve = gptkit_losses(g_out, val, args.device, g_start)
+            curve = gptkit_losses(g_out, val, args.device, g_start, n_loss, args.score_every)
             reached = next((c["t"] for c in curve if c["val_loss"] <= n_loss), None)
             rows[arch].append({"round": r, "nanogpt_wall_s": n_wall, "gptkit_wall_s": g_wall, "nanogpt_val_loss": n_loss,
                                "gptkit_val_loss": curve[-1]["val_loss"], "gptkit_time_to_nanogpt_loss_s": reached,

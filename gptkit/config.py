@@ -200,6 +200,10 @@ class TrainConfig:
                 "or adamw under --strategy fsdp")
     muon_lr_scale: float = option(1.0, "Muon's lr relative to lr (AdamW's)")
     muon_momentum: float = option(0.95, "Muon's momentum")
+    muon_ns: Literal["jordan", "polar-express"] = option(
+        "jordan", "jordan | polar-express: Muon's Newton-Schulz polynomials (Jordan's, as torch.optim.Muon; Polar "
+                  "Express's, one per iteration: 3 of them train as well as 5 of Jordan's)")
+    muon_ns_steps: int = option(5, "Newton-Schulz iterations per Muon step (1 to 5)")
     # evaluation, logging and checkpoints
     eval_interval: int = option(250, "evaluate and checkpoint every N steps")
     eval_batches: int = option(20, "validation batches per evaluation")
@@ -229,6 +233,10 @@ class TrainConfig:
             self.min_lr = self.lr / 10
         if self.optimizer not in ("auto", "adamw", "muon"):
             raise GptkitError(f"optimizer={self.optimizer!r}: expected 'auto', 'adamw' or 'muon'")
+        if self.muon_ns not in ("jordan", "polar-express"):
+            raise GptkitError(f"muon_ns={self.muon_ns!r}: expected 'jordan' or 'polar-express'")
+        if not 1 <= self.muon_ns_steps <= 5:  # Polar Express's polynomials were computed for 5 iterations
+            raise GptkitError(f"muon_ns_steps={self.muon_ns_steps} must be between 1 and 5")
         if self.strategy not in ("ddp", "fsdp"):
             raise GptkitError(f"strategy={self.strategy!r}: expected 'ddp' or 'fsdp'")
         if self.optimizer == "auto":  # Muon reaches a loss in fewer steps (BENCHMARKS.md) but needs whole matrices

@@ -10,6 +10,7 @@ import torch
 
 from gptkit.checkpoint.open import open_checkpoint
 from gptkit.config import ModelConfig, TrainConfig
+from gptkit.errors import GptkitError
 from gptkit.data.shards import TokenShards
 from gptkit.model.gpt import GPT
 from gptkit.training.optim import Muon, Optimizers, orthogonalize
@@ -23,6 +24,32 @@ def test_orthogonalize_flattens_the_spectrum():
     for m in (g, g.T):
         s = torch.linalg.svdvals(orthogonalize(m))
         assert s.min() > 0.5 and s.max() < 1.3, s  # every direction moves by about the same amount
+
+
+def test_polar_express_flattens_the_spectrum_in_fewer_steps_than_jordan():
+    torch.manual_seed(0)
+    g = torch.randn(48, 160) @ torch.diag(torch.logspace(-3, 1, 160))
+    spread = {(ns, steps): torch.linalg.svdvals(orthogonalize(g, steps, ns=ns))
+              for ns in ("jordan", "polar-express") for steps in (3, 5)}
+    # its first iterations lift the smallest directions harder (overshooting the largest), its last
+    # ones pull every direction closer to 1 than Jordan's quintic does in the same number of steps
+    assert spread["polar-express", 5].min() > spread["jordan", 5].min() + 0.1
+    assert spread["polar-express", 5].max() < 1.2
+    assert 0.1 < spread["polar-express", 3].min() and spread["polar-express", 3].max() < 2.0
+
+
+@pytest.mark.parametrize("fields, message", [({"muon_ns_steps": 6}, "muon_ns_steps=6 must be between 1 and 5"),
+                                             ({"muon_ns": "newton"}, "muon_ns='newton': expected 'jordan'")])
+def test_newton_schulz_options_are_checked(fields, message):
+    with pytest.raises(GptkitError, match=message):
+        TrainConfig(**fields)
+
+
+def test_trainer_passes_the_newton_schulz_options_to_muon():
+    model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    cfg = TrainConfig(optimizer="muon", muon_ns="polar-express", muon_ns_steps=3)
+    muon, _ = configure_optimizer(model, cfg, torch.device("cpu")).optimizers
+    assert {(g["ns"], g["ns_steps"]) for g in muon.param_groups} == {("polar-express", 3)}
 
 
 def test_muon_step_matches_torch_muon():

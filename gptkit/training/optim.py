@@ -19,17 +19,30 @@ import torch
 from gptkit.config import TrainConfig
 from gptkit.errors import GptkitError
 
-NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # quintic with the steepest slope at 0 (Keller Jordan)
+# Newton-Schulz polynomials x <- a x + b (x x^T) x + c (x x^T)^2 x, one (a, b, c) per iteration, and
+# the factor the starting norm is inflated by (so the spectral norm is surely below 1).
+NEWTON_SCHULZ = {
+    # Keller Jordan's quintic, the same at every iteration: torch.optim.Muon's
+    "jordan": (((3.4445, -4.7750, 2.0315),) * 5, 1.0),
+    # Polar Express (Amsel, Persson, Musco and Gower, 2025): a polynomial per iteration, computed for 5
+    # with a safety factor of 2e-2 (as modded-nanogpt uses it). Its first 3 train the Shakespeare
+    # benchmark's model as well as Jordan's 5, which 3 of Jordan's do not (BENCHMARKS.md).
+    "polar-express": (((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                       (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                       (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                       (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                       (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)), 1.02),
+}
 
 
-def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """Approximately U V^T for g = U S V^T (singular values land in ~[0.7, 1.2])."""
-    a, b, c = NS_COEFFICIENTS
+def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7, ns: str = "jordan") -> torch.Tensor:
+    """Approximately U V^T for g = U S V^T (Jordan's 5 steps: singular values land in ~[0.7, 1.2])."""
+    coefficients, safety = NEWTON_SCHULZ[ns]
     x = g.bfloat16() if g.is_cuda else g.float()
     wide = x.size(0) <= x.size(1)
     x = x if wide else x.T  # iterate on the smaller Gram matrix
-    x = x / x.norm().clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
-    for _ in range(steps):
+    x = x / (x.norm() * safety).clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
+    for a, b, c in coefficients[:steps]:
         gram = x @ x.T
         x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return (x if wide else x.T).to(g.dtype)
@@ -39,9 +52,9 @@ class Muon(torch.optim.Optimizer):
     """Muon for 2-d parameters only; give embeddings, heads, norms and biases to AdamW."""
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.0, momentum: float = 0.95,
-                 nesterov: bool = True, ns_steps: int = 5):
+                 nesterov: bool = True, ns_steps: int = 5, ns: str = "jordan"):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                                      ns_steps=ns_steps))
+                                      ns_steps=ns_steps, ns=ns))
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dim() != 2:
@@ -60,7 +73,8 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"].mul_(mu).add_(p.grad)
                 update = p.grad.add(buf, alpha=mu) if group["nesterov"] else buf
                 p.mul_(1 - lr * group["weight_decay"])  # decoupled weight decay
-                p.add_(orthogonalize(update, group["ns_steps"]), alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
+                ns = group.get("ns", "jordan")  # state saved before the option: Jordan's
+                p.add_(orthogonalize(update, group["ns_steps"], ns=ns), alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
 
 
 class Optimizers:
@@ -107,7 +121,8 @@ def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.
     adamw = _adamw(rest, cfg) if rest else None
     if not hidden:
         return adamw
-    muon = Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum)
+    muon = Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
+                ns_steps=cfg.muon_ns_steps, ns=cfg.muon_ns)
     for g in muon.param_groups:
         g["lr_scale"] = cfg.muon_lr_scale
     return Optimizers(*[o for o in (muon, adamw) if o is not None])
