@@ -202,7 +202,7 @@ class TrainConfig:
     muon_momentum: float = option(0.95, "Muon's momentum")
     muon_ns: Literal["jordan", "polar-express"] = option(
         "jordan", "jordan | polar-express: Muon's Newton-Schulz polynomials (Jordan's, as torch.optim.Muon; Polar "
-                  "Express's, one per iteration: 3 of them train as well as 5 of Jordan's)")
+                  "Express's, one per iteration: 3 of them trained about as well as 5 of Jordan's, BENCHMARKS.md)")
     muon_ns_steps: int = option(5, "Newton-Schulz iterations per Muon step (1 to 5)")
     # evaluation, logging and checkpoints
     eval_interval: int = option(250, "evaluate and checkpoint every N steps")

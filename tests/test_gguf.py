@@ -135,8 +135,12 @@ def test_llama_cpp_runs_the_export_as_gptkit_does(arch, exported, tok):
             with pytest.MonkeyPatch.context() as m:
                 m.setattr(torch.nn.functional, "gelu", ggml_gelu)
                 exact = model(torch.tensor([ids]))[0].numpy()
-            # most positions agree to 1e-5; at the others a pre-activation rounds to the next fp16 step
-            assert np.median(np.abs(theirs - exact).max(axis=1)) < 1e-5
+            # positions agree to ~1e-5 until a pre-activation rounds to the next fp16 step; how many do
+            # depends on the CPU's SIMD summation order (most of them on the CPUs this test was first run
+            # on, a third on a 2-core AVX2 Intel Xeon), so what is checked is that the table explains
+            # llama.cpp far better than exact GELU does (there: 9.8e-5 against 1.4e-3)
+            table_gap = np.median(np.abs(theirs - exact).max(axis=1))
+            assert table_gap < np.median(np.abs(theirs - ours).max(axis=1)) / 5 and table_gap < 5e-4, table_gap
     diff = np.abs(theirs - ours).max()
     # the table's rounding (fp16: ~5e-4 relative) is all that differs, relative to the logits' scale
     assert diff < TOL * (np.abs(ours).max() if arch == "gpt2" else 1), (arch, diff)

@@ -26,7 +26,7 @@ NEWTON_SCHULZ = {
     "jordan": (((3.4445, -4.7750, 2.0315),) * 5, 1.0),
     # Polar Express (Amsel, Persson, Musco and Gower, 2025): a polynomial per iteration, computed for 5
     # with a safety factor of 2e-2 (as modded-nanogpt uses it). Its first 3 train the Shakespeare
-    # benchmark's model as well as Jordan's 5, which 3 of Jordan's do not (BENCHMARKS.md).
+    # benchmark's model about as well as Jordan's 5, which 3 of Jordan's do not (BENCHMARKS.md).
     "polar-express": (((8.156554524902461, -22.48329292557795, 15.878769915207462),
                        (4.042929935166739, -2.808917465908714, 0.5000178451051316),
                        (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
