@@ -81,6 +81,9 @@ def test_muon_takes_block_matrices_only():
     assert {"wte.weight", "wpe.weight", "ln_f.weight"} <= in_adamw and not in_adamw & set(in_muon)
     with pytest.raises(ValueError, match="2-d parameters only"):
         Muon([torch.nn.Parameter(torch.zeros(3))])
+    for bad in (dict(ns_steps=6), dict(ns_steps=0), dict(ns="newton")):  # never a silent cap at 5
+        with pytest.raises(ValueError, match="Newton-Schulz"):
+            Muon([torch.nn.Parameter(torch.zeros(3, 3))], **bad)
 
 
 def _split(sample_text):

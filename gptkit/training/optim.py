@@ -55,6 +55,9 @@ class Muon(torch.optim.Optimizer):
                  nesterov: bool = True, ns_steps: int = 5, ns: str = "jordan"):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                                       ns_steps=ns_steps, ns=ns))
+        if ns not in NEWTON_SCHULZ or not 1 <= ns_steps <= len(NEWTON_SCHULZ[ns][0]):
+            raise ValueError(f"Newton-Schulz: {ns_steps} iterations of {ns!r}; expected 1 to 5 of "
+                             f"{', '.join(NEWTON_SCHULZ)}")
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dim() != 2:
